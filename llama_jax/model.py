@@ -1,0 +1,341 @@
+"""The Llama 3 / 3.1 / 3.2 network in Flax linen, readable top to bottom.
+
+    model = Llama(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    logits = model.apply({"params": params}, tokens)                      # [B, T, V] float32
+    logits = model.apply({"params": params}, tokens, positions, segment_ids)  # packed documents
+
+Dimension letters: B batch, T query length, S key length, D model dim, N query heads, K key/value
+heads, G = N // K query heads per key/value head, H head dim, F feed-forward dim, V vocab, L layers.
+
+Parameter tree (``cfg.scan_layers=True``; per-layer leaves have a leading L axis), with logical axes:
+
+    embedding                          [V, D]        (vocab, embed)
+    layers/attention_norm/scale        [L, D]        (layers, embed)
+    layers/attention/query             [L, D, N, H]  (layers, embed, heads, head_dim)
+    layers/attention/key               [L, D, K, H]  (layers, embed, kv_heads, head_dim)
+    layers/attention/value             [L, D, K, H]  (layers, embed, kv_heads, head_dim)
+    layers/attention/out               [L, N, H, D]  (layers, heads, head_dim, embed)
+    layers/ffn_norm/scale              [L, D]        (layers, embed)
+    layers/feed_forward/gate           [L, D, F]     (layers, embed, mlp)      SwiGLU w1
+    layers/feed_forward/up             [L, D, F]     (layers, embed, mlp)      SwiGLU w3
+    layers/feed_forward/down           [L, F, D]     (layers, mlp, embed)      SwiGLU w2
+    final_norm/scale                   [D]           (embed,)
+    lm_head                            [D, V]        (embed, vocab)   absent when cfg.tie_embeddings
+
+With ``scan_layers=False`` the blocks are ``layers_0 ... layers_{L-1}`` without the L axis;
+``stack_layers`` / ``unstack_layers`` convert. Checkpoints always hold the stacked tree.
+
+RoPE uses the rotate-half convention of Hugging Face (pairs are (i, i + H/2) within a head), so HF
+weights load unchanged; Meta's checkpoints pair (2i, 2i+1) and `convert` permutes their q/k rows.
+
+Attention mask: key s is visible to query t when s <= t (by index) and both carry the same segment
+id; ``segment_ids`` 0 marks padding. With a KV cache, indices count cache slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import ModelConfig
+from llama_jax.errors import ConfigError, DataError
+
+Params = dict[str, Any]
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    dtype = jnp.dtype(module.cfg.param_dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _fan_in_init(fan_in_axes: tuple[int, ...]):
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=fan_in_axes, out_axis=-1)
+
+
+# --- Rotary embeddings ----------------------------------------------------------------------------
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with Llama 3.1's long-context scaling when configured."""
+    head_dim = cfg.resolved_head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = inv_freq.astype(np.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelength = 2 * np.pi / inv_freq
+    # Short wavelengths (< original / high_freq_factor) are kept, long ones (> original / low_freq_factor)
+    # slowed by `factor`, and the band in between interpolates smoothly between the two.
+    smooth = (s.original_max_position / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = np.clip(smooth, 0.0, 1.0)
+    scaled = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    return scaled.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates x [B, T, heads, H] by angle positions * inv_freq, rotate-half pairing."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# --- Layers -----------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        dtype = jnp.dtype(self.cfg.dtype)
+        return normed.astype(dtype) * scale.astype(dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, kv_cache=None):
+        cfg = self.cfg
+        d, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        dtype = jnp.dtype(cfg.dtype)
+        in_init, out_init = _fan_in_init((0,)), _fan_in_init((0, 1))
+        wq = _param(self, "query", (d, n, h), ("embed", "heads", "head_dim"), in_init)
+        wk = _param(self, "key", (d, k, h), ("embed", "kv_heads", "head_dim"), in_init)
+        wv = _param(self, "value", (d, k, h), ("embed", "kv_heads", "head_dim"), in_init)
+        wo = _param(self, "out", (n, h, d), ("heads", "head_dim", "embed"), out_init)
+
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype)), positions, inv_freq)
+        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype)), positions, inv_freq)
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype))
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+
+        if kv_cache is not None:  # write this step's keys/values at the cache's write index
+            cached_k, cached_v, index = kv_cache
+            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
+            kv_cache = (k, v)
+        out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)  # [B, T, N, H]
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv_cache
+
+
+class FeedForward(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        in_init = _fan_in_init((0,))
+        gate = _param(self, "gate", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
+        up = _param(self, "up", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
+        down = _param(self, "down", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), in_init)
+        hidden = jax.nn.silu(x @ gate.astype(dtype)) * (x @ up.astype(dtype))  # [B, T, F]
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return hidden @ down.astype(dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attention(norm(x)), then + SwiGLU(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, kv_cache, positions, mask, cache_index):
+        cfg = self.cfg
+        layer_cache = None if kv_cache is None else (*kv_cache, cache_index)
+        h, kv_cache = Attention(cfg, name="attention")(RMSNorm(cfg, name="attention_norm")(x), positions, mask,
+                                                       layer_cache)
+        x = x + h
+        x = x + FeedForward(cfg, name="feed_forward")(RMSNorm(cfg, name="ffn_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv_cache
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    # prevent_cse is only needed outside scan (scan already keeps XLA from merging recomputation away).
+    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Llama(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, output: str = "logits"):
+        """tokens [B, T] int -> logits [B, T, V] float32 (or final hidden states [B, T, D] with output="hidden").
+
+        positions [B, T]: RoPE positions (default 0..T-1, or continuing the cache). segment_ids [B, T]: document
+        ids inside packed rows (0 = padding). cache: from ``init_cache``; then returns (output, new_cache).
+        """
+        cfg = self.cfg
+        if output not in ("logits", "hidden"):
+            raise ConfigError(f"output must be 'logits' or 'hidden', got {output!r}")
+        if not isinstance(tokens, jax.core.Tracer):
+            validate_tokens(tokens, cfg.vocab_size)
+        b, t = tokens.shape
+        start = 0 if cache is None else cache["index"]
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+            if arr.shape != (b, t):
+                raise DataError(f"{name} has shape {arr.shape}; expected tokens' shape {(b, t)}")
+
+        key_segments = segment_ids
+        if cache is not None:
+            key_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, start))
+        query_index = start + jnp.arange(t)
+        key_index = jnp.arange(key_segments.shape[1])
+        mask = (key_index[None, None, :] <= query_index[None, :, None]) & (
+            segment_ids[:, :, None] == key_segments[:, None, :]
+        )  # [B, T, S]
+
+        embedding = _param(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
+                           nn.initializers.normal(0.02))
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [B, T, D]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = _block_class(cfg)
+        kv = None if cache is None else (cache["k"], cache["v"])
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers,
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x, kv = layers(x, kv, positions, mask, start)
+        else:
+            new_kv = []
+            for i in range(cfg.num_layers):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, layer_kv, positions, mask, start)
+                new_kv.append(layer_kv)
+            kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*new_kv))
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if output == "hidden":
+            result = x
+        else:
+            if cfg.tie_embeddings:
+                head = embedding.T
+            else:
+                head = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), _fan_in_init((0,)))
+            result = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+            result = nn.with_logical_constraint(result, ("batch", "length", "vocab"))
+        if cache is None:
+            return result
+        new_cache = {"k": kv[0], "v": kv[1], "segment_ids": key_segments, "index": start + t}
+        return result, new_cache
+
+
+# --- Helpers around the module ---------------------------------------------------------------------
+
+
+def validate_tokens(tokens, vocab_size: int) -> None:
+    """Raises DataError for token arrays that are not [B, T] integers in [0, vocab_size). Eager only."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 2:
+        raise DataError(f"tokens must be [batch, seq]; got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"tokens must be integers; got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)]
+        raise DataError(f"token id(s) {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab_size})")
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Fresh parameters as a plain nested dict (logical-axis boxes removed)."""
+    variables = Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(cfg: ModelConfig):
+    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The parameter tree as jax.ShapeDtypeStruct leaves; nothing is allocated."""
+    return nn.meta.unbox(_abstract_boxed(cfg))
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """The parameter tree with a PartitionSpec of logical axis names at each leaf."""
+    return nn.get_partition_spec(_abstract_boxed(cfg))
+
+
+def check_params(params: Params, cfg: ModelConfig) -> None:
+    """Raises ConfigError listing every leaf whose path or shape differs from what ``cfg`` expects."""
+    expected = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))}
+    got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"missing {k} {s}" for k, s in expected.items() if k not in got]
+    problems += [f"unexpected {k} {s}" for k, s in got.items() if k not in expected]
+    problems += [f"{k}: shape {got[k]}, expected {s}" for k, s in expected.items() if k in got and got[k] != s]
+    if problems:
+        raise ConfigError("parameters do not match the model config:\n  " + "\n  ".join(problems))
+
+
+def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The [D, V] output projection (the transposed embedding when tied)."""
+    return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> dict[str, jax.Array]:
+    """An empty KV cache for ``length`` positions: k/v [L, B, S, K, H], slot segment ids, write index."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {
+        "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),  # 0: empty slot, never attended to
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
+    """``layers_0 .. layers_{L-1}`` (unscanned tree) -> one ``layers`` subtree with a leading L axis."""
+    params = dict(params)
+    blocks = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return params
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """The inverse of ``stack_layers``."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
