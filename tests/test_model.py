@@ -1,0 +1,226 @@
+"""The network against transformers' PyTorch Llama, the spec's parameter counts, and its own variants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import config, model
+from llama_jax.config import ModelConfig, RopeScaling
+from llama_jax.convert.hf import params_from_hf, params_to_hf
+from llama_jax.errors import ConfigError, DataError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# Three shapes: GQA group 1 with plain RoPE; group 4 with llama3 scaling exercised far past the original
+# context (64); tied embeddings with a head_dim that is not dim / heads.
+PARITY_CONFIGS = {
+    "mha": ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=4, ffn_dim=160,
+                       rope_theta=10_000.0, norm_eps=1e-6, max_seq_len=256),
+    "gqa4_llama3_rope": ModelConfig(vocab_size=300, dim=128, num_layers=3, num_heads=8, num_kv_heads=2,
+                                    ffn_dim=256, rope_scaling=RopeScaling(original_max_position=64),
+                                    max_seq_len=512),
+    "tied_head_dim": ModelConfig(vocab_size=200, dim=96, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=192,
+                                 head_dim=32, tie_embeddings=True, max_seq_len=256),
+}
+SEQ_LEN = {"mha": 33, "gqa4_llama3_rope": 200, "tied_head_dim": 40}
+
+
+def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Init params made less regular than the defaults: unit-scale embeddings, non-trivial norm scales."""
+    params = model.init_params(cfg, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    params["embedding"] = rng.standard_normal(params["embedding"].shape).astype(np.float32)
+
+    def jitter_norms(path, x):
+        return x + 0.2 * rng.standard_normal(x.shape).astype(np.float32) if "scale" in str(path) else x
+
+    return jax.tree_util.tree_map_with_path(jitter_norms, params)
+
+
+def hf_model(cfg: ModelConfig, state_dict: dict | None = None):
+    hf_cfg = transformers.LlamaConfig(**config.to_hf(cfg))
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    if state_dict is not None:
+        missing, unexpected = m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
+                                                strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        if cfg.tie_embeddings:
+            m.tie_weights()
+    return m
+
+
+def hf_logits(m, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return m(torch.from_numpy(tokens).long()).logits.numpy()
+
+
+def ours(cfg, params, tokens, **kwargs):
+    return np.asarray(model.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), **kwargs))
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_logits_match_transformers_from_our_weights(name):
+    cfg = PARITY_CONFIGS[name]
+    params = random_params(cfg)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, SEQ_LEN[name]), dtype=np.int32)
+    reference = hf_logits(hf_model(cfg, params_to_hf(params, cfg)), tokens)
+    assert np.abs(reference).max() > 1.0  # logits large enough for the tolerance to mean something
+    np.testing.assert_allclose(ours(cfg, params, tokens), reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_logits_match_transformers_from_hf_weights(name):
+    cfg = PARITY_CONFIGS[name]
+    m = hf_model(cfg)
+    with torch.no_grad():  # HF's default init is tiny (std 0.02): widen it so the logits carry signal
+        for p in m.parameters():
+            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.15)
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, SEQ_LEN[name]), dtype=np.int32)
+    sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    params = params_from_hf(sd, cfg)
+    np.testing.assert_allclose(ours(cfg, params, tokens), hf_logits(m, tokens), atol=1e-4, rtol=0)
+    # and back: the exported state dict is the one we read, bit for bit
+    back = params_to_hf(params, cfg)
+    expected = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    assert back.keys() == expected.keys()
+    for k in back:
+        np.testing.assert_array_equal(back[k], expected[k], err_msg=k)
+
+
+def test_rope_frequencies_follow_the_spec_formula():
+    cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
+    h, s = cfg.resolved_head_dim, cfg.rope_scaling
+    base = [1.0 / cfg.rope_theta ** (2 * i / h) for i in range(h // 2)]
+    expected = []
+    for f in base:  # the spec's words, case by case
+        w = 2 * np.pi / f
+        if w < s.original_max_position / s.high_freq_factor:
+            expected.append(f)
+        elif w > s.original_max_position / s.low_freq_factor:
+            expected.append(f / s.factor)
+        else:
+            smooth = (s.original_max_position / w - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+            expected.append((1 - smooth) * f / s.factor + smooth * f)
+    got = model.rope_frequencies(cfg)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert len({round(g / b, 6) for g, b in zip(got, base)}) > 2  # kept, scaled and interpolated bands all occur
+
+
+def test_packed_documents_equal_separate_documents():
+    cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
+    params = random_params(cfg)
+    rng = np.random.default_rng(3)
+    doc_a, doc_b = rng.integers(0, cfg.vocab_size, (1, 7)), rng.integers(0, cfg.vocab_size, (1, 12))
+    packed = np.concatenate([doc_a, doc_b, [[0, 0, 0]]], axis=1).astype(np.int32)
+    segment_ids = np.array([[1] * 7 + [2] * 12 + [0] * 3], np.int32)
+    positions = np.array([list(range(7)) + list(range(12)) + [0, 0, 0]], np.int32)
+    got = ours(cfg, params, packed, positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(got[:, :7], ours(cfg, params, doc_a.astype(np.int32)), atol=1e-5)
+    np.testing.assert_allclose(got[:, 7:19], ours(cfg, params, doc_b.astype(np.int32)), atol=1e-5)
+    # without segment ids the second document would see the first: the test can tell the difference
+    unmasked = ours(cfg, params, packed, positions=positions)
+    assert np.abs(unmasked[:, 7:19] - got[:, 7:19]).max() > 1e-3
+
+
+def _loss_and_grads(cfg, params, tokens):
+    def loss(p):
+        logits = model.Llama(cfg).apply({"params": p}, tokens)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
+def test_scan_unscanned_and_remat_agree(remat):
+    base = PARITY_CONFIGS["gqa4_llama3_rope"]
+    params = random_params(base)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, base.vocab_size, (2, 24)), jnp.int32)
+    ref_loss, ref_grads = _loss_and_grads(base, params, tokens)
+    for scan in (True, False):
+        cfg = base.replace(remat=remat, scan_layers=scan)
+        p = params if scan else model.unstack_layers(params, cfg.num_layers)
+        loss, grads = _loss_and_grads(cfg, p, tokens)
+        if not scan:
+            grads = model.stack_layers(grads, cfg.num_layers)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), grads, ref_grads)
+
+
+def test_bfloat16_compute_tracks_float32():
+    cfg = PARITY_CONFIGS["mha"]
+    params = random_params(cfg)
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 16), dtype=np.int32)
+    f32 = ours(cfg, params, tokens)
+    bf16 = ours(cfg.replace(dtype="bfloat16"), params, tokens)
+    assert bf16.dtype == np.float32
+    assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
+
+
+SPEC_COUNTS = {
+    "llama3.1-8b": 8_030_261_248,
+    "llama3.1-70b": 70_553_706_496,
+    "llama3.1-405b": 405_853_388_800,
+    "llama3.2-1b": 1_235_814_400,
+    "llama3.2-3b": 3_212_749_824,
+}
+
+
+@pytest.mark.parametrize("name", list(SPEC_COUNTS))
+def test_parameter_counts_match_the_spec(name):
+    cfg = config.get(name)
+    assert cfg.num_params() == SPEC_COUNTS[name]
+    # the module's own (abstract) tree agrees with the formula, without allocating 405B floats
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.param_shapes(cfg))) == SPEC_COUNTS[name]
+
+
+def test_tiny_initialised_count_and_logical_axes():
+    cfg = config.get("tiny")
+    params = model.init_params(cfg, jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+    axes = model.logical_axes(cfg)
+    assert tuple(axes["layers"]["attention"]["query"]) == ("layers", "embed", "heads", "head_dim")
+    assert tuple(axes["lm_head"]) == ("embed", "vocab")
+    # every leaf is named, one name per dimension
+    jax.tree.map(lambda spec, p: len(spec) == p.ndim or pytest.fail(f"{spec} vs {p.shape}"), axes, params,
+                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
+    params = random_params(cfg)
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    full = ours(cfg, params, tokens)
+    cache = model.init_cache(cfg, batch=2, length=16)
+    llama = model.Llama(cfg)
+    logits, cache = llama.apply({"params": params}, tokens[:, :5], cache=cache)
+    steps = [logits]
+    for t in range(5, 12):
+        logits, cache = llama.apply({"params": params}, tokens[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    assert int(cache["index"]) == 12
+
+
+def test_bad_inputs_raise_clear_errors():
+    cfg = config.get("tiny")
+    params = model.init_params(cfg, jax.random.key(0))
+    llama = model.Llama(cfg)
+    with pytest.raises(DataError, match=r"outside the vocabulary \[0, 512\)"):
+        llama.apply({"params": params}, jnp.array([[1, 2, 512]]))
+    with pytest.raises(DataError, match=r"\[batch, seq\]"):
+        llama.apply({"params": params}, jnp.array([1, 2, 3]))
+    with pytest.raises(DataError, match="positions has shape"):
+        llama.apply({"params": params}, jnp.array([[1, 2, 3]]), positions=jnp.zeros((1, 2), jnp.int32))
+    bad = jax.tree.map(lambda x: x, params)
+    bad["layers"]["attention"]["query"] = bad["layers"]["attention"]["query"][:, :, :2]
+    with pytest.raises(ConfigError, match=r"layers'\]\['attention'\]\['query'\].*shape \(4, 128, 2, 32\)"):
+        model.check_params(bad, cfg)
+    with pytest.raises(Exception, match="query"):  # flax names the parameter and both shapes
+        llama.apply({"params": bad}, jnp.array([[1, 2, 3]]))
+    with pytest.raises(ConfigError, match="unknown model preset 'llama4'"):
+        config.get("llama4")
+    with pytest.raises(ConfigError, match="unknown ModelConfig field"):
+        config.get("tiny", n_layers=3)
