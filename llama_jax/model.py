@@ -155,14 +155,20 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
         in_init = _fan_in_init((0,))
         gate = _param(self, "gate", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         up = _param(self, "up", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         down = _param(self, "down", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), in_init)
-        hidden = jax.nn.silu(x @ gate.astype(dtype)) * (x @ up.astype(dtype))  # [B, T, F]
+        hidden = jax.nn.silu(self._matmul(x, gate, "gate")) * self._matmul(x, up, "up")  # [B, T, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return hidden @ down.astype(dtype)
+        return self._matmul(hidden, down, "down")
+
+    def _matmul(self, x, kernel, name):
+        if self.has_variable("params", f"{name}_scale"):  # a float8 / int8 kernel written by llama_jax.quantize
+            from llama_jax.quantize import quantized_matmul  # imported late: quantize builds on this module
+
+            return quantized_matmul(x, kernel, self.get_variable("params", f"{name}_scale"))
+        return x @ kernel.astype(jnp.dtype(self.cfg.dtype))
 
 
 class Block(nn.Module):
