@@ -41,7 +41,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/decode.py
 
 notebooks: $(INSTALLED)
-	$(BIN)/pip install -q jupyter nbconvert matplotlib
+	$(BIN)/pip install -q nbconvert ipykernel matplotlib
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
 
 clean:
