@@ -1,0 +1,356 @@
+"""The llama_jax checkpoint: one orbax format for every stage, plus ``load`` for any weight format.
+
+A training run keeps its checkpoints under ``<run_dir>/checkpoints/``, one directory per step:
+
+    <run_dir>/checkpoints/<step>/
+        params/                       the parameter tree of model.py's docstring (orbax PyTree, OCDBT)
+        opt_state/                    optimizer state; absent in params-only / exported checkpoints
+        meta/meta.json                format_version, llama_jax_version, step, stage, stage_config,
+                                      model_config (ModelConfig.to_dict), tokenizer {name, sha256},
+                                      mesh {axis: size} it was saved from, rng {impl, key_data}, has_opt_state
+        data_state/data_state.json    the data iterator's state (training checkpoints)
+        _CHECKPOINT_METADATA          orbax's bookkeeping
+        commit_success.txt            written by orbax once every item is durable
+
+(orbax gives every item its own directory, hence ``meta/meta.json`` rather than a bare ``meta.json``.)
+An exported checkpoint (``save_params``, ``convert --to llama_jax``) is one such step directory on its own.
+
+Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` when all
+items are written (on object stores, where rename is not atomic, ``commit_success.txt`` marks completion).
+A step counts as complete only with ``commit_success.txt``, ``params/`` and ``meta/meta.json``, so a crash
+mid-save never yields a checkpoint that loads as valid; ``latest_step`` is the newest complete one.
+
+Restoring onto another mesh: pass targets of ``jax.ShapeDtypeStruct`` carrying the new shardings (for
+params, ``sharding.abstract_params(cfg, mesh)``); orbax reads only each device's slices.
+
+    manager = CheckpointManager(run_dir, keep_last=3, keep_every=1000)
+    manager.save(step, params=params, cfg=cfg, stage="pretrain", opt_state=opt_state, data_state=it_state)
+    restored = manager.restore(params_target=abstract_params, opt_state_target=abstract_opt_state)
+    params, cfg, meta = load("Meta-Llama-3.1-8B/")   # llama_jax run/step dir, HF dir or Meta dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+import llama_jax
+from llama_jax import model
+from llama_jax.config import ModelConfig
+from llama_jax.errors import CheckpointError, ConfigError
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+_COMMIT_FILE = "commit_success.txt"  # orbax's completion marker (atomicity_types.COMMIT_SUCCESS_FILE)
+_META = os.path.join("meta", "meta.json")
+_DATA_STATE = os.path.join("data_state", "data_state.json")
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(filename="meta.json"),
+        "data_state": ocp.JsonCheckpointHandler(filename="data_state.json"),
+    }
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    params: Any
+    opt_state: Any  # None when params_only or the checkpoint has none
+    data_state: dict | None
+    rng: jax.Array | None
+    meta: dict
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    """True for a complete step directory (see the module docstring)."""
+    return (os.path.isfile(os.path.join(path, _COMMIT_FILE)) and os.path.isdir(os.path.join(path, "params"))
+            and os.path.isfile(os.path.join(path, _META)))
+
+
+def _jsonable(x: Any) -> Any:
+    """Experiment configs (ConfigDicts, tuples, numpy scalars) as plain JSON values."""
+    if isinstance(x, Mapping) or hasattr(x, "to_dict"):
+        items = x.to_dict() if hasattr(x, "to_dict") else x
+        return {str(k): _jsonable(v) for k, v in items.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return str(x)
+
+
+def _mesh_shape(mesh, params) -> dict[str, int] | None:
+    if mesh is None:  # infer from how the parameters are laid out
+        sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+    return None if mesh is None else {str(k): int(v) for k, v in mesh.shape.items()}
+
+
+def _local_value(x) -> np.ndarray:
+    # A replicated global array spanning several processes: this process's copy is the whole value.
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
+def _rng_json(rng) -> dict | None:
+    if rng is None:
+        return None
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return {"impl": str(jax.random.key_impl(rng)), "key_data": _local_value(jax.random.key_data(rng)).tolist()}
+    return {"impl": None, "key_data": _local_value(rng).tolist()}  # a raw uint32 key
+
+
+def _rng_from_json(d: dict | None):
+    if d is None:
+        return None
+    data = np.asarray(d["key_data"], np.uint32)
+    return jax.numpy.asarray(data) if d["impl"] is None else jax.random.wrap_key_data(data, impl=d["impl"])
+
+
+def _meta(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, mesh, rng, params, has_opt_state):
+    return {
+        "format_version": FORMAT_VERSION,
+        "llama_jax_version": llama_jax.__version__,
+        "step": int(step),
+        "stage": stage,
+        "stage_config": _jsonable(stage_config),
+        "model_config": _jsonable(cfg.to_dict()),
+        "tokenizer": None if tokenizer is None else {"name": tokenizer["name"], "sha256": tokenizer["sha256"]},
+        "mesh": _mesh_shape(mesh, params),
+        "rng": _rng_json(rng),
+        "has_opt_state": has_opt_state,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _check_params(params, cfg: ModelConfig) -> None:
+    try:
+        model.check_params(params, cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"refusing to save: {e}") from e
+
+
+class CheckpointManager:
+    """Saves and restores the checkpoints of one run (``<run_dir>/checkpoints/<step>/``).
+
+    keep_last: newest checkpoints kept (older ones are deleted); keep_every: additionally keep every step that
+    is a multiple of it; async_save: ``save`` returns once arrays are copied to host, writing continues in the
+    background (``wait`` blocks until it is durable).
+    """
+
+    def __init__(self, run_dir: str, *, keep_last: int = 3, keep_every: int | None = None, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(run_dir), CHECKPOINTS_DIR)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last, keep_period=keep_every, enable_async_checkpointing=async_save, create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def save(self, step: int, *, params, cfg: ModelConfig, stage: str, opt_state=None, data_state: dict | None = None,
+             rng=None, stage_config: dict | None = None, tokenizer: dict | None = None, mesh=None,
+             force: bool = False) -> bool:
+        """Starts saving ``step``; False (nothing written) when that step already exists.
+
+        force: save even where orbax's policy would skip (e.g. a step older than the newest one).
+        """
+        if step in self.all_steps():
+            return False
+        _check_params(params, cfg)
+        items = {
+            "params": ocp.args.StandardSave(params),
+            "meta": ocp.args.JsonSave(_meta(step, cfg, stage, stage_config, tokenizer, mesh, rng, params,
+                                            opt_state is not None)),
+        }
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if data_state is not None:
+            items["data_state"] = ocp.args.JsonSave(_jsonable(data_state))
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        if not os.path.isdir(self.directory):
+            return []
+        steps = [int(name) for name in os.listdir(self.directory) if name.isdigit()]
+        return sorted(s for s in steps if is_checkpoint_dir(self.step_dir(s)))
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def restore(self, step: int | None = None, *, params_target=None, opt_state_target=None,
+                params_only: bool = False) -> Restored:
+        """A checkpoint (the latest complete one by default) restored onto the targets' shardings.
+
+        Targets are trees of ``jax.ShapeDtypeStruct`` (with ``.sharding``) or arrays; None restores onto the
+        default device. params_only: skip optimizer and data state (starting a new stage from this one).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if not is_checkpoint_dir(self.step_dir(step)):
+            raise CheckpointError(f"{self.step_dir(step)} is not a complete checkpoint; complete steps: "
+                                  f"{self.all_steps()}")
+        return restore_dir(self.step_dir(step), params_target=params_target, opt_state_target=opt_state_target,
+                           params_only=params_only)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- reading one step directory ----------------------------------------------------------------------
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    # Paths as plain names: orbax's metadata turns NamedTuples (optax states) into dicts.
+    return {_path_str(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_target(saved, target, item: str, directory: str) -> None:
+    """CheckpointError listing every leaf whose path or shape differs between checkpoint and target."""
+    have, want = _leaf_shapes(saved), _leaf_shapes(target)
+    problems = [f"missing in checkpoint: {k} {s}" for k, s in want.items() if k not in have]
+    problems += [f"not in target: {k} {s}" for k, s in have.items() if k not in want]
+    problems += [f"{k}: checkpoint has {have[k]}, target expects {s}"
+                 for k, s in want.items() if k in have and have[k] != s]
+    if problems:
+        raise CheckpointError(f"{os.path.join(directory, item)} does not fit the requested {item}:\n  "
+                              + "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more"
+                                                              if len(problems) > 20 else ""))
+
+
+def _default_target(saved):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+
+
+def _as_target(tree):
+    """Arrays -> ShapeDtypeStructs with their shardings (the default device for host arrays)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device), tree)
+
+
+def restore_dir(directory: str, *, params_target=None, opt_state_target=None, params_only: bool = False) -> Restored:
+    """Restores one complete step directory (see ``CheckpointManager.restore`` for the arguments)."""
+    directory = os.path.abspath(directory)
+    if not is_checkpoint_dir(directory):
+        raise CheckpointError(f"{directory} is not a complete llama_jax checkpoint (needs params/, {_META} and "
+                              f"{_COMMIT_FILE})")
+    meta = _read_json(os.path.join(directory, _META))
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has format_version {meta['format_version']}; this llama_jax reads "
+                              f"up to {FORMAT_VERSION}")
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
+    saved = checkpointer.metadata(directory).item_metadata
+    items = {}
+    for item, target in (("params", params_target), ("opt_state", opt_state_target)):
+        if item == "opt_state" and (params_only or not meta.get("has_opt_state")):
+            continue
+        target = _default_target(saved[item].tree) if target is None else _as_target(target)
+        _check_target(saved[item].tree, target, item, directory)
+        items[item] = ocp.args.StandardRestore(target)
+    restored = checkpointer.restore(directory, args=ocp.args.Composite(**items))
+    data_state_file = os.path.join(directory, _DATA_STATE)
+    data_state = None
+    if not params_only and os.path.isfile(data_state_file):
+        data_state = _read_json(data_state_file)
+    return Restored(step=int(meta["step"]), params=restored["params"], opt_state=restored.get("opt_state"),
+                    data_state=data_state, rng=_rng_from_json(meta.get("rng")), meta=meta)
+
+
+# --- any format in, llama_jax out ---------------------------------------------------------------------
+
+
+def _resolve_step_dir(path: str) -> str:
+    if is_checkpoint_dir(path):
+        return path
+    run_checkpoints = os.path.join(path, CHECKPOINTS_DIR)
+    steps = sorted((int(n) for n in os.listdir(run_checkpoints) if n.isdigit()), reverse=True)
+    for step in steps:
+        if is_checkpoint_dir(os.path.join(run_checkpoints, str(step))):
+            return os.path.join(run_checkpoints, str(step))
+    raise CheckpointError(f"no complete checkpoint in {run_checkpoints}")
+
+
+def load(path: str, *, shardings=None) -> tuple[Any, ModelConfig, dict]:
+    """(params, config, meta) from a llama_jax run or step directory, an HF directory or a Meta directory.
+
+    shardings: None (default device), a ``jax.sharding.Mesh`` (parameters laid out by ``sharding.py``'s
+    rules) or a tree of shardings matching the parameters. For HF / Meta, meta is {"format", "path"}.
+    """
+    from llama_jax import convert  # convert imports this module; import lazily
+
+    fmt = convert.detect_format(path)
+    if fmt == "llama_jax":
+        step_dir = _resolve_step_dir(path)
+        meta = _read_json(os.path.join(step_dir, _META))
+        cfg = ModelConfig.from_dict(meta["model_config"])
+        target = None
+        if shardings is not None:
+            target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  model.param_shapes(cfg), _param_shardings(shardings, cfg))
+        return restore_dir(step_dir, params_target=target, params_only=True).params, cfg, meta
+    params, cfg = convert.read(path, fmt)
+    placement = None if shardings is None else _param_shardings(shardings, cfg)
+    return jax.device_put(params, placement), cfg, {"format": fmt, "path": os.path.abspath(path)}
+
+
+def _param_shardings(shardings, cfg: ModelConfig):
+    if isinstance(shardings, jax.sharding.Mesh):
+        from llama_jax import sharding
+
+        return sharding.param_shardings(cfg, shardings)
+    return shardings
+
+
+def save_params(path: str, params, cfg: ModelConfig, *, stage: str = "export", tokenizer: dict | None = None) -> None:
+    """Writes a params-only checkpoint (one step directory, step 0) to the new directory ``path``, atomically.
+
+    ``params`` is stored as given: normally the tree ``cfg`` describes, but derived trees (e.g. quantized
+    weights, whose stage names them) are allowed, so it is not checked against ``cfg`` here.
+    """
+    if os.path.exists(path):
+        raise CheckpointError(f"destination {path} already exists")
+    meta = _meta(0, cfg, stage, None, tokenizer, None, None, params, False)
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
+    checkpointer.save(os.path.abspath(path), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                                     meta=ocp.args.JsonSave(meta)))
