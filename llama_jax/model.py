@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import context_parallel
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
 
@@ -145,7 +146,10 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
             kv_cache = (k, v)
-        out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)  # [B, T, N, H]
+        if kv_cache is None and context_parallel.num_shards() > 1:  # length split over the mesh
+            out = context_parallel.attention(q, k.astype(dtype), v.astype(dtype), mask)
+        else:
+            out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)  # [B, T, N, H]
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv_cache
 
 
@@ -295,7 +299,9 @@ def _abstract_boxed(cfg: ModelConfig):
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """The parameter tree as jax.ShapeDtypeStruct leaves; nothing is allocated."""
-    return nn.meta.unbox(_abstract_boxed(cfg))
+    # Not nn.meta.unbox: under an active mesh it would try to constrain these abstract leaves.
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, _abstract_boxed(cfg),
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def logical_axes(cfg: ModelConfig) -> Params:

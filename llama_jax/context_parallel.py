@@ -1,0 +1,146 @@
+"""Context-parallel attention: queries, keys and values split along length over the mesh's sequence axis.
+
+    with sharding.activate(make_mesh("fsdp=2,sequence=4")):    # the model dispatches here by itself
+        logits = jax.jit(model.apply)(params, tokens, positions, segment_ids)
+
+Ring attention (``shard_map`` + ``ppermute``): every device keeps its query block and passes its key/value
+block to the next device, ``shards`` times; an online softmax (running max, normaliser and weighted sum)
+folds each visiting block in, in float32, so the result equals dense softmax attention. Each query and key
+block is cut in two halves, and a (query half, key half) pair whose mask is all False is skipped.
+
+Load balance: with a causal mask and the natural layout, device i needs i + 1 of the shards key blocks, so
+the last device does all the work. The zig-zag layout (`zigzag_order`; Llama 3 paper, section 3.3.2) gives
+device i the chunks i and 2 * shards - 1 - i of the sequence, and every device then needs the same number
+of half-blocks (2 * shards + 1 of 4 * shards). The caller permutes the batch (tokens, positions,
+segment ids) and builds the mask in that order; attention itself is order-agnostic: it only reads the mask.
+
+``impl="all_gather"`` instead gathers all keys/values once per layer (what the Llama 3 paper does: keys and
+values are small under GQA); it is shorter and skips nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from llama_jax.errors import ConfigError
+
+_NEG = float(jnp.finfo(jnp.float32).min)  # finite, so the running max never turns into inf - inf = nan
+
+
+def _mesh_axes():
+    """(mesh, batch axes, sequence axis, q spec, kv spec) of the active mesh under the installed logical rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return None
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"), rules)
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"), rules)
+    return mesh, q_spec[0], q_spec[1], q_spec, kv_spec
+
+
+def num_shards() -> int:
+    """How many ways the active mesh splits sequence length (1 outside ``sharding.activate``)."""
+    axes = _mesh_axes()
+    if axes is None or axes[2] is None:
+        return 1
+    mesh, _, length, _, _ = axes
+    return math.prod(mesh.shape[a] for a in ((length,) if isinstance(length, str) else length))
+
+
+def zigzag_order(seq_len: int, shards: int) -> np.ndarray:
+    """order[slot] = original index of the token stored at ``slot`` in the load-balanced layout: the sequence
+    cut into 2 * shards chunks, device i holding chunks i and 2 * shards - 1 - i."""
+    if seq_len % (2 * shards):
+        raise ConfigError(f"zig-zag layout needs length {seq_len} divisible by 2 x {shards} shards")
+    chunks = np.arange(seq_len).reshape(2 * shards, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+
+
+def _fold(state, q, k, v, mask):
+    """Online-softmax update of (max, normaliser, weighted sum) with one key block.
+    q [B,t,K,G,H], k/v [B,s,K,H], mask [B,t,s]."""
+    m, norm, acc = state
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    visible = mask[:, None, None]
+    scores = jnp.where(visible, scores, _NEG)  # before exp: an inf in the unused branch would nan the gradient
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    norm = norm * correction + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, norm, acc * correction[..., None] + pv
+
+
+def _fold_unless_masked(state, q, k, v, mask):
+    return jax.lax.cond(jnp.any(mask), lambda s: _fold(s, q, k, v, mask), lambda s: s, state)
+
+
+def _empty_state(q):
+    b, t, kv, g, h = q.shape
+    return (jnp.full((b, kv, g, t), _NEG, jnp.float32), jnp.zeros((b, kv, g, t), jnp.float32),
+            jnp.zeros((b, kv, g, t, h), jnp.float32))
+
+
+def _finish(state, dtype):
+    _, norm, acc = state
+    out = acc / jnp.where(norm == 0, 1.0, norm)[..., None]  # 0 only for a query that sees no key at all
+    b, kv, g, t, h = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h).astype(dtype)
+
+
+def _ring(q, k, v, mask, *, axis, shards):
+    """Per-device body: q [B,t,N,H] local queries, k/v [B,t,K,H] this device's keys, mask [B,t,S] (all keys)."""
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
+    half = t // 2
+    q_halves = (q[:, :half], q[:, half:])
+    states = [_empty_state(qh) for qh in q_halves]
+    me = jax.lax.axis_index(axis)
+    for step in range(shards):
+        source = (me - step) % shards  # whose key block is visiting
+        block_mask = jax.lax.dynamic_slice_in_dim(mask, source * t, t, axis=2)  # [B, t, t]
+        for i, qh in enumerate(q_halves):
+            for j in range(2):
+                keys = slice(j * half, (j + 1) * half)
+                states[i] = _fold_unless_masked(states[i], qh, k[:, keys], v[:, keys],
+                                                block_mask[:, i * half:(i + 1) * half, keys])
+        if step < shards - 1:
+            ring = [(d, (d + 1) % shards) for d in range(shards)]
+            k, v = jax.lax.ppermute((k, v), axis, ring)
+    return jnp.concatenate([_finish(s, v.dtype) for s in states], axis=1)
+
+
+def _all_gather(q, k, v, mask, *, axis, shards):
+    del shards
+    b, t, n, h = q.shape
+    k, v = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
+    q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
+    return _finish(_fold(_empty_state(q), q, k, v, mask), v.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "ring") -> jax.Array:
+    """Same contract as ``model.dot_product_attention`` (q [B,T,N,H], k/v [B,T,K,H], mask [B,T,T] -> [B,T,N,H]),
+    computed with T split over the active mesh's sequence axis. Call inside ``sharding.activate(mesh)``."""
+    axes = _mesh_axes()
+    if axes is None or axes[2] is None:
+        raise ConfigError("context-parallel attention needs an active mesh whose rules shard 'length'")
+    mesh, batch, length, q_spec, kv_spec = axes
+    shards = num_shards()
+    if q.shape[1] != k.shape[1] or q.shape[1] % (2 * shards):
+        raise ConfigError(f"context parallelism needs queries and keys of one length divisible by 2 x {shards} "
+                          f"shards; got q {q.shape}, k {k.shape}")
+    body = {"ring": _ring, "all_gather": _all_gather}.get(impl)
+    if body is None:
+        raise ConfigError(f"context-parallel impl must be 'ring' or 'all_gather', got {impl!r}")
+    run = jax.shard_map(
+        lambda q, k, v, mask: body(q, k, v, mask, axis=length, shards=shards), mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, length, None)), out_specs=q_spec,
+        check_vma=False,
+    )
+    return run(q, k, v, mask)

@@ -1,0 +1,221 @@
+"""Device meshes, the one table of logical-axis rules, and sharded parameters / batches.
+
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")         # 8 devices; missing axes are 1
+    params = init_params(cfg, mesh, jax.random.key(0))  # born sharded: no full copy on any device
+    batch = shard_batch(numpy_batch, mesh)              # process-local rows -> global arrays
+    with activate(mesh):                                # the model's activation constraints use the rules
+        loss = jax.jit(loss_fn)(params, batch)
+
+Mesh axes: ``data`` (pure data parallel: params replicated), ``fsdp`` (data parallel with params, grads
+and optimizer state sharded along ``embed``), ``tensor`` (heads, kv heads, MLP and vocab split across
+devices), ``sequence`` (activations split along length; attention then runs context-parallel).
+
+Axis types: every mesh here uses ``AxisType.Auto`` (classic GSPMD): we give shardings for the jit inputs
+/ outputs and a few activation constraints inside the model, and XLA propagates the rest and inserts the
+collectives. (jax 0.10's ``jax.make_mesh`` would default to Explicit axes, so we build ``Mesh`` directly.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from llama_jax import model
+from llama_jax.config import ModelConfig
+from llama_jax.errors import ConfigError, DataError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# Logical name -> mesh axes, in priority order (flax semantics: a mesh axis is used at most once per array,
+# so the first rule that can claim it wins). Activations [batch, length, embed] give `fsdp` to batch, which
+# leaves embed unsharded; parameters have no batch axis, so there `embed` is the FSDP-sharded dimension.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("layers", None),
+    ("head_dim", None),
+)
+
+_BATCH_SPEC = PartitionSpec(("data", "fsdp"), "sequence")
+
+
+def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None = None) -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` or ``{"tensor": 2}`` -> sizes of all four axes, their product = num_devices.
+
+    Missing axes are 1; one axis may be -1 and takes what is left; None puts every device on fsdp.
+    """
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    if spec is None or spec == "":
+        spec = {"fsdp": -1}
+    if isinstance(spec, str):
+        sizes: dict[str, int] = {}
+        for part in spec.split(","):
+            match = re.fullmatch(r"\s*(\w+)\s*=\s*(-?\d+)\s*", part)
+            if not match:
+                raise ConfigError(f"mesh spec {spec!r}: cannot parse {part!r}; expected e.g. 'data=2,fsdp=4'")
+            if match[1] in sizes:
+                raise ConfigError(f"mesh spec {spec!r} names axis {match[1]!r} twice")
+            sizes[match[1]] = int(match[2])
+    else:
+        sizes = {str(k): int(v) for k, v in dict(spec).items()}
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ConfigError(f"mesh spec {spec!r} has unknown axis name(s) {unknown}; axes are {MESH_AXES}")
+    bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
+    if bad or list(sizes.values()).count(-1) > 1:
+        raise ConfigError(f"mesh spec {spec!r}: sizes must be positive, with at most one -1; got {sizes}")
+    shape = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    known = math.prod(v for v in shape.values() if v != -1)
+    for axis, size in shape.items():
+        if size == -1:
+            if num_devices % known:
+                raise ConfigError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by {known}")
+            shape[axis] = num_devices // known
+    if math.prod(shape.values()) != num_devices:
+        raise ConfigError(
+            f"mesh spec {spec!r} has {math.prod(shape.values())} devices ({shape}) but there are {num_devices}"
+        )
+    return shape
+
+
+def _dcn_shape(shape: dict[str, int], num_processes: int) -> list[int]:
+    """How many hosts each axis spans: processes go to the outer data-parallel axes first (slow links
+    carry only the gradient reduction), never to tensor or sequence (their collectives run every layer)."""
+    dcn, left = [1] * len(MESH_AXES), num_processes
+    for i, axis in enumerate(("data", "fsdp")):
+        span = math.gcd(shape[axis], left)
+        dcn[i], left = span, left // span
+    if left != 1:
+        raise ConfigError(
+            f"mesh {shape} cannot be split over {num_processes} processes: data * fsdp must be a multiple of it"
+        )
+    return dcn
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A mesh with axes MESH_AXES (Auto axis types). With several processes, the data-parallel axes span
+    hosts (DCN) and tensor / sequence stay inside one host (ICI)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = parse_mesh(spec, len(devices))
+    num_processes = len({d.process_index for d in devices})
+    if num_processes > 1:
+        dcn = _dcn_shape(shape, num_processes)
+        ici = [size // span for size, span in zip(shape.values(), dcn)]
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(list(shape.values()), devices)
+        except (ValueError, NotImplementedError):  # topology-unaware fallback (e.g. odd device subsets)
+            grid = np.asarray(devices).reshape(list(shape.values()))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh):
+    """A tree of PartitionSpecs of logical names -> the same tree of NamedShardings (via LOGICAL_RULES)."""
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_RULES)
+
+
+def check_divisible(shapes, shardings) -> None:
+    """Raises ConfigError naming every leaf whose dimension is not divisible by the mesh axes splitting it."""
+    problems = []
+    for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(shardings)):
+        dims = np.shape(shape) if not hasattr(shape, "shape") else shape.shape
+        for dim, axes in zip(dims, sharding.spec):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            ways = math.prod(sharding.mesh.shape[a] for a in axes)
+            if dim % ways:
+                problems.append(f"{jax.tree_util.keystr(path)} {tuple(dims)}: dim {dim} not divisible by "
+                                f"{'x'.join(axes)} = {ways}")
+    if problems:
+        raise ConfigError("mesh does not divide the arrays it shards:\n  " + "\n  ".join(problems))
+
+
+def _param_shapes(cfg: ModelConfig):
+    # Without rules: flax's unboxing would otherwise try to constrain these abstract leaves to the active mesh.
+    with nn.logical_axis_rules(()):
+        return model.param_shapes(cfg)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh):
+    """NamedShardings for the parameter tree of ``cfg`` (checked: every split dimension divides)."""
+    shardings = logical_to_sharding(model.logical_axes(cfg), mesh)
+    check_divisible(_param_shapes(cfg), shardings)
+    return shardings
+
+
+def abstract_params(cfg: ModelConfig, mesh: Mesh):
+    """The parameter tree as ShapeDtypeStructs carrying their shardings (for AOT lowering, restore targets)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        _param_shapes(cfg), param_shardings(cfg, mesh))
+
+
+def init_params(cfg: ModelConfig, mesh: Mesh, rng: jax.Array):
+    """Fresh parameters created directly in their shards (jit with out_shardings; nothing is gathered)."""
+    return jax.jit(lambda key: model.init_params(cfg, key), out_shardings=param_shardings(cfg, mesh))(rng)
+
+
+def state_shardings(abstract_state, cfg: ModelConfig, mesh: Mesh):
+    """Shardings for a train state / optimizer state: every leaf whose key path ends with a parameter's path
+    and has its shape (params, Adam moments, ...) is sharded like that parameter; the rest (step counts, rng,
+    scalars) is replicated."""
+    by_path = {}
+    for path, sharding in jax.tree_util.tree_leaves_with_path(param_shardings(cfg, mesh)):
+        by_path[tuple(k.key for k in path)] = sharding
+    shapes = {p: s.shape for p, s in zip(by_path, jax.tree.leaves(_param_shapes(cfg)))}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def choose(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for param_path, sharding in by_path.items():
+            n = len(param_path)
+            if keys[-n:] == param_path and tuple(np.shape(leaf)) == shapes[param_path]:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(choose, abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of [B, T] batch arrays: rows over (data, fsdp), length over sequence."""
+    return NamedSharding(mesh, _BATCH_SPEC)
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """Process-local [B_local, T] numpy arrays (nested dicts allowed, e.g. DPO's chosen / rejected)
+    -> global jax.Arrays with ``batch_sharding``; B_local * process_count rows in all."""
+    sharding = batch_sharding(mesh)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    seq = mesh.shape["sequence"]
+
+    def put(path, x):
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[0] % max(rows, 1) or x.shape[1] % seq:
+            raise DataError(
+                f"batch{jax.tree_util.keystr(path)} has shape {x.shape}; expected [B, T] with B divisible by "
+                f"{rows} (data x fsdp per process) and T by {seq} (sequence)"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map_with_path(put, dict(batch))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """Makes ``mesh`` current (jax.set_mesh) and installs LOGICAL_RULES, so the model's logical activation
+    constraints and context-parallel attention see it. Use around tracing (jit calls) of the model."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield mesh
