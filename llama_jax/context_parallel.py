@@ -4,15 +4,17 @@
         logits = jax.jit(model.apply)(params, tokens, positions, segment_ids)
 
 Ring attention (``shard_map`` + ``ppermute``): every device keeps its query block and passes its key/value
-block to the next device, ``shards`` times; an online softmax (running max, normaliser and weighted sum)
-folds each visiting block in, in float32, so the result equals dense softmax attention. Each query and key
+block, with those keys' positions and segment ids, to the next device, ``shards`` times; the mask of each
+(query block, key block) pair is built there from those vectors (``model.attention_mask``). An online
+softmax (running max, normaliser and weighted sum) folds each visiting block in, in float32, so the
+result equals dense softmax attention. Each query and key
 block is cut in two halves, and a (query half, key half) pair whose mask is all False is skipped.
 
 Load balance: with a causal mask and the natural layout, device i needs i + 1 of the shards key blocks, so
 the last device does all the work. The zig-zag layout (`zigzag_order`; Llama 3 paper, section 3.3.2) gives
 device i the chunks i and 2 * shards - 1 - i of the sequence, and every device then needs the same number
-of half-blocks (2 * shards + 1 of 4 * shards). The caller permutes the batch (tokens, positions,
-segment ids) and builds the mask in that order; attention itself is order-agnostic: it only reads the mask.
+of half-blocks (2 * shards + 1 of 4 * shards). The caller permutes the batch (tokens, targets, positions,
+segment ids); nothing else changes, since the mask is causal by position, not by storage order.
 
 ``impl="all_gather"`` instead gathers all keys/values once per layer (what the Llama 3 paper does: keys and
 values are small under GQA); it is shorter and skips nothing.
@@ -29,6 +31,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llama_jax.errors import ConfigError
+from llama_jax.model import attention_mask
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # finite, so the running max never turns into inf - inf = nan
 
@@ -94,39 +97,40 @@ def _finish(state, dtype):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h).astype(dtype)
 
 
-def _ring(q, k, v, mask, *, axis, shards):
-    """Per-device body: q [B,t,N,H] local queries, k/v [B,t,K,H] this device's keys, mask [B,t,S] (all keys)."""
+def _ring(q, k, v, positions, segments, *, axis, shards):
+    """Per-device body: q [B,t,N,H] local queries, k/v [B,t,K,H] this device's keys, positions/segments [B,t]."""
     b, t, n, h = q.shape
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
     half = t // 2
-    q_halves = (q[:, :half], q[:, half:])
-    states = [_empty_state(qh) for qh in q_halves]
-    me = jax.lax.axis_index(axis)
+    halves = (slice(0, half), slice(half, t))
+    states = [_empty_state(q[:, rows]) for rows in halves]
+    visiting = (k, v, positions, segments)  # the key block passed around the ring, with its mask vectors
     for step in range(shards):
-        source = (me - step) % shards  # whose key block is visiting
-        block_mask = jax.lax.dynamic_slice_in_dim(mask, source * t, t, axis=2)  # [B, t, t]
-        for i, qh in enumerate(q_halves):
-            for j in range(2):
-                keys = slice(j * half, (j + 1) * half)
-                states[i] = _fold_unless_masked(states[i], qh, k[:, keys], v[:, keys],
-                                                block_mask[:, i * half:(i + 1) * half, keys])
+        k_block, v_block, k_positions, k_segments = visiting
+        for i, rows in enumerate(halves):
+            for cols in halves:
+                mask = attention_mask(positions[:, rows], segments[:, rows], k_positions[:, cols], k_segments[:, cols])
+                states[i] = _fold_unless_masked(states[i], q[:, rows], k_block[:, cols], v_block[:, cols], mask)
         if step < shards - 1:
-            ring = [(d, (d + 1) % shards) for d in range(shards)]
-            k, v = jax.lax.ppermute((k, v), axis, ring)
+            visiting = jax.lax.ppermute(visiting, axis, [(d, (d + 1) % shards) for d in range(shards)])
     return jnp.concatenate([_finish(s, v.dtype) for s in states], axis=1)
 
 
-def _all_gather(q, k, v, mask, *, axis, shards):
+def _all_gather(q, k, v, positions, segments, *, axis, shards):
     del shards
     b, t, n, h = q.shape
-    k, v = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
+    k, v, k_positions, k_segments = (jax.lax.all_gather(x, axis, axis=1, tiled=True)
+                                     for x in (k, v, positions, segments))
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
+    mask = attention_mask(positions, segments, k_positions, k_segments)
     return _finish(_fold(_empty_state(q), q, k, v, mask), v.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "ring") -> jax.Array:
-    """Same contract as ``model.dot_product_attention`` (q [B,T,N,H], k/v [B,T,K,H], mask [B,T,T] -> [B,T,N,H]),
-    computed with T split over the active mesh's sequence axis. Call inside ``sharding.activate(mesh)``."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
+              impl: str = "ring") -> jax.Array:
+    """Self-attention with T split over the active mesh's sequence axis: q [B,T,N,H], k/v [B,T,K,H],
+    positions / segment_ids [B,T] of those tokens -> [B,T,N,H], equal to ``model.dot_product_attention``
+    with ``model.attention_mask``. Call inside ``sharding.activate(mesh)``."""
     axes = _mesh_axes()
     if axes is None or axes[2] is None:
         raise ConfigError("context-parallel attention needs an active mesh whose rules shard 'length'")
@@ -138,9 +142,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl
     body = {"ring": _ring, "all_gather": _all_gather}.get(impl)
     if body is None:
         raise ConfigError(f"context-parallel impl must be 'ring' or 'all_gather', got {impl!r}")
+    vector_spec = PartitionSpec(batch, length)
     run = jax.shard_map(
-        lambda q, k, v, mask: body(q, k, v, mask, axis=length, shards=shards), mesh=mesh,
-        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, length, None)), out_specs=q_spec,
-        check_vma=False,
+        lambda *args: body(*args, axis=length, shards=shards), mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, vector_spec, vector_spec), out_specs=q_spec, check_vma=False,
     )
-    return run(q, k, v, mask)
+    return run(q, k, v, positions, segment_ids)

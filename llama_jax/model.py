@@ -29,8 +29,11 @@ With ``scan_layers=False`` the blocks are ``layers_0 ... layers_{L-1}`` without 
 RoPE uses the rotate-half convention of Hugging Face (pairs are (i, i + H/2) within a head), so HF
 weights load unchanged; Meta's checkpoints pair (2i, 2i+1) and `convert` permutes their q/k rows.
 
-Attention mask: key s is visible to query t when s <= t (by index) and both carry the same segment
-id; ``segment_ids`` 0 marks padding. With a KV cache, indices count cache slots.
+Attention mask: key s is visible to query t when both carry the same segment id and s's position is
+not after t's (``attention_mask``); ``segment_ids`` 0 marks padding. Causality by position rather than
+by index lets a packed row be stored in any order (context parallelism's zig-zag layout), and the mask
+is built per block from [B, T] vectors, never carried as a [B, T, S] array. The KV cache keeps each
+slot's position and segment id (0: empty).
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import context_parallel
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
 
@@ -109,6 +111,12 @@ class RMSNorm(nn.Module):
         return normed.astype(dtype) * scale.astype(dtype)
 
 
+def attention_mask(q_positions, q_segments, k_positions, k_segments) -> jax.Array:
+    """[B, T, S] bool from [B, T] query and [B, S] key positions / segment ids."""
+    same_document = q_segments[:, :, None] == k_segments[:, None, :]
+    return same_document & (k_positions[:, None, :] <= q_positions[:, :, None])
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
     b, t, n, h = q.shape
@@ -125,7 +133,8 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv_cache=None):
+    def __call__(self, x, positions, segment_ids, keys, kv_cache=None):
+        """keys: (positions, segment_ids) [B, S] of every key (this call's tokens, or the updated cache)."""
         cfg = self.cfg
         d, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         dtype = jnp.dtype(cfg.dtype)
@@ -146,9 +155,12 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
             kv_cache = (k, v)
+        from llama_jax import context_parallel  # imported here: it builds on this module
+
         if kv_cache is None and context_parallel.num_shards() > 1:  # length split over the mesh
-            out = context_parallel.attention(q, k.astype(dtype), v.astype(dtype), mask)
+            out = context_parallel.attention(q, k.astype(dtype), v.astype(dtype), positions, segment_ids)
         else:
+            mask = attention_mask(positions, segment_ids, *keys)
             out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)  # [B, T, N, H]
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv_cache
 
@@ -181,11 +193,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, kv_cache, positions, mask, cache_index):
+    def __call__(self, x, kv_cache, positions, segment_ids, keys, cache_index):
         cfg = self.cfg
         layer_cache = None if kv_cache is None else (*kv_cache, cache_index)
-        h, kv_cache = Attention(cfg, name="attention")(RMSNorm(cfg, name="attention_norm")(x), positions, mask,
-                                                       layer_cache)
+        h, kv_cache = Attention(cfg, name="attention")(RMSNorm(cfg, name="attention_norm")(x), positions,
+                                                       segment_ids, keys, layer_cache)
         x = x + h
         x = x + FeedForward(cfg, name="feed_forward")(RMSNorm(cfg, name="ffn_norm")(x))
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv_cache
@@ -223,14 +235,10 @@ class Llama(nn.Module):
             if arr.shape != (b, t):
                 raise DataError(f"{name} has shape {arr.shape}; expected tokens' shape {(b, t)}")
 
-        key_segments = segment_ids
-        if cache is not None:
-            key_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, start))
-        query_index = start + jnp.arange(t)
-        key_index = jnp.arange(key_segments.shape[1])
-        mask = (key_index[None, None, :] <= query_index[None, :, None]) & (
-            segment_ids[:, :, None] == key_segments[:, None, :]
-        )  # [B, T, S]
+        keys = (positions, segment_ids)
+        if cache is not None:  # this call's tokens join the cached ones at the write index
+            keys = tuple(jax.lax.dynamic_update_slice(cache[name], new, (0, start))
+                         for name, new in (("positions", positions), ("segment_ids", segment_ids)))
 
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
                            nn.initializers.normal(0.02))
@@ -243,15 +251,15 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers,
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x, kv = layers(x, kv, positions, mask, start)
+            x, kv = layers(x, kv, positions, segment_ids, keys, start)
         else:
             new_kv = []
             for i in range(cfg.num_layers):
                 layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x, layer_kv = block(cfg, name=f"layers_{i}")(x, layer_kv, positions, mask, start)
+                x, layer_kv = block(cfg, name=f"layers_{i}")(x, layer_kv, positions, segment_ids, keys, start)
                 new_kv.append(layer_kv)
             kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*new_kv))
 
@@ -267,7 +275,7 @@ class Llama(nn.Module):
             result = nn.with_logical_constraint(result, ("batch", "length", "vocab"))
         if cache is None:
             return result
-        new_cache = {"k": kv[0], "v": kv[1], "segment_ids": key_segments, "index": start + t}
+        new_cache = {"k": kv[0], "v": kv[1], "positions": keys[0], "segment_ids": keys[1], "index": start + t}
         return result, new_cache
 
 
@@ -326,11 +334,12 @@ def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = None) -> dict[str, jax.Array]:
-    """An empty KV cache for ``length`` positions: k/v [L, B, S, K, H], slot segment ids, write index."""
+    """An empty KV cache for ``length`` slots: k/v [L, B, S, K, H], each slot's position and segment id, write index."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
     return {
         "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        "positions": jnp.zeros((batch, length), jnp.int32),
         "segment_ids": jnp.zeros((batch, length), jnp.int32),  # 0: empty slot, never attended to
         "index": jnp.zeros((), jnp.int32),
     }

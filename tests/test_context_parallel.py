@@ -13,17 +13,21 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulat
 B, T, N, K, H = 4, 32, 4, 2, 8
 
 
-def packed_mask(seed=0):
-    """[B, T, T]: causal and within one document; rows hold 1-4 documents, then padding (segment 0)."""
+def packed_rows(seed=0):
+    """(positions, segments, mask) of rows holding 1-4 documents, then padding (segment 0). The reference
+    mask [B, T, T] is causal by storage index and within one document, built independently of the model."""
     rng = np.random.default_rng(seed)
     segments = np.zeros((B, T), np.int32)
+    positions = np.zeros((B, T), np.int32)
     for row in range(B):
         cuts = np.sort(rng.choice(np.arange(1, T - 1), size=rng.integers(0, 4), replace=False))
         end = T - rng.integers(0, 5)
         for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, end]), start=1):
             segments[row, lo:hi] = doc
+            positions[row, lo:hi] = np.arange(hi - lo)
+        positions[row, end:] = np.arange(T - end)  # padding counts up too, like any run of segment 0
     causal = np.tril(np.ones((T, T), bool))
-    return causal[None] & (segments[:, :, None] == segments[:, None, :])
+    return positions, segments, causal[None] & (segments[:, :, None] == segments[:, None, :])
 
 
 def numpy_attention(q, k, v, mask):
@@ -46,11 +50,11 @@ def qkv(seed=1):
 @pytest.mark.parametrize("mesh_spec", ["sequence=2,data=4", "sequence=4,tensor=2", "sequence=8"])
 def test_equals_dense_attention(mesh_spec, impl):
     q, k, v = qkv()
-    mask = packed_mask()
+    positions, segments, mask = packed_rows()
     mesh = sharding.make_mesh(mesh_spec)
     with sharding.activate(mesh):
         assert context_parallel.num_shards() == mesh.shape["sequence"]
-        out = jax.jit(lambda *a: context_parallel.attention(*a, impl=impl))(q, k, v, mask)
+        out = jax.jit(lambda *a: context_parallel.attention(*a, impl=impl))(q, k, v, positions, segments)
     np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
@@ -60,10 +64,10 @@ def test_zigzag_layout_gives_the_same_attention_and_balances_work():
     assert sorted(order) == list(range(T))
     np.testing.assert_array_equal(order[:8], [0, 1, 2, 3, 28, 29, 30, 31])  # chunks 0 and 7 on device 0
     q, k, v = qkv()
-    mask = packed_mask()
-    permuted_mask = mask[:, order][:, :, order]  # the mask built in the layout's order
-    with sharding.activate(sharding.make_mesh("sequence=4,fsdp=2")):
-        out = jax.jit(context_parallel.attention)(q[:, order], k[:, order], v[:, order], permuted_mask)
+    positions, segments, mask = packed_rows()
+    with sharding.activate(sharding.make_mesh("sequence=4,fsdp=2")):  # every input stored in zig-zag order
+        out = jax.jit(context_parallel.attention)(q[:, order], k[:, order], v[:, order], positions[:, order],
+                                                  segments[:, order])
     np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, mask)[:, order], rtol=1e-5, atol=1e-5)
 
     def half_blocks_needed(layout):  # (query half, key half) pairs per device with anything causal to compute
@@ -77,15 +81,18 @@ def test_zigzag_layout_gives_the_same_attention_and_balances_work():
 
 def test_gradients_equal_dense_attention():
     q, k, v = qkv()
-    mask = packed_mask(3)
+    positions, segments, mask = packed_rows(3)
     weights = np.random.default_rng(5).standard_normal((B, T, N, H), np.float32)
 
-    def loss(attend, q, k, v):
-        return jnp.sum(attend(q, k, v, mask) * weights)
+    def dense(q, k, v):
+        return jnp.sum(model.dot_product_attention(q, k, v, mask) * weights)
 
-    want = jax.grad(lambda *a: loss(model.dot_product_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    def ring(q, k, v):
+        return jnp.sum(context_parallel.attention(q, k, v, positions, segments) * weights)
+
+    want = jax.grad(dense, argnums=(0, 1, 2))(q, k, v)
     with sharding.activate(sharding.make_mesh("sequence=4,data=2")):
-        got = jax.jit(jax.grad(lambda *a: loss(context_parallel.attention, *a), argnums=(0, 1, 2)))(q, k, v)
+        got = jax.jit(jax.grad(ring, argnums=(0, 1, 2)))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
@@ -109,9 +116,10 @@ def test_model_logits_with_sequence_sharding(shards):
 
 def test_bad_input():
     q, k, v = qkv()
+    positions, segments, _ = packed_rows()
     with pytest.raises(ConfigError, match="active mesh"):
-        context_parallel.attention(q, k, v, packed_mask())
+        context_parallel.attention(q, k, v, positions, segments)
     with sharding.activate(sharding.make_mesh("sequence=8")), pytest.raises(ConfigError, match="divisible"):
-        context_parallel.attention(q[:, :24], k[:, :24], v[:, :24], packed_mask()[:, :24, :24])
+        context_parallel.attention(q[:, :24], k[:, :24], v[:, :24], positions[:, :24], segments[:, :24])
     with pytest.raises(ConfigError, match="zig-zag"):
         context_parallel.zigzag_order(30, 4)
