@@ -296,7 +296,8 @@ def validate_tokens(tokens, vocab_size: int) -> None:
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
     """Fresh parameters as a plain nested dict (logical-axis boxes removed)."""
-    variables = Llama(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))
+    # jit: one compiled program instead of hundreds of eagerly dispatched ops (seconds even for `tiny`).
+    variables = jax.jit(lambda key: Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32)))(rng)
     return nn.meta.unbox(variables["params"])
 
 

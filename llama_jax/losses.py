@@ -1,0 +1,78 @@
+"""Losses on final hidden states. Next-token cross-entropy is computed over vocabulary chunks.
+
+A [B, T, 128256] float32 logits tensor is 0.5 GiB per 1K tokens, and its gradient as much again. Here the
+LM head is applied one vocabulary chunk at a time inside a ``lax.scan`` with an online logsumexp; each
+chunk's body is rematerialised (``jax.checkpoint``), so neither pass ever holds more than [B, T, chunk]
+logits. The result equals the plain log-softmax to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Plain reference: logits [B, T, V] -> (negative log-likelihood of targets [B, T], logsumexp [B, T])."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                          chunk_size: int | None = 8192) -> tuple[jax.Array, jax.Array]:
+    """hidden [B, T, D] @ head [D, V] -> (nll [B, T], logsumexp [B, T]) float32, ``chunk_size`` columns at a time.
+
+    ``chunk_size=None`` (or >= V) uses one chunk. V need not be a multiple: the last chunk is padded and its
+    padding columns are masked out of the logsumexp.
+    """
+    vocab = head.shape[1]
+    chunk = vocab if chunk_size is None else min(chunk_size, vocab)
+    num_chunks = -(-vocab // chunk)
+    head = jnp.pad(head, ((0, 0), (0, num_chunks * chunk - vocab)))
+    head_chunks = head.reshape(head.shape[0], num_chunks, chunk).transpose(1, 0, 2)  # [C, D, chunk]
+    batch_shape = targets.shape
+
+    @jax.checkpoint
+    def step(carry, xs):
+        running_max, running_sum, target_logit = carry  # each [B, T]
+        index, w = xs
+        logits = jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
+        column = index * chunk + jnp.arange(chunk)
+        logits = jnp.where(column < vocab, logits, -jnp.inf)
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
+        local = targets - index * chunk
+        in_chunk = (local >= 0) & (local < chunk)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
+        target_logit = target_logit + jnp.where(in_chunk, picked, 0.0)
+        return (new_max, running_sum, target_logit), None
+
+    init = (jnp.full(batch_shape, -jnp.inf, jnp.float32), jnp.zeros(batch_shape, jnp.float32),
+            jnp.zeros(batch_shape, jnp.float32))
+    (running_max, running_sum, target_logit), _ = jax.lax.scan(step, init, (jnp.arange(num_chunks), head_chunks))
+    log_z = running_max + jnp.log(running_sum)
+    return log_z - target_logit, log_z
+
+
+def next_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, loss_mask: jax.Array, *,
+                    chunk_size: int | None = 8192, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over positions where ``loss_mask`` is 1, plus ``z_loss * mean(logsumexp^2)``.
+
+    The z-loss (PaLM) keeps the softmax normaliser near 1, which keeps bfloat16 logits well conditioned.
+    Returns (loss, metrics); metrics hold the cross-entropy without the z-loss term, and ``loss_weight``, the
+    number of target tokens averaged (gradient accumulation weights microbatches by it).
+    """
+    nll, log_z = chunked_cross_entropy(hidden, head, targets, chunk_size)
+    mask = loss_mask.astype(jnp.float32)
+    tokens = mask.sum()
+    denominator = jnp.maximum(tokens, 1.0)
+    ce = (nll * mask).sum() / denominator
+    loss = ce
+    metrics = {"cross_entropy": ce, "loss_weight": tokens}
+    if z_loss:
+        z = (log_z**2 * mask).sum() / denominator
+        loss = loss + z_loss * z
+        metrics["z_loss"] = z
+    return loss, metrics

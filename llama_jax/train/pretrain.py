@@ -1,0 +1,32 @@
+"""The pretraining stage: next-token cross-entropy on packed documents.
+
+Batch layout (built by ``llama_jax.data``): int32 [B, T] arrays ``tokens``, ``targets`` (next tokens),
+``loss_mask`` (1 where the target is in the same document), ``segment_ids`` (document within a row,
+0 = padding; attention never crosses documents), ``positions`` (restart at 0 per document).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from llama_jax import model
+from llama_jax.config import ModelConfig
+from llama_jax.data.packing import BATCH_KEYS
+from llama_jax.losses import next_token_loss
+
+__all__ = ["BATCH_KEYS", "make_loss_fn"]
+
+
+def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: float = 0.0):
+    """``loss_fn(params, batch, rng) -> (loss, metrics)``; the LM head runs in vocabulary chunks of ``chunk_size``."""
+    network = model.Llama(cfg)
+
+    def loss_fn(params, batch, rng):
+        del rng  # pretraining uses no dropout
+        hidden = network.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+                               output="hidden")  # [B, T, D]
+        head = model.lm_head_kernel(params, cfg).astype(jnp.dtype(cfg.dtype))  # [D, V]
+        return next_token_loss(hidden, head, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
+                               z_loss=z_loss)
+
+    return loss_fn
