@@ -23,8 +23,8 @@ $(CORPUS): | $(INSTALLED)
 
 demo: $(INSTALLED) $(CORPUS)
 	$(BIN)/python -m llama_jax.train --config configs/pretrain/demo.py
-	$(BIN)/python -m llama_jax.generate --checkpoint runs/demo --prompt "ROMEO:" --max_new_tokens 200 \
-		--temperature 0.8 --top_k 40 --tokenizer byte
+	$(BIN)/python -m llama_jax.generate --checkpoint runs/demo --no-bos --max-new-tokens 300 --temperature 0.8 \
+		--top-k 40 --prompt "Romeo."
 
 # pytest exits 5 when it selects no test: that is not a failure of the suite.
 test: $(INSTALLED) $(CORPUS)
