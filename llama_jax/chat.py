@@ -1,0 +1,99 @@
+"""Chat with a checkpoint in the Llama 3 dialog format, from a terminal or a pipe.
+
+    python -m llama_jax.chat --checkpoint PATH [--system "You are a helpful assistant."] [--tokenizer byte]
+
+Each input line is a user turn; the reply streams as it is generated. ``/reset`` starts a new dialog
+(keeping the system prompt), ``/exit`` or end of input quits. A reply that starts with <|python_tag|>
+is a tool call (Llama 3.1 ends it with <|eom_id|>): it is shown as ``[tool call] ...`` and the next
+input line is taken as the tool's output (an ``ipython`` turn), after which the assistant continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Sequence
+
+from llama_jax import generate as gen
+from llama_jax.config import ModelConfig
+from llama_jax.errors import DataError
+
+USER, ASSISTANT, TOOL = "user> ", "assistant> ", "tool> "
+
+
+class Chat:
+    """A dialog with one model: ``say(role, content)`` adds a turn and streams the assistant's reply."""
+
+    def __init__(self, params, cfg: ModelConfig, tokenizer, *, system: str | None = None, max_new_tokens: int = 512,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 out=None):
+        self.params, self.cfg, self.tokenizer, self.out = params, cfg, tokenizer, out or sys.stdout
+        self.system = system
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def say(self, role: str, content: str) -> dict:
+        """Adds a ``user`` or ``ipython`` (tool output) turn; streams, records and returns the assistant's reply."""
+        tok = self.tokenizer
+        self.messages.append({"role": role, "content": content})
+        prompt, _ = tok.encode_dialog(self.messages, add_generation_prompt=True)
+        max_new = min(self.max_new_tokens, self.cfg.max_seq_len - len(prompt))
+        if max_new < 1:
+            self.messages.pop()
+            raise DataError(f"the dialog has {len(prompt)} tokens and fills the model's context (max_seq_len "
+                            f"{self.cfg.max_seq_len}); /reset to start over")
+        self.seed += 1  # a fresh sample each turn, reproducible from the starting seed
+        steps = gen.stream(self.params, self.cfg, [prompt], max_new, seed=self.seed, stop_ids=tok.stop_ids,
+                           **self.sampling)
+        tokens = (new[0] for new in steps)
+        self.out.write(ASSISTANT)
+        first = next(tokens, None)
+        tool_call = first == tok.special_id("python_tag")
+        if tool_call:
+            self.out.write("[tool call] ")
+        elif first is not None:
+            tokens = itertools.chain([first], tokens)
+        content = itertools.takewhile(lambda t: t not in tok.stop_ids, tokens)
+        ids = gen.print_stream(tok, content, self.out)
+        self.out.write("\n")
+        reply = {"role": "assistant", "content": tok.decode(ids), "tool_call": tool_call}
+        self.messages.append(reply)
+        return reply
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.chat", description=__doc__.split("\n")[0])
+    gen.add_sampling_args(parser)
+    parser.add_argument("--system", default=None, help="system prompt")
+    args = parser.parse_args(argv)
+    params, cfg, tok = gen.load_model(args.checkpoint, args.tokenizer)
+    chat = Chat(params, cfg, tok, system=args.system, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    role, prompt = "user", USER
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            print()
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            chat.reset()
+            role, prompt = "user", USER
+            continue
+        try:
+            reply = chat.say(role, line)
+        except DataError as e:
+            print(f"error: {e}")
+            continue
+        role, prompt = ("ipython", TOOL) if reply["tool_call"] else ("user", USER)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

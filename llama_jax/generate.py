@@ -1,0 +1,354 @@
+"""Text generation with a KV cache: batched prefill, a jitted decode step, sampling, streaming.
+
+    outs = generate(params, cfg, [[128000, 9906], [128000, 40, 1093]], max_new_tokens=32)   # greedy
+    outs = generate(params, cfg, prompts, 64, temperature=0.7, top_p=0.9, seed=1)
+    for new in stream(params, cfg, prompts, 64): ...      # per step: one token (or None) per prompt
+
+CLI: ``python -m llama_jax.generate --checkpoint PATH --prompt "Once upon a time"``.
+
+How a batch of prompts of different lengths is run: prompts are right-padded to one length T and
+prefilled together; pad slots get segment id 0, so no real token ever attends to them. Each row then
+decodes at its own RoPE position (its prompt length + step) while all rows write the same cache slot
+(T + step): the cache mask works by slot index, and the positions carry the true distances.
+
+The cache is preallocated at the model's GQA shape ``[L, B, S, K, H]`` and donated to every step, so
+XLA updates it in place. The host reads step i's tokens while the device already runs step i + 1.
+Generated lists include the stop token that ended them (callers see *why* a row stopped: a tool
+call ends with <|eom_id|>, a turn with <|eot_id|>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax import model
+from llama_jax.config import ModelConfig
+from llama_jax.errors import ConfigError, DataError
+
+# <|end_of_text|>, <|eom_id|>, <|eot_id|> of the Llama 3 tokenizer; ids beyond a small vocab never occur.
+LLAMA3_STOP_IDS = (128001, 128008, 128009)
+_PROMPT_BUCKET, _CACHE_BUCKET = 32, 64  # lengths are rounded up to these multiples (fewer recompilations)
+
+_CACHE_AXES = {  # logical axes of the KV cache, mapped to the mesh by the library's one rules table
+    "k": ("layers", "batch", None, "kv_heads", "head_dim"),
+    "v": ("layers", "batch", None, "kv_heads", "head_dim"),
+    "positions": ("batch", None),
+    "segment_ids": ("batch", None),
+    "index": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn from the logits (hashable: it is a static argument of the jitted steps)."""
+
+    temperature: float = 0.0  # 0 means greedy (argmax)
+    top_k: int | None = None  # keep only the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of most likely tokens whose mass reaches p
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ConfigError(f"top_k must be a positive int or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [B, V] float32 -> token ids [B] int32."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth_largest = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # The most likely token always has zero mass before it, so at least one token survives.
+        cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def runtime_config(params, cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` matching the tree's layout: stacked ``layers`` (run under a scan) or per-layer ``layers_i``
+    (unrolled; quantized trees are per layer). Decode is memory-bound, and per layer XLA reads each weight in
+    place, where a scan copies every layer's slice each step: ~1.5x faster decode on CPU for the per-layer
+    tree, which ``load_model`` returns. (Slicing a stacked tree inside the step is no cure: XLA then
+    materialises all slices.)"""
+    return cfg.replace(scan_layers="layers" in params, remat="none")
+
+
+def inference_layout(params, cfg: ModelConfig):
+    """The per-layer tree (see ``runtime_config``), made once; quantized trees are already per layer."""
+    return model.unstack_layers(params, cfg.num_layers) if "layers" in params else params
+
+
+def prefill_logits(params, cache, tokens, lengths, cfg: ModelConfig):
+    """Right-padded prompts [B, T] with true ``lengths`` [B] -> (logits [B, V] after each prompt, cache)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # pads: 0, never attended to
+    hidden, cache = model.Llama(cfg).apply({"params": params}, tokens, positions, segment_ids, cache=cache,
+                                           output="hidden")  # [B, T, D]
+    last = hidden[jnp.arange(b), lengths - 1]  # [B, D]: only each prompt's last position needs logits
+    head = model.lm_head_kernel(params, cfg).astype(last.dtype)
+    return jnp.einsum("BD,DV->BV", last, head, preferred_element_type=jnp.float32), cache
+
+
+def decode_logits(params, cache, tokens, positions, cfg: ModelConfig):
+    """One token per row [B] at RoPE ``positions`` [B], written to the cache's next slot -> (logits [B, V], cache)."""
+    logits, cache = model.Llama(cfg).apply({"params": params}, tokens[:, None], positions[:, None],
+                                           jnp.ones_like(tokens)[:, None], cache=cache)  # [B, 1, V]
+    return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len"))
+def _prefill(params, tokens, lengths, key, *, cfg: ModelConfig, sampling: Sampling, cache_len: int):
+    """Creates the cache (laid out by its logical axes when a mesh is active) and fills it with the prompts."""
+    cache = model.init_cache(cfg, tokens.shape[0], cache_len)
+    cache = {name: nn.with_logical_constraint(x, _CACHE_AXES[name]) for name, x in cache.items()}
+    logits, cache = prefill_logits(params, cache, tokens, lengths, cfg)
+    return sample(logits, key, sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
+def _decode_step(params, cache, tokens, positions, key, *, cfg: ModelConfig, sampling: Sampling):
+    """Returns the next tokens [B], positions + 1, the next PRNG key and the updated cache."""
+    key, step_key = jax.random.split(key)
+    logits, cache = decode_logits(params, cache, tokens, positions, cfg)
+    return sample(logits, step_key, sampling), positions + 1, key, cache
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int) -> None:
+    """Raises DataError for prompts the model cannot continue by ``max_new_tokens`` tokens."""
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise DataError("prompts must be a non-empty list of token-id lists")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise DataError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str) or not len(prompt):
+            raise DataError(f"prompt {i} is {'a str' if isinstance(prompt, str) else 'empty'}; each prompt must be "
+                            "a non-empty list of token ids (start it with <|begin_of_text|>)")
+        ids = np.asarray(prompt)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1:
+            raise DataError(f"prompt {i} must be a flat list of int token ids, got {ids.dtype} shape {ids.shape}")
+        bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
+        if bad.size:
+            raise DataError(f"prompt {i} has token id(s) {sorted(set(bad.tolist()))[:8]} outside the model's "
+                            f"vocabulary [0, {cfg.vocab_size})")
+        if len(prompt) + max_new_tokens > cfg.max_seq_len:
+            raise DataError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                            f"{len(prompt) + max_new_tokens} positions but the model's max_seq_len (KV cache "
+                            f"limit) is {cfg.max_seq_len}")
+
+
+def stream(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_ids: Sequence[int] = LLAMA3_STOP_IDS,
+    mesh=None,
+) -> Iterator[list[int | None]]:
+    """Yields, step by step, one new token per prompt (None once that prompt has stopped).
+
+    A prompt stops after emitting one of ``stop_ids`` or ``max_new_tokens`` tokens; the iteration ends
+    when every prompt has stopped. ``mesh`` (from ``llama_jax.sharding.make_mesh``) runs the steps
+    sharded by the library's logical-axis rules, e.g. tensor-parallel decode on ``"tensor=8"``.
+    """
+    check_prompts(prompts, cfg, max_new_tokens)
+    sampling = Sampling(temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return
+    cfg = runtime_config(params, cfg)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    # Padded prompt length and cache slots (the padded prompt, then one per fed-back token: the last new
+    # token is never fed back) are rounded up, so calls of similar length reuse the compiled steps.
+    batch = len(prompts)
+    prompt_len = min(_round_up(int(lengths.max()), _PROMPT_BUCKET), cfg.max_seq_len - max_new_tokens + 1)
+    cache_len = min(_round_up(prompt_len + max_new_tokens - 1, _CACHE_BUCKET), cfg.max_seq_len)
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = prompt
+    key, prefill_key = jax.random.split(jax.random.key(seed))
+    if mesh is not None:
+        params = _shard_for_decode(params, cfg, mesh, batch, cache_len)
+    prefill = _on_mesh(mesh, functools.partial(_prefill, cfg=cfg, sampling=sampling, cache_len=cache_len))
+    decode_step = _on_mesh(mesh, functools.partial(_decode_step, cfg=cfg, sampling=sampling))
+    new, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), prefill_key)
+    positions = jnp.asarray(lengths)
+    stops = np.asarray(list(stop_ids), np.int64)
+    active = np.ones(batch, bool)
+    for step in range(max_new_tokens):
+        current = new
+        if step + 1 < max_new_tokens:  # queue the next step before reading this one back to the host
+            new, positions, key, cache = decode_step(params, cache, current, positions, key)
+        host = np.asarray(current)
+        yield [int(tok) if alive else None for tok, alive in zip(host, active)]
+        active &= ~np.isin(host, stops)
+        if not active.any():
+            return
+
+
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_ids: Sequence[int] = LLAMA3_STOP_IDS,
+    mesh=None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Continues each prompt (a list of token ids); returns the new ids per prompt, prompt excluded.
+
+    Greedy when ``temperature`` is 0, otherwise sampled (optionally restricted by ``top_k`` / ``top_p``)
+    with a PRNG seeded by ``seed``. ``on_token(row, token)`` is called for each token as it is produced.
+    """
+    outputs: list[list[int]] = [[] for _ in prompts] if not isinstance(prompts, (str, bytes)) else []
+    for new in stream(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, mesh):
+        for row, token in enumerate(new):
+            if token is not None:
+                outputs[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+    return outputs
+
+
+# --- Sharded decode ---------------------------------------------------------------------------------
+
+def _on_mesh(mesh, fn):
+    """``fn`` called with ``mesh`` current and the logical rules installed (unchanged when mesh is None)."""
+    if mesh is None:
+        return fn
+    from llama_jax import sharding  # only sharded decode needs it
+
+    def run(*args):
+        with sharding.activate(mesh):
+            return fn(*args)
+
+    return run
+
+
+def param_shardings(params, cfg: ModelConfig, mesh):
+    """NamedShardings for ``params`` by their logical axes, quantized trees included (a kernel's per-channel
+    scale is split like the kernel's output axis)."""
+    from llama_jax import sharding
+
+    axes = model.logical_axes(cfg)
+
+    def spec(path, _):
+        keys = [k.key for k in path]
+        if keys[-1].endswith("_scale"):
+            node = functools.reduce(lambda tree, k: tree[k], keys[:-1] + [keys[-1].removesuffix("_scale")], axes)
+            return jax.sharding.PartitionSpec(node[-1])
+        return functools.reduce(lambda tree, k: tree[k], keys, axes)
+
+    return sharding.logical_to_sharding(jax.tree_util.tree_map_with_path(spec, params), mesh)
+
+
+def _shard_for_decode(params, cfg: ModelConfig, mesh, batch: int, cache_len: int):
+    """Params placed on the mesh, after checking that it divides them and the cache it will shard."""
+    from llama_jax import sharding
+
+    target = param_shardings(params, cfg, mesh)
+    sharding.check_divisible(params, target)
+    cache_shapes = jax.eval_shape(lambda: model.init_cache(cfg, batch, cache_len))
+    sharding.check_divisible(cache_shapes, sharding.logical_to_sharding(
+        {name: jax.sharding.PartitionSpec(*a) for name, a in _CACHE_AXES.items()}, mesh))
+    return jax.device_put(params, target)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def load_model(checkpoint: str, tokenizer: str | None = None):
+    """(params in the per-layer inference layout, cfg, tokenizer) from any checkpoint ``checkpoint.load`` reads."""
+    from llama_jax import checkpoint as ckpt
+    from llama_jax.tokenizer import get_tokenizer
+
+    params, cfg, meta = ckpt.load(checkpoint)
+    params = inference_layout(params, cfg)
+    name = tokenizer or (meta.get("tokenizer") or {}).get("name") or "llama3"
+    tok = get_tokenizer(name)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the checkpoint's model only "
+                          f"{cfg.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
+    return params, cfg, tok
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="llama_jax run/checkpoint dir, HF dir or Meta dir")
+    parser.add_argument("--tokenizer", default=None, help="llama3 | byte | path (default: the checkpoint's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def print_stream(tok, token_stream: Iterator[int], out=None) -> list[int]:
+    """Writes decoded text to ``out`` (default stdout) as tokens arrive, holding back incomplete UTF-8;
+    returns the ids."""
+    out = out or sys.stdout
+    ids: list[int] = []
+    shown = ""
+    for token in token_stream:
+        ids.append(token)
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):  # a multi-byte character may still be incomplete
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write(tok.decode(ids)[len(shown):])
+    out.flush()
+    return ids
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_jax.generate", description=__doc__.split("\n")[0])
+    add_sampling_args(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
+    parser.add_argument("--no-bos", action="store_true", help="do not start prompts with <|begin_of_text|>")
+    args = parser.parse_args(argv)
+    params, cfg, tok = load_model(args.checkpoint, args.tokenizer)
+    prompts = [tok.encode(text, bos=not args.no_bos) for text in args.prompt]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    stop_ids=tok.stop_ids)
+    if len(prompts) == 1:  # stream a single prompt as it is generated
+        sys.stdout.write(args.prompt[0])
+        steps = stream(params, cfg, prompts, args.max_new_tokens, **sampling)
+        print_stream(tok, (new[0] for new in steps))
+        sys.stdout.write("\n")
+        return 0
+    for text, ids in zip(args.prompt, generate(params, cfg, prompts, args.max_new_tokens, **sampling)):
+        print(text + tok.decode(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

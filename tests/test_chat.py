@@ -1,0 +1,100 @@
+"""The chat and generate CLIs end to end on saved tiny checkpoints, read non-interactively from stdin."""
+
+import io
+
+import jax
+import numpy as np
+import pytest
+
+from llama_jax import chat, checkpoint, model
+from llama_jax import generate as gen
+from llama_jax.config import ModelConfig
+from llama_jax.errors import CheckpointError
+from llama_jax.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+CFG = ModelConfig(vocab_size=TOK.vocab_size, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=128,
+                  rope_theta=10_000.0, max_seq_len=256)
+
+
+def save(tmp_path, params, cfg=CFG, name="ckpt"):
+    path = str(tmp_path / name)
+    checkpoint.save_params(path, params, cfg, tokenizer={"name": TOK.name, "sha256": TOK.sha256})
+    return path
+
+
+def run(main, argv, stdin, monkeypatch, capsys) -> str:
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_chat_turns_follow_the_dialog_format(tmp_path, monkeypatch, capsys):
+    params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
+    path = save(tmp_path, params)
+    out = run(chat.main, ["--checkpoint", path, "--system", "Be brief.", "--max-new-tokens", "12"],
+              "Hello!\nAnd again?\n", monkeypatch, capsys)
+    # The reference: the library's generate on the dialog encoded by the tokenizer, turn after turn.
+    dialog = [{"role": "system", "content": "Be brief."}]
+    expected = ""
+    for user in ("Hello!", "And again?"):
+        dialog.append({"role": "user", "content": user})
+        prompt, _ = TOK.encode_dialog(dialog, add_generation_prompt=True)
+        ids = gen.generate(params, CFG, [prompt], 12, stop_ids=TOK.stop_ids)[0]
+        ids = ids[:-1] if ids and ids[-1] in TOK.stop_ids else ids
+        assert TOK.special_id("python_tag") not in ids[:1]
+        dialog.append({"role": "assistant", "content": TOK.decode(ids)})
+        expected += chat.USER + chat.ASSISTANT + TOK.decode(ids) + "\n"
+    assert out == expected + chat.USER + "\n"
+
+
+def successor_params(cfg: ModelConfig, successor: dict[int, int]) -> dict:
+    """A model whose greedy next token is successor[last token]: blocks zeroed (identity), one-hot embeddings,
+    and an LM head mapping each token's direction to its successor's logit."""
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.param_shapes(cfg))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.ones_like(x) if "norm" in jax.tree_util.keystr(p) else x, params)
+    params["embedding"] = np.eye(cfg.vocab_size, cfg.dim, dtype=np.float32)
+    head = np.zeros((cfg.dim, cfg.vocab_size), np.float32)
+    for token, nxt in successor.items():
+        head[token, nxt] = 1.0
+    params["lm_head"] = head
+    return params
+
+
+def test_tool_call_turns_are_shown_and_answered(tmp_path, monkeypatch, capsys):
+    cfg = CFG.replace(dim=272)  # one-hot embeddings need dim >= vocab
+    code = [ord(c) for c in "print(1)"]  # distinct characters, so a successor chain spells it
+    chain = [TOK.special_id("python_tag"), *code, TOK.eom_id]
+    successor = {ord("\n"): chain[0], **dict(zip(chain, chain[1:]))}  # assistant header ends with "\n\n"
+    path = save(tmp_path, successor_params(cfg, successor), cfg)
+    out = run(chat.main, ["--checkpoint", path, "--max-new-tokens", "20"], "run it\n1\n", monkeypatch, capsys)
+    call = chat.ASSISTANT + "[tool call] print(1)\n"
+    assert out == chat.USER + call + chat.TOOL + call + chat.TOOL + "\n"
+
+    c = chat.Chat(*gen.load_model(path), out=io.StringIO())
+    reply = c.say("user", "run it")
+    assert reply == {"role": "assistant", "content": "print(1)", "tool_call": True}
+    c.say("ipython", "1")
+    assert [m["role"] for m in c.messages] == ["user", "assistant", "ipython", "assistant"]
+
+
+def test_generate_cli_streams_a_continuation(tmp_path, monkeypatch, capsys):
+    params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(1))
+    path = save(tmp_path, params)
+    out = run(gen.main, ["--checkpoint", path, "--prompt", "Once", "--max-new-tokens", "10"], "", monkeypatch, capsys)
+    ids = gen.generate(params, CFG, [TOK.encode("Once", bos=True)], 10, stop_ids=TOK.stop_ids)[0]
+    assert out == "Once" + TOK.decode(ids) + "\n"
+    out = run(gen.main, ["--checkpoint", path, "--prompt", "a", "--prompt", "bc", "--max-new-tokens", "5"], "",
+              monkeypatch, capsys)
+    batch = gen.generate(params, CFG, [TOK.encode("a", bos=True), TOK.encode("bc", bos=True)], 5,
+                         stop_ids=TOK.stop_ids)
+    assert out == f"a{TOK.decode(batch[0])}\nbc{TOK.decode(batch[1])}\n"
+
+
+def test_unknown_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        gen.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a llama_jax checkpoint"):
+        chat.main(["--checkpoint", str(tmp_path / "empty")])

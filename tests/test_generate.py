@@ -1,0 +1,168 @@
+"""KV-cache generation against full forwards, transformers' greedy generate, one-by-one runs and the
+sampling formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import config, model
+from llama_jax import generate as gen
+from llama_jax.config import ModelConfig
+from llama_jax.convert.hf import params_to_hf
+from llama_jax.errors import ConfigError, DataError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# GQA group 2, max_seq_len small enough to test the cache limit.
+CFG = ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=160,
+                  rope_theta=10_000.0, max_seq_len=96)
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
+    # Unit-scale embeddings give peaked, well-separated logits (no near-ties between frameworks).
+    p["embedding"] = np.random.default_rng(0).standard_normal(p["embedding"].shape).astype(np.float32)
+    return p
+
+
+def full_logits(params, ids):
+    forward = jax.jit(lambda p, t: model.Llama(CFG).apply({"params": p}, t))
+    return np.asarray(forward(params, jnp.asarray([ids], jnp.int32)))[0]
+
+
+def test_cached_decoding_matches_full_forward_step_by_step(params):
+    rng = np.random.default_rng(1)
+    lengths = [5, 9, 2]
+    prompts = [rng.integers(0, 256, n).tolist() for n in lengths]
+    continuation = rng.integers(0, 256, (3, 6))
+    tokens = np.zeros((3, 9), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = p
+    prefill = jax.jit(gen.prefill_logits, static_argnums=4)
+    decode = jax.jit(gen.decode_logits, static_argnums=4)
+    cache = model.init_cache(CFG, 3, 16)
+    logits, cache = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(lengths), CFG)
+    steps = [np.asarray(logits)]
+    positions = jnp.asarray(lengths)
+    for i in range(6):
+        logits, cache = decode(params, cache, jnp.asarray(continuation[:, i]), positions + i, CFG)
+        steps.append(np.asarray(logits))
+    for row, prompt in enumerate(prompts):
+        ids = prompt + continuation[row].tolist()
+        reference = full_logits(params, ids)[len(prompt) - 1:]  # logits after each growing prefix
+        np.testing.assert_allclose(np.stack([s[row] for s in steps]), reference, atol=2e-5, rtol=1e-5)
+
+
+def hf_greedy(params, prompt, max_new_tokens, eos=None):
+    hf_cfg = transformers.LlamaConfig(**config.to_hf(CFG))
+    m = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params_to_hf(params, CFG).items()})
+    with torch.no_grad():
+        out = m.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_matches_transformers_token_for_token(params):
+    prompt = [3, 17, 200, 42, 9]
+    ours = gen.generate(params, CFG, [prompt], 24, stop_ids=())[0]
+    assert ours == hf_greedy(params, prompt, 24)
+    assert len(set(ours)) > 3  # a real continuation, not one repeated token
+    # Stopping: cut at the first occurrence of a chosen stop token, which is kept, as transformers does.
+    stop = ours[7]
+    stopped = gen.generate(params, CFG, [prompt], 24, stop_ids=(stop,))[0]
+    assert stopped == ours[: ours.index(stop) + 1]
+    assert stopped == hf_greedy(params, prompt, 24, eos=stop)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(params):
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (1, 7, 3, 12)]
+    batched = gen.generate(params, CFG, prompts, 10, stop_ids=())
+    assert batched == [gen.generate(params, CFG, [p], 10, stop_ids=())[0] for p in prompts]
+    assert gen.generate(gen.inference_layout(params, CFG), CFG, prompts, 10, stop_ids=()) == batched  # unrolled
+    # Rows stopping at different steps: each ends at its own first stop token.
+    stop_ids = (batched[0][2], batched[2][5])
+    stopped = gen.generate(params, CFG, prompts, 10, stop_ids=stop_ids)
+    for full, cut in zip(batched, stopped):
+        ends = [i for i, t in enumerate(full) if t in stop_ids]
+        assert cut == (full[: ends[0] + 1] if ends else full)
+
+
+def test_streaming_reports_tokens_as_they_come(params):
+    prompts = [[1, 2, 3], [4]]
+    seen = []
+    result = gen.generate(params, CFG, prompts, 6, stop_ids=(), on_token=lambda row, tok: seen.append((row, tok)))
+    assert [t for r, t in seen if r == 0] == result[0] and [t for r, t in seen if r == 1] == result[1]
+    assert seen[:2] == [(0, result[0][0]), (1, result[1][0])]  # step by step, not prompt by prompt
+    stop = result[1][1]
+    steps = list(gen.stream(params, CFG, prompts, 6, stop_ids=(stop,)))
+    assert [s[1] for s in steps][:3] == [result[1][0], stop, None]  # a stopped row yields None
+
+
+def distribution(probs, **sampling):
+    """Empirical next-token frequencies from 20,000 rows of the same logits."""
+    logits = jnp.log(jnp.asarray(np.tile(probs, (20_000, 1)), jnp.float32))
+    draws = np.asarray(gen.sample(logits, jax.random.key(0), gen.Sampling(**sampling)))
+    return np.bincount(draws, minlength=len(probs)) / len(draws)
+
+
+def test_sampling_follows_temperature_top_k_and_top_p_formulas():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(distribution(p, temperature=1.0), p, atol=0.015)
+    hot = p ** (1 / 2.0) / (p ** (1 / 2.0)).sum()  # temperature 2 flattens: p^(1/T), renormalised
+    np.testing.assert_allclose(distribution(p, temperature=2.0), hot, atol=0.015)
+    np.testing.assert_allclose(distribution(p, temperature=1.0, top_k=2), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)
+    # top_p=0.7: 0.5 alone is short of 0.7, so the nucleus is {0, 1}; 0.95 needs three tokens.
+    np.testing.assert_allclose(distribution(p, temperature=1.0, top_p=0.7), [0.5 / 0.8, 0.3 / 0.8, 0, 0],
+                               atol=0.015)
+    np.testing.assert_allclose(distribution(p, temperature=1.0, top_p=0.95), [0.5, 0.3, 0.15, 0] / np.float64(0.95),
+                               atol=0.015)
+    assert distribution(p, temperature=0.0)[0] == 1.0
+
+
+def test_sampled_generation_is_seeded(params):
+    prompts = [[5, 6, 7]]
+    kwargs = dict(temperature=1.0, top_k=50, top_p=0.95, stop_ids=())
+    a = gen.generate(params, CFG, prompts, 16, seed=1, **kwargs)
+    assert a == gen.generate(params, CFG, prompts, 16, seed=1, **kwargs)
+    assert a != gen.generate(params, CFG, prompts, 16, seed=2, **kwargs)
+    greedy = gen.generate(params, CFG, prompts, 16, stop_ids=())
+    assert gen.generate(params, CFG, prompts, 16, seed=3, temperature=1.0, top_k=1, stop_ids=()) == greedy
+
+
+def test_tensor_parallel_decode_equals_single_device():
+    from llama_jax import sharding
+
+    assert jax.device_count() >= 8, "tests/conftest.py sets 8 simulated CPU devices"
+    cfg = CFG.replace(num_kv_heads=4)
+    p = model.init_params(cfg, jax.random.key(3))
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    mesh = sharding.make_mesh("data=2,tensor=4")
+    single = gen.generate(p, cfg, prompts, 12, stop_ids=())
+    assert gen.generate(p, cfg, prompts, 12, stop_ids=(), mesh=mesh) == single
+    with pytest.raises(ConfigError, match="not divisible"):  # 2 kv heads cannot split 4 ways
+        gen.generate(model.init_params(CFG, jax.random.key(3)), CFG, prompts, 4, mesh=mesh)
+
+
+def test_bad_input_raises_clear_errors(params):
+    with pytest.raises(DataError, match="max_seq_len"):
+        gen.generate(params, CFG, [[1] * 90], 10)  # 90 + 10 > 96 cache positions
+    with pytest.raises(DataError, match="prompt 1 is empty"):
+        gen.generate(params, CFG, [[1, 2], []], 4)
+    with pytest.raises(DataError, match="non-empty list"):
+        gen.generate(params, CFG, [], 4)
+    with pytest.raises(DataError, match=r"prompt 0 has token id\(s\) \[256\]"):
+        gen.generate(params, CFG, [[1, 256]], 4)
+    with pytest.raises(DataError, match=r"\[-1\]"):
+        gen.generate(params, CFG, [[-1, 3]], 4)
+    with pytest.raises(DataError, match="is a str"):
+        gen.generate(params, CFG, ["hello"], 4)
+    with pytest.raises(ConfigError, match="top_p"):
+        gen.generate(params, CFG, [[1]], 4, temperature=1.0, top_p=1.5)
+    with pytest.raises(ConfigError, match="temperature"):
+        gen.generate(params, CFG, [[1]], 4, temperature=-1.0)
+    assert gen.generate(params, CFG, [[1], [2]], 0) == [[], []]
