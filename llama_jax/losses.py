@@ -25,33 +25,34 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
                           chunk_size: int | None = 8192) -> tuple[jax.Array, jax.Array]:
     """hidden [B, T, D] @ head [D, V] -> (nll [B, T], logsumexp [B, T]) float32, ``chunk_size`` columns at a time.
 
-    ``chunk_size=None`` (or >= V): one plain matmul and log-softmax. V need not be a multiple of the chunk: the
-    last chunk is padded and its padding columns are masked out of the logsumexp.
+    ``chunk_size=None`` (or >= V): one plain matmul and log-softmax. Otherwise C = ceil(V / chunk_size) chunks of
+    ceil(V / C) columns; when C does not divide V the padding columns are masked out of the logsumexp.
     """
     vocab = head.shape[1]
     if chunk_size is None or chunk_size >= vocab:
         # One chunk: a plain matmul whose logits the backward pass keeps; a rematerialised scan of one step
         # would recompute them (~8% more FLOPs per step for a 125M model with a 32K vocabulary).
         return cross_entropy(jnp.einsum("BTD,DV->BTV", hidden, head, preferred_element_type=jnp.float32), targets)
-    chunk = chunk_size
-    num_chunks = -(-vocab // chunk)
+    num_chunks = -(-vocab // chunk_size)
+    chunk = -(-vocab // num_chunks)  # the most even split: no padding when num_chunks divides V (128256 = 16 x 8016)
+    # Strided chunks: chunk c holds vocabulary columns c, c + C, c + 2C, ... A contiguous block of the vocabulary
+    # axis (a tensor-parallel shard of the head) then stays a contiguous block of every chunk, so each device
+    # computes logits for its own shard only; contiguous chunks would gather the whole head onto every device.
     head = jnp.pad(head, ((0, 0), (0, num_chunks * chunk - vocab)))
-    head_chunks = head.reshape(head.shape[0], num_chunks, chunk).transpose(1, 0, 2)  # [C, D, chunk]
+    head_chunks = head.reshape(head.shape[0], chunk, num_chunks).transpose(2, 0, 1)  # [C, D, chunk]
     batch_shape = targets.shape
+    target_chunk, target_column = targets % num_chunks, targets // num_chunks
 
     @jax.checkpoint
     def step(carry, xs):
         running_max, running_sum, target_logit = carry  # each [B, T]
         index, w = xs
         logits = jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
-        column = index * chunk + jnp.arange(chunk)
-        logits = jnp.where(column < vocab, logits, -jnp.inf)
+        logits = jnp.where(jnp.arange(chunk) * num_chunks + index < vocab, logits, -jnp.inf)  # padding columns
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
-        local = targets - index * chunk
-        in_chunk = (local >= 0) & (local < chunk)
-        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
-        target_logit = target_logit + jnp.where(in_chunk, picked, 0.0)
+        picked = jnp.take_along_axis(logits, target_column[..., None], axis=-1)[..., 0]
+        target_logit = target_logit + jnp.where(target_chunk == index, picked, 0.0)
         return (new_max, running_sum, target_logit), None
 
     init = (jnp.full(batch_shape, -jnp.inf, jnp.float32), jnp.zeros(batch_shape, jnp.float32),

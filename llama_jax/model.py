@@ -121,11 +121,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    # Scaling q ([B, T, N, H]) is cheaper than scaling the S-times-larger scores. Scores keep T next to G: the
+    # layout [B, K, T, G, S] made XLA:CPU's train step ~3% faster than [B, K, G, T, S] (fewer transposes).
+    q = (q * jnp.asarray(1 / math.sqrt(h), q.dtype)).reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKTGS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    out = jnp.einsum("BKTGS,BSKH->BTKGH", probs, v)
     return out.reshape(b, t, n, h)
 
 
@@ -175,7 +177,15 @@ class FeedForward(nn.Module):
         gate = _param(self, "gate", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         up = _param(self, "up", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         down = _param(self, "down", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), in_init)
-        hidden = jax.nn.silu(self._matmul(x, gate, "gate")) * self._matmul(x, up, "up")  # [B, T, F]
+        if self.has_variable("params", "gate_scale"):  # quantized kernels: one matmul each
+            gated, ungated = self._matmul(x, gate, "gate"), self._matmul(x, up, "up")
+        else:
+            # One matmul against gate and up stacked on a new axis (the mlp axis keeps its sharding): XLA:CPU ran
+            # the train step ~9% faster than with two matmuls, whose backward transposes cost more than the stack.
+            kernel = jnp.stack([gate, up], axis=1).astype(jnp.dtype(cfg.dtype))  # [D, 2, F]
+            both = jnp.einsum("BTD,DCF->BTCF", x, kernel)
+            gated, ungated = both[:, :, 0], both[:, :, 1]
+        hidden = jax.nn.silu(gated) * ungated  # [B, T, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         return self._matmul(hidden, down, "down")
 
@@ -243,7 +253,11 @@ class Llama(nn.Module):
         embedding = _param(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
                            nn.initializers.normal(0.02))
         dtype = jnp.dtype(cfg.dtype)
+        # The looked-up rows keep the table's embed split (rows over `data` only, "lookup_batch"); the next
+        # constraint moves them to the activation layout with one all-to-all. Left to itself, GSPMD replicates
+        # the whole global batch's embeddings on every device when data and fsdp are both > 1.
         x = jnp.take(embedding, tokens, axis=0).astype(dtype)  # [B, T, D]
+        x = nn.with_logical_constraint(x, ("lookup_batch", "length", "embed"))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         block = _block_class(cfg)

@@ -46,6 +46,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
+    ("lookup_batch", "data"),  # embedding lookup output: rows over data only, embed split like the table's
     ("layers", None),
     ("head_dim", None),
 )

@@ -1,5 +1,7 @@
 """Meshes, the rules table and sharded steps on 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS)."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import config, model, sharding
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.train import pretrain
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -139,3 +142,41 @@ def test_state_shardings_follow_params():
     assert adam.count.spec == P()
     assert shardings["params"]["lm_head"].spec == P("fsdp", "tensor")
     assert shardings["step"].spec == P()
+
+
+def compiled_grad_step(loss, cfg, mesh_spec, batch):
+    """The compiled (SPMD-partitioned, per-device) program of value_and_grad(loss) on a mesh."""
+    mesh = sharding.make_mesh(mesh_spec)
+    params = sharding.abstract_params(cfg, mesh)
+    arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+              for k, v in batch.items()}
+    with sharding.activate(mesh):
+        return jax.jit(jax.value_and_grad(loss)).lower(params, arrays).compile()
+
+
+def test_embedding_lookup_never_holds_the_global_batch():
+    # With data and fsdp both > 1, GSPMD used to reshard the lookup's embed-split rows by replicating all 16
+    # rows' embeddings on every device ("involuntary full rematerialization"; it picks that plan for a 512 x 64
+    # table, not for 256 x 64); each device owns 4 rows.
+    cfg = CFG.replace(vocab_size=512)
+
+    def loss(params, batch):
+        return jnp.mean(model.Llama(cfg).apply({"params": params}, batch["tokens"], output="hidden") ** 2)
+
+    hlo = compiled_grad_step(loss, cfg, "data=2,fsdp=2,tensor=2", packed_batch(batch=16, seq=24)).as_text()
+    assert "[4,24," in hlo  # local rows do appear: the pattern below would find the global ones
+    assert not re.search(r"\[16,24,\d+\]", hlo), re.findall(r"\S+\[16,24,\d+\]\S*", hlo)[:5]
+
+
+def test_tensor_parallelism_splits_the_chunked_loss():
+    # The vocabulary is split over `tensor`; the chunked loss must keep it split (each device computes logits
+    # for its own shard) rather than gather the LM head and repeat the whole loss on every tensor rank.
+    loss = pretrain.make_loss_fn(CFG, chunk_size=64)  # 4 chunks of the 256-token vocabulary
+    batch = packed_batch()
+
+    def flops(mesh_spec):
+        cost = compiled_grad_step(lambda p, b: loss(p, b, None)[0], CFG, mesh_spec, batch).cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    # Norms and other element-wise work on the replicated rows are repeated per tensor rank: ~1% here.
+    assert flops("fsdp=4,tensor=2") <= 1.05 * flops("fsdp=8")
