@@ -33,9 +33,8 @@ import numpy as np
 from llama_jax import model
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.tokenizer import LLAMA3_STOP_IDS  # ids beyond a small model's vocab simply never occur
 
-# <|end_of_text|>, <|eom_id|>, <|eot_id|> of the Llama 3 tokenizer; ids beyond a small vocab never occur.
-LLAMA3_STOP_IDS = (128001, 128008, 128009)
 _PROMPT_BUCKET, _CACHE_BUCKET = 32, 64  # lengths are rounded up to these multiples (fewer recompilations)
 
 _CACHE_AXES = {  # logical axes of the KV cache, mapped to the mesh by the library's one rules table

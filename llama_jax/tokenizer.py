@@ -52,6 +52,8 @@ LLAMA3_NAMED_SPECIALS = {
     9: "<|eot_id|>",  # end of turn
     10: "<|python_tag|>",  # starts a tool call
 }
+# <|end_of_text|>, <|eom_id|>, <|eot_id|>: where generation stops (the default of llama_jax.generate).
+LLAMA3_STOP_IDS = tuple(LLAMA3_NUM_RANKS + offset for offset in (1, 8, 9))
 
 # tiktoken panics on single calls over ~400k characters, and its BPE slows down badly on long runs of
 # whitespace or non-whitespace (openai/tiktoken#195), so long text goes through it in pieces.
