@@ -26,7 +26,7 @@ import transformers
 
 from llama_jax import config, model
 from llama_jax.config import ModelConfig
-from llama_jax.convert.hf import params_to_hf
+from llama_jax.formats.hf import params_to_hf
 from llama_jax.generate import generate, inference_layout
 
 CONFIGS = {
@@ -38,13 +38,13 @@ CONFIGS = {
 
 def measure(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
-    fast = inference_layout(params, cfg)  # the per-layer tree load_model gives for inference
+    fast, fast_cfg = inference_layout(params, cfg)  # the per-layer tree load_model gives for inference
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf(cfg))).float().eval()
     hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params_to_hf(params, cfg).items()})
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
 
     def ours(n):
-        return lambda: generate(fast, cfg, prompts.tolist(), n, stop_ids=())
+        return lambda: generate(fast, fast_cfg, prompts.tolist(), n, stop_ids=())
 
     def theirs(n):
         ids = torch.from_numpy(prompts)

@@ -1,6 +1,6 @@
 """Chat with a checkpoint in the Llama 3 dialog format, from a terminal or a pipe.
 
-    python -m llama_jax.chat --checkpoint PATH [--system "You are a helpful assistant."] [--tokenizer byte]
+    python -m llama_jax.chat --checkpoint PATH [--system "You are a helpful assistant."] [--tokenizer byte] [--mesh ...]
 
 Each input line is a user turn; the reply streams as it is generated. ``/reset`` starts a new dialog
 (keeping the system prompt), ``/exit`` or end of input quits. A reply that starts with <|python_tag|>
@@ -15,6 +15,7 @@ import itertools
 import sys
 from collections.abc import Sequence
 
+from llama_jax import cli, sharding
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
 from llama_jax.errors import DataError
@@ -27,11 +28,11 @@ class Chat:
 
     def __init__(self, params, cfg: ModelConfig, tokenizer, *, system: str | None = None, max_new_tokens: int = 512,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                 out=None):
+                 mesh=None, out=None):
         self.params, self.cfg, self.tokenizer, self.out = params, cfg, tokenizer, out or sys.stdout
         self.system = system
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.max_new_tokens, self.seed, self.mesh = max_new_tokens, seed, mesh
         self.reset()
 
     def reset(self) -> None:
@@ -49,7 +50,7 @@ class Chat:
                             f"{self.cfg.max_seq_len}); /reset to start over")
         self.seed += 1  # a fresh sample each turn, reproducible from the starting seed
         steps = gen.stream(self.params, self.cfg, [prompt], max_new, seed=self.seed, stop_ids=tok.stop_ids,
-                           **self.sampling)
+                           mesh=self.mesh, **self.sampling)
         tokens = (new[0] for new in steps)
         self.out.write(ASSISTANT)
         first = next(tokens, None)
@@ -66,23 +67,27 @@ class Chat:
         return reply
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.chat", description=__doc__.split("\n")[0])
-    gen.add_sampling_args(parser)
-    parser.add_argument("--system", default=None, help="system prompt")
-    args = parser.parse_args(argv)
+parser = cli.parser("python -m llama_jax.chat", __doc__.split("\n")[0])
+cli.add_checkpoint(parser)
+cli.add_sampling(parser)
+cli.add_mesh(parser)
+parser.add_argument("--system", default=None, help="system prompt")
+
+
+def run(args: argparse.Namespace) -> dict:
     params, cfg, tok = gen.load_model(args.checkpoint, args.tokenizer)
-    chat = Chat(params, cfg, tok, system=args.system, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    role, prompt = "user", USER
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    chat = Chat(params, cfg, tok, system=args.system, max_new_tokens=args.max_new_tokens, mesh=mesh,
+                **cli.sampling_kwargs(args))
+    role, prompt, turns = "user", USER, 0
     while True:
         try:
             line = input(prompt)
         except EOFError:
             print()
-            return 0
+            return {"turns": turns}
         if line.strip() == "/exit":
-            return 0
+            return {"turns": turns}
         if line.strip() == "/reset":
             chat.reset()
             role, prompt = "user", USER
@@ -92,8 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except DataError as e:
             print(f"error: {e}")
             continue
+        turns += 1
         role, prompt = ("ipython", TOOL) if reply["tool_call"] else ("user", USER)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(parser, run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

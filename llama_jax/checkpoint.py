@@ -1,23 +1,27 @@
-"""The llama_jax checkpoint: one orbax format for every stage, plus ``load`` for any weight format.
+"""The llama_jax checkpoint: one orbax format for every stage; ``load`` and ``export`` for every weight format.
 
 A training run keeps its checkpoints under ``<run_dir>/checkpoints/``, one directory per step:
 
     <run_dir>/checkpoints/<step>/
         params/                       the parameter tree of model.py's docstring (orbax PyTree, OCDBT)
         opt_state/                    optimizer state; absent in params-only / exported checkpoints
-        meta/meta.json                format_version, llama_jax_version, step, stage, stage_config,
-                                      model_config (ModelConfig.to_dict), tokenizer {name, sha256},
+        metadata/metadata.json        format_version, llama_jax_version, step, stage, stage_config,
+                                      model_config (ModelConfig.to_dict), param_layout ("stacked" | "per_layer"),
+                                      quantization (null | "fp8" | "int8"), tokenizer {name, sha256},
                                       mesh {axis: size} it was saved from, rng {impl, key_data}, has_opt_state
         data_state/data_state.json    the data iterator's state (training checkpoints)
         _CHECKPOINT_METADATA          orbax's bookkeeping
         commit_success.txt            written by orbax once every item is durable
 
-(orbax gives every item its own directory, hence ``meta/meta.json`` rather than a bare ``meta.json``.)
-An exported checkpoint (``save_params``, ``convert --to llama_jax``) is one such step directory on its own.
+(orbax gives every item its own directory, hence ``metadata/metadata.json`` rather than a bare file.)
+An exported checkpoint (``save_params``, ``export(..., "llama_jax", ...)``) is one such step directory on its own.
+The parameter layout is recorded, never guessed from keys: "stacked" (per-layer leaves under ``layers`` with a
+leading L axis; what training saves) or "per_layer" (``layers_0 ...``; quantized inference trees), and ``load``
+returns a config whose ``scan_layers`` matches it.
 
 Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` when all
 items are written (on object stores, where rename is not atomic, ``commit_success.txt`` marks completion).
-A step counts as complete only with ``commit_success.txt``, ``params/`` and ``meta/meta.json``, so a crash
+A step counts as complete only with ``commit_success.txt``, ``params/`` and ``metadata/metadata.json``, so a crash
 mid-save never yields a checkpoint that loads as valid; ``latest_step`` is the newest complete one.
 
 Restoring onto another mesh: pass targets of ``jax.ShapeDtypeStruct`` carrying the new shardings (for
@@ -26,16 +30,20 @@ params, ``sharding.abstract_params(cfg, mesh)``); orbax reads only each device's
     manager = CheckpointManager(run_dir, keep_last=3, keep_every=1000)
     manager.save(step, params=params, cfg=cfg, stage="pretrain", opt_state=opt_state, data_state=it_state)
     restored = manager.restore(params_target=abstract_params, opt_state_target=abstract_opt_state)
-    params, cfg, meta = load("Meta-Llama-3.1-8B/")   # llama_jax run/step dir, HF dir or Meta dir
+    params, cfg, metadata = load("Meta-Llama-3.1-8B/")    # llama_jax run/step dir, HF dir or Meta dir
+    export("out-hf/", "hf", params, cfg)                      # hf | meta | llama_jax, atomically
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -43,14 +51,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import llama_jax
-from llama_jax import model
+from llama_jax import model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.formats import hf as hf_format
+from llama_jax.formats import meta as meta_format
+from llama_jax.ops import quantized
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMATS = ("hf", "meta", "llama_jax")
+LAYOUTS = ("stacked", "per_layer")
 CHECKPOINTS_DIR = "checkpoints"
 _COMMIT_FILE = "commit_success.txt"  # orbax's completion marker (atomicity_types.COMMIT_SUCCESS_FILE)
-_META = os.path.join("meta", "meta.json")
+_METADATA = os.path.join("metadata", "metadata.json")
 _DATA_STATE = os.path.join("data_state", "data_state.json")
 
 
@@ -58,7 +71,7 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
     return {
         "params": ocp.StandardCheckpointHandler(),
         "opt_state": ocp.StandardCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(filename="meta.json"),
+        "metadata": ocp.JsonCheckpointHandler(filename="metadata.json"),
         "data_state": ocp.JsonCheckpointHandler(filename="data_state.json"),
     }
 
@@ -70,13 +83,13 @@ class Restored:
     opt_state: Any  # None when params_only or the checkpoint has none
     data_state: dict | None
     rng: jax.Array | None
-    meta: dict
+    metadata: dict
 
 
 def is_checkpoint_dir(path: str) -> bool:
     """True for a complete step directory (see the module docstring)."""
     return (os.path.isfile(os.path.join(path, _COMMIT_FILE)) and os.path.isdir(os.path.join(path, "params"))
-            and os.path.isfile(os.path.join(path, _META)))
+            and os.path.isfile(os.path.join(path, _METADATA)))
 
 
 def _jsonable(x: Any) -> Any:
@@ -122,7 +135,7 @@ def _rng_from_json(d: dict | None):
     return jax.numpy.asarray(data) if d["impl"] is None else jax.random.wrap_key_data(data, impl=d["impl"])
 
 
-def _meta(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, mesh, rng, params, has_opt_state):
+def _metadata(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, mesh, rng, params, has_opt_state):
     return {
         "format_version": FORMAT_VERSION,
         "llama_jax_version": llama_jax.__version__,
@@ -130,6 +143,8 @@ def _meta(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, mesh
         "stage": stage,
         "stage_config": _jsonable(stage_config),
         "model_config": _jsonable(cfg.to_dict()),
+        "param_layout": "stacked" if cfg.scan_layers else "per_layer",
+        "quantization": quantized.mode_of(params),
         "tokenizer": None if tokenizer is None else {"name": tokenizer["name"], "sha256": tokenizer["sha256"]},
         "mesh": _mesh_shape(mesh, params),
         "rng": _rng_json(rng),
@@ -172,8 +187,8 @@ class CheckpointManager:
         _check_params(params, cfg)
         items = {
             "params": ocp.args.StandardSave(params),
-            "meta": ocp.args.JsonSave(_meta(step, cfg, stage, stage_config, tokenizer, mesh, rng, params,
-                                            opt_state is not None)),
+            "metadata": ocp.args.JsonSave(_metadata(step, cfg, stage, stage_config, tokenizer, mesh, rng, params,
+                                                    opt_state is not None)),
         }
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -273,17 +288,14 @@ def restore_dir(directory: str, *, params_target=None, opt_state_target=None, pa
     """Restores one complete step directory (see ``CheckpointManager.restore`` for the arguments)."""
     directory = os.path.abspath(directory)
     if not is_checkpoint_dir(directory):
-        raise CheckpointError(f"{directory} is not a complete llama_jax checkpoint (needs params/, {_META} and "
+        raise CheckpointError(f"{directory} is not a complete llama_jax checkpoint (needs params/, {_METADATA} and "
                               f"{_COMMIT_FILE})")
-    meta = _read_json(os.path.join(directory, _META))
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{directory} has format_version {meta['format_version']}; this llama_jax reads "
-                              f"up to {FORMAT_VERSION}")
+    metadata = read_metadata(directory)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
     saved = checkpointer.metadata(directory).item_metadata
     items = {}
     for item, target in (("params", params_target), ("opt_state", opt_state_target)):
-        if item == "opt_state" and (params_only or not meta.get("has_opt_state")):
+        if item == "opt_state" and (params_only or not metadata.get("has_opt_state")):
             continue
         target = _default_target(saved[item].tree) if target is None else _as_target(target)
         _check_target(saved[item].tree, target, item, directory)
@@ -293,11 +305,39 @@ def restore_dir(directory: str, *, params_target=None, opt_state_target=None, pa
     data_state = None
     if not params_only and os.path.isfile(data_state_file):
         data_state = _read_json(data_state_file)
-    return Restored(step=int(meta["step"]), params=restored["params"], opt_state=restored.get("opt_state"),
-                    data_state=data_state, rng=_rng_from_json(meta.get("rng")), meta=meta)
+    params = restored["params"]
+    if metadata.get("quantization"):
+        params = quantized.rebuild(params)
+    return Restored(step=int(metadata["step"]), params=params, opt_state=restored.get("opt_state"),
+                    data_state=data_state, rng=_rng_from_json(metadata.get("rng")), metadata=metadata)
 
 
-# --- any format in, llama_jax out ---------------------------------------------------------------------
+def read_metadata(directory: str) -> dict:
+    """The metadata.json of a step directory, checked for a format version this library reads."""
+    metadata = _read_json(os.path.join(directory, _METADATA))
+    if metadata.get("format_version", 0) != FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has checkpoint format_version {metadata.get('format_version')}; this "
+                              f"llama_jax reads version {FORMAT_VERSION}")
+    return metadata
+
+
+# --- any format in, any format out ----------------------------------------------------------------------
+
+
+def detect_format(path: str) -> str:
+    """'llama_jax' (run dir or step dir), 'hf' or 'meta', from the files present in ``path``."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory")
+    if is_checkpoint_dir(path) or os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+        return "llama_jax"
+    if hf_format.is_hf_dir(path):
+        return "hf"
+    if meta_format.is_meta_dir(path):
+        return "meta"
+    raise CheckpointError(
+        f"{path} is neither a llama_jax checkpoint ({_METADATA} + params/, or checkpoints/), an HF model "
+        f"(config.json + model.safetensors[.index.json]) nor a Meta one (params.json + consolidated.NN.pth)"
+    )
 
 
 def _resolve_step_dir(path: str) -> str:
@@ -311,46 +351,101 @@ def _resolve_step_dir(path: str) -> str:
     raise CheckpointError(f"no complete checkpoint in {run_checkpoints}")
 
 
-def load(path: str, *, shardings=None) -> tuple[Any, ModelConfig, dict]:
-    """(params, config, meta) from a llama_jax run or step directory, an HF directory or a Meta directory.
+def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] = iter
+         ) -> tuple[Any, ModelConfig, dict]:
+    """(params, config, metadata) from a llama_jax run or step directory, an HF directory or a Meta directory.
 
-    shardings: None (default device), a ``jax.sharding.Mesh`` (parameters laid out by ``sharding.py``'s
-    rules) or a tree of shardings matching the parameters. For HF / Meta, meta is {"format", "path"}.
+    shardings: None (default device), a ``jax.sharding.Mesh`` (parameters laid out by the logical-axis rules) or
+    a tree of shardings matching the parameters. The config's ``scan_layers`` matches the tree's layout. For HF /
+    Meta directories metadata is {"format", "path"}. ``progress`` wraps the list of weight files read.
     """
-    from llama_jax import convert  # convert imports this module; import lazily
+    fmt = detect_format(path)
+    if fmt != "llama_jax":
+        params, cfg = (hf_format if fmt == "hf" else meta_format).read(path, progress=progress)
+        placement = None if shardings is None else _param_shardings(shardings, params, cfg)
+        return jax.device_put(params, placement), cfg, {"format": fmt, "path": os.path.abspath(path)}
+    step_dir = _resolve_step_dir(path)
+    metadata = read_metadata(step_dir)
+    layout = metadata.get("param_layout")
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"{step_dir}: param_layout {layout!r} is not one of {LAYOUTS}")
+    cfg = ModelConfig.from_dict(metadata["model_config"]).replace(scan_layers=layout == "stacked")
+    if shardings is None or metadata.get("quantization"):
+        params = restore_dir(step_dir, params_only=True).params
+        placement = None if shardings is None else _param_shardings(shardings, params, cfg)
+        return jax.device_put(params, placement), cfg, metadata
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model.param_shapes(cfg), _param_shardings(shardings, None, cfg))
+    return restore_dir(step_dir, params_target=target, params_only=True).params, cfg, metadata
 
-    fmt = convert.detect_format(path)
-    if fmt == "llama_jax":
-        step_dir = _resolve_step_dir(path)
-        meta = _read_json(os.path.join(step_dir, _META))
-        cfg = ModelConfig.from_dict(meta["model_config"])
-        target = None
-        if shardings is not None:
-            target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  model.param_shapes(cfg), _param_shardings(shardings, cfg))
-        return restore_dir(step_dir, params_target=target, params_only=True).params, cfg, meta
-    params, cfg = convert.read(path, fmt)
-    placement = None if shardings is None else _param_shardings(shardings, cfg)
-    return jax.device_put(params, placement), cfg, {"format": fmt, "path": os.path.abspath(path)}
 
-
-def _param_shardings(shardings, cfg: ModelConfig):
-    if isinstance(shardings, jax.sharding.Mesh):
-        from llama_jax import sharding
-
-        return sharding.param_shardings(cfg, shardings)
-    return shardings
+def _param_shardings(shardings, params, cfg: ModelConfig):
+    if not isinstance(shardings, jax.sharding.Mesh):
+        return shardings
+    if params is None or quantized.mode_of(params) is None:
+        return model.param_shardings(cfg, shardings)
+    return sharding.logical_to_sharding(quantized.logical_axes(params, model.logical_axes(cfg)), shardings)
 
 
 def save_params(path: str, params, cfg: ModelConfig, *, stage: str = "export", tokenizer: dict | None = None) -> None:
     """Writes a params-only checkpoint (one step directory, step 0) to the new directory ``path``, atomically.
 
-    ``params`` is stored as given: normally the tree ``cfg`` describes, but derived trees (e.g. quantized
-    weights, whose stage names them) are allowed, so it is not checked against ``cfg`` here.
+    ``cfg.scan_layers`` says which layout ``params`` has (recorded as param_layout); quantized trees are per layer.
     """
     if os.path.exists(path):
         raise CheckpointError(f"destination {path} already exists")
-    meta = _meta(0, cfg, stage, None, tokenizer, None, None, params, False)
+    metadata = _metadata(0, cfg, stage, None, tokenizer, None, None, params, False)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
-    checkpointer.save(os.path.abspath(path), args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                                     meta=ocp.args.JsonSave(meta)))
+    checkpointer.save(os.path.abspath(path), args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)))
+
+
+def check_destination(dst: str) -> None:
+    """Raises CheckpointError unless ``dst`` is free: absent, or an empty directory."""
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise CheckpointError(f"destination {os.path.abspath(dst)} already exists and is not empty")
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str) -> Iterator[str]:
+    """Yields a not-yet-existing sibling path to write into; it becomes ``dst`` only if the block succeeds.
+
+    ``dst`` must not exist (or be an empty directory): a failed or interrupted write leaves it untouched.
+    """
+    dst = os.path.abspath(dst)
+    check_destination(dst)
+    tmp = f"{dst}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if os.path.isdir(dst):
+            os.rmdir(dst)
+        os.rename(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(path: str, fmt: str, params, cfg: ModelConfig, *, tokenizer: dict | None = None, num_shards: int = 1,
+           max_shard_bytes: int = hf_format.DEFAULT_SHARD_BYTES, progress: Callable[[Iterable], Iterable] = iter,
+           ) -> None:
+    """Writes ``params`` in format ``fmt`` (one of FORMATS) to the new directory ``path``, atomically.
+
+    ``num_shards``: Meta model-parallel ranks. ``max_shard_bytes``: size of HF safetensors shards. ``tokenizer``:
+    identity recorded in a llama_jax checkpoint.
+    """
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown weight format {fmt!r}; known: {FORMATS}")
+    if fmt != "llama_jax" and quantized.mode_of(params) is not None:
+        raise CheckpointError(f"a {quantized.mode_of(params)}-quantized checkpoint cannot be exported to {fmt}: "
+                              "export the unquantized checkpoint instead")
+    with atomic_directory(path) as tmp:
+        if fmt == "llama_jax":
+            save_params(tmp, params, cfg, tokenizer=tokenizer)
+            return
+        if not cfg.scan_layers:
+            params, cfg = model.stack_layers(params, cfg.num_layers), cfg.replace(scan_layers=True)
+        os.makedirs(tmp)
+        if fmt == "hf":
+            hf_format.write(tmp, params, cfg, max_shard_bytes=max_shard_bytes, progress=progress)
+        else:
+            meta_format.write(tmp, params, cfg, num_shards=num_shards, progress=progress)

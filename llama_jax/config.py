@@ -14,6 +14,8 @@ from llama_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "dense")
+CONTEXT_PARALLEL_MODES = ("auto", "off", "ring", "all_gather")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,10 +44,14 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None  # Llama 3.1 long-context scaling, or None for plain RoPE
     max_seq_len: int = 131_072  # longest sequence the model is meant for (KV cache default size)
     tie_embeddings: bool = False  # LM head reuses the embedding matrix (Llama 3.2 1B / 3B)
+    # How the network runs (the architecture above is what config.json / params.json record):
     param_dtype: str = "float32"  # dtype parameters are stored and updated in
     dtype: str = "float32"  # compute dtype of matmuls and activations (softmax/norms stay float32)
     remat: str = "none"  # activation checkpointing per block: none | full | dots | dots_no_batch
-    scan_layers: bool = True  # stack layers under nn.scan (one compiled block) or unroll them
+    scan_layers: bool = True  # parameter layout: stacked under nn.scan (one compiled block) or one subtree per layer
+    attention: str = "auto"  # attention kernel (ops.attention): auto | dense
+    context_parallel: str = "auto"  # sequence-split attention: auto (ring when the mesh splits length) | off | ring
+    #                                 | all_gather
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -62,6 +68,9 @@ class ModelConfig:
             raise ConfigError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for name, allowed in (("attention", ATTENTION_IMPLS), ("context_parallel", CONTEXT_PARALLEL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"ModelConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")

@@ -4,7 +4,7 @@
     outs = generate(params, cfg, prompts, 64, temperature=0.7, top_p=0.9, seed=1)
     for new in stream(params, cfg, prompts, 64): ...      # per step: one token (or None) per prompt
 
-CLI: ``python -m llama_jax.generate --checkpoint PATH --prompt "Once upon a time"``.
+CLI: ``python -m llama_jax.generate --checkpoint PATH --prompt "Once upon a time" [--mesh tensor=8]``.
 
 How a batch of prompts of different lengths is run: prompts are right-padded to one length T and
 prefilled together; pad slots get segment id 0, so no real token ever attends to them. Each row then
@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import model
+from llama_jax import checkpoint, cli, model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.tokenizer import LLAMA3_STOP_IDS  # ids beyond a small model's vocab simply never occur
+from llama_jax.ops import quantized
+from llama_jax.tokenizer import LLAMA3_STOP_IDS, get_tokenizer  # stop ids beyond a small vocab never occur
 
 _PROMPT_BUCKET, _CACHE_BUCKET = 32, 64  # lengths are rounded up to these multiples (fewer recompilations)
 
@@ -81,18 +82,13 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def runtime_config(params, cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` matching the tree's layout: stacked ``layers`` (run under a scan) or per-layer ``layers_i``
-    (unrolled; quantized trees are per layer). Decode is memory-bound, and per layer XLA reads each weight in
-    place, where a scan copies every layer's slice each step: ~1.5x faster decode on CPU for the per-layer
-    tree, which ``load_model`` returns. (Slicing a stacked tree inside the step is no cure: XLA then
-    materialises all slices.)"""
-    return cfg.replace(scan_layers="layers" in params, remat="none")
-
-
 def inference_layout(params, cfg: ModelConfig):
-    """The per-layer tree (see ``runtime_config``), made once; quantized trees are already per layer."""
-    return model.unstack_layers(params, cfg.num_layers) if "layers" in params else params
+    """(params, cfg) in the per-layer layout that decodes fastest, made once. Decode is memory-bound: per layer,
+    XLA reads each weight in place, where a scan copies every layer's slice each step (~1.5x faster decode on CPU;
+    slicing a stacked tree inside the step is no cure: XLA then materialises all slices)."""
+    if cfg.scan_layers:
+        params = model.unstack_layers(params, cfg.num_layers)
+    return params, cfg.replace(scan_layers=False)
 
 
 def prefill_logits(params, cache, tokens, lengths, cfg: ModelConfig):
@@ -180,7 +176,7 @@ def stream(
     sampling = Sampling(temperature, top_k, top_p)
     if max_new_tokens == 0:
         return
-    cfg = runtime_config(params, cfg)
+    cfg = cfg.replace(remat="none")  # nothing to recompute without a backward pass
     lengths = np.array([len(p) for p in prompts], np.int32)
     # Padded prompt length and cache slots (the padded prompt, then one per fed-back token: the last new
     # token is never fed back) are rounded up, so calls of similar length reuse the compiled steps.
@@ -244,7 +240,6 @@ def _on_mesh(mesh, fn):
     """``fn`` called with ``mesh`` current and the logical rules installed (unchanged when mesh is None)."""
     if mesh is None:
         return fn
-    from llama_jax import sharding  # only sharded decode needs it
 
     def run(*args):
         with sharding.activate(mesh):
@@ -256,24 +251,11 @@ def _on_mesh(mesh, fn):
 def param_shardings(params, cfg: ModelConfig, mesh):
     """NamedShardings for ``params`` by their logical axes, quantized trees included (a kernel's per-channel
     scale is split like the kernel's output axis)."""
-    from llama_jax import sharding
-
-    axes = model.logical_axes(cfg)
-
-    def spec(path, _):
-        keys = [k.key for k in path]
-        if keys[-1].endswith("_scale"):
-            node = functools.reduce(lambda tree, k: tree[k], keys[:-1] + [keys[-1].removesuffix("_scale")], axes)
-            return jax.sharding.PartitionSpec(node[-1])
-        return functools.reduce(lambda tree, k: tree[k], keys, axes)
-
-    return sharding.logical_to_sharding(jax.tree_util.tree_map_with_path(spec, params), mesh)
+    return sharding.logical_to_sharding(quantized.logical_axes(params, model.logical_axes(cfg)), mesh)
 
 
 def _shard_for_decode(params, cfg: ModelConfig, mesh, batch: int, cache_len: int):
     """Params placed on the mesh, after checking that it divides them and the cache it will shard."""
-    from llama_jax import sharding
-
     target = param_shardings(params, cfg, mesh)
     sharding.check_divisible(params, target)
     cache_shapes = jax.eval_shape(lambda: model.init_cache(cfg, batch, cache_len))
@@ -285,29 +267,16 @@ def _shard_for_decode(params, cfg: ModelConfig, mesh, batch: int, cache_len: int
 # --- CLI ---------------------------------------------------------------------------------------------
 
 
-def load_model(checkpoint: str, tokenizer: str | None = None):
-    """(params in the per-layer inference layout, cfg, tokenizer) from any checkpoint ``checkpoint.load`` reads."""
-    from llama_jax import checkpoint as ckpt
-    from llama_jax.tokenizer import get_tokenizer
-
-    params, cfg, meta = ckpt.load(checkpoint)
-    params = inference_layout(params, cfg)
-    name = tokenizer or (meta.get("tokenizer") or {}).get("name") or "llama3"
+def load_model(path: str, tokenizer: str | None = None):
+    """(params in the per-layer inference layout, its cfg, tokenizer) from any checkpoint ``checkpoint.load`` reads."""
+    params, cfg, metadata = checkpoint.load(path)
+    params, cfg = inference_layout(params, cfg)
+    name = tokenizer or (metadata.get("tokenizer") or {}).get("name") or "llama3"
     tok = get_tokenizer(name)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the checkpoint's model only "
                           f"{cfg.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
     return params, cfg, tok
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="llama_jax run/checkpoint dir, HF dir or Meta dir")
-    parser.add_argument("--tokenizer", default=None, help="llama3 | byte | path (default: the checkpoint's)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def print_stream(tok, token_stream: Iterator[int], out=None) -> list[int]:
@@ -328,26 +297,34 @@ def print_stream(tok, token_stream: Iterator[int], out=None) -> list[int]:
     return ids
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llama_jax.generate", description=__doc__.split("\n")[0])
-    add_sampling_args(parser)
-    parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
-    parser.add_argument("--no-bos", action="store_true", help="do not start prompts with <|begin_of_text|>")
-    args = parser.parse_args(argv)
+parser = cli.parser("python -m llama_jax.generate", __doc__.split("\n")[0])
+cli.add_checkpoint(parser)
+cli.add_sampling(parser)
+cli.add_mesh(parser)
+parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
+parser.add_argument("--no-bos", action="store_true", help="do not start prompts with <|begin_of_text|>")
+
+
+def run(args: argparse.Namespace) -> dict:
     params, cfg, tok = load_model(args.checkpoint, args.tokenizer)
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     prompts = [tok.encode(text, bos=not args.no_bos) for text in args.prompt]
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    stop_ids=tok.stop_ids)
+    sampling = dict(cli.sampling_kwargs(args), stop_ids=tok.stop_ids, mesh=mesh)
     if len(prompts) == 1:  # stream a single prompt as it is generated
         sys.stdout.write(args.prompt[0])
         steps = stream(params, cfg, prompts, args.max_new_tokens, **sampling)
-        print_stream(tok, (new[0] for new in steps))
+        outputs = [print_stream(tok, (new[0] for new in steps))]
         sys.stdout.write("\n")
-        return 0
-    for text, ids in zip(args.prompt, generate(params, cfg, prompts, args.max_new_tokens, **sampling)):
-        print(text + tok.decode(ids))
-    return 0
+    else:
+        outputs = generate(params, cfg, prompts, args.max_new_tokens, **sampling)
+        for text, ids in zip(args.prompt, outputs):
+            print(text + tok.decode(ids))
+    return {"completions": [tok.decode(ids) for ids in outputs], "tokens": [len(ids) for ids in outputs]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(parser, run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

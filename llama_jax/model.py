@@ -39,7 +39,6 @@ slot's position and segment id (0: empty).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -47,8 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.ops import attention as attention_ops
+from llama_jax.ops import context_parallel, quantized
 
 Params = dict[str, Any]
 
@@ -111,24 +113,17 @@ class RMSNorm(nn.Module):
         return normed.astype(dtype) * scale.astype(dtype)
 
 
-def attention_mask(q_positions, q_segments, k_positions, k_segments) -> jax.Array:
-    """[B, T, S] bool from [B, T] query and [B, S] key positions / segment ids."""
-    same_document = q_segments[:, :, None] == k_segments[:, None, :]
-    return same_document & (k_positions[:, None, :] <= q_positions[:, :, None])
+def attention_impl(cfg: ModelConfig) -> str:
+    """The attention kernel ``cfg.attention`` names ("auto": dense, the only one so far)."""
+    return "dense" if cfg.attention == "auto" else cfg.attention
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    # Scaling q ([B, T, N, H]) is cheaper than scaling the S-times-larger scores. Scores keep T next to G: the
-    # layout [B, K, T, G, S] made XLA:CPU's train step ~3% faster than [B, K, G, T, S] (fewer transposes).
-    q = (q * jnp.asarray(1 / math.sqrt(h), q.dtype)).reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKTGS", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKTGS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+def context_parallel_mode(cfg: ModelConfig) -> str:
+    """"off", "ring" or "all_gather": ``cfg.context_parallel``, where "auto" means ring attention exactly when the
+    active mesh splits length (``sharding.activate`` with sequence > 1), as before the option existed."""
+    if cfg.context_parallel == "auto":
+        return "ring" if context_parallel.num_shards() > 1 else "off"
+    return cfg.context_parallel
 
 
 class Attention(nn.Module):
@@ -157,13 +152,11 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
             kv_cache = (k, v)
-        from llama_jax import context_parallel  # imported here: it builds on this module
-
-        if kv_cache is None and context_parallel.num_shards() > 1:  # length split over the mesh
-            out = context_parallel.attention(q, k.astype(dtype), v.astype(dtype), positions, segment_ids)
+        k, v = k.astype(dtype), v.astype(dtype)
+        if kv_cache is None and context_parallel_mode(cfg) != "off":  # length split over the mesh's sequence axis
+            out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg))
         else:
-            mask = attention_mask(positions, segment_ids, *keys)
-            out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask)  # [B, T, N, H]
+            out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, impl=attention_impl(cfg))
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv_cache
 
 
@@ -177,24 +170,18 @@ class FeedForward(nn.Module):
         gate = _param(self, "gate", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         up = _param(self, "up", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         down = _param(self, "down", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), in_init)
-        if self.has_variable("params", "gate_scale"):  # quantized kernels: one matmul each
-            gated, ungated = self._matmul(x, gate, "gate"), self._matmul(x, up, "up")
+        dtype = jnp.dtype(cfg.dtype)
+        if isinstance(gate, quantized.QuantizedArray):  # an inference tree from llama_jax.quantize
+            gated, ungated = quantized.matmul(x, gate, dtype), quantized.matmul(x, up, dtype)
         else:
             # One matmul against gate and up stacked on a new axis (the mlp axis keeps its sharding): XLA:CPU ran
             # the train step ~9% faster than with two matmuls, whose backward transposes cost more than the stack.
-            kernel = jnp.stack([gate, up], axis=1).astype(jnp.dtype(cfg.dtype))  # [D, 2, F]
+            kernel = jnp.stack([gate, up], axis=1).astype(dtype)  # [D, 2, F]
             both = jnp.einsum("BTD,DCF->BTCF", x, kernel)
             gated, ungated = both[:, :, 0], both[:, :, 1]
         hidden = jax.nn.silu(gated) * ungated  # [B, T, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return self._matmul(hidden, down, "down")
-
-    def _matmul(self, x, kernel, name):
-        if self.has_variable("params", f"{name}_scale"):  # a float8 / int8 kernel written by llama_jax.quantize
-            from llama_jax.quantize import quantized_matmul  # imported late: quantize builds on this module
-
-            return quantized_matmul(x, kernel, self.get_variable("params", f"{name}_scale"))
-        return x @ kernel.astype(jnp.dtype(self.cfg.dtype))
+        return quantized.matmul(hidden, down, dtype)
 
 
 class Block(nn.Module):
@@ -308,11 +295,25 @@ def validate_tokens(tokens, vocab_size: int) -> None:
         raise DataError(f"token id(s) {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab_size})")
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
-    """Fresh parameters as a plain nested dict (logical-axis boxes removed)."""
+def init_params(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Fresh parameters as a plain nested dict; with ``mesh``, each leaf is created directly in its shards."""
     # jit: one compiled program instead of hundreds of eagerly dispatched ops (seconds even for `tiny`).
-    variables = jax.jit(lambda key: Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32)))(rng)
-    return nn.meta.unbox(variables["params"])
+    init = jax.jit(lambda key: nn.meta.unbox(Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]),
+                   out_shardings=None if mesh is None else param_shardings(cfg, mesh))
+    return init(rng)
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh):
+    """NamedShardings of the parameter tree by the logical-axis rules (checked: every split dimension divides)."""
+    shardings = sharding.logical_to_sharding(logical_axes(cfg), mesh)
+    sharding.check_divisible(param_shapes(cfg), shardings)
+    return shardings
+
+
+def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh):
+    """The parameter tree as ShapeDtypeStructs carrying their shardings (AOT lowering, restore targets)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), param_shapes(cfg),
+                        param_shardings(cfg, mesh))
 
 
 @functools.lru_cache(maxsize=32)
@@ -335,7 +336,8 @@ def logical_axes(cfg: ModelConfig) -> Params:
 def check_params(params: Params, cfg: ModelConfig) -> None:
     """Raises ConfigError listing every leaf whose path or shape differs from what ``cfg`` expects."""
     expected = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))}
-    got = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    got = {jax.tree_util.keystr(p): tuple(getattr(v, "shape", np.shape(v)))  # QuantizedArrays count as one leaf
+           for p, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=quantized.is_quantized)}
     problems = [f"missing {k} {s}" for k, s in expected.items() if k not in got]
     problems += [f"unexpected {k} {s}" for k, s in got.items() if k not in expected]
     problems += [f"{k}: shape {got[k]}, expected {s}" for k, s in expected.items() if k in got and got[k] != s]

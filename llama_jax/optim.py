@@ -58,7 +58,8 @@ def decay_mask(params, decay_embeddings: bool = False):
     """True at the leaves AdamW decays: everything but norm scales (and the embedding, unless asked)."""
 
     def decays(path, _):
-        names = [str(getattr(k, "key", k)) for k in path]
+        # Dict keys only: a leaf boxed with its logical axes (flax's Partitioned) adds an attribute key `.value`.
+        names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
         if any(n.endswith("norm") for n in names):
             return False
         return decay_embeddings or names[-1] != "embedding"

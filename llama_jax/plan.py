@@ -2,6 +2,7 @@
 
     python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=8 --seq 4096 --batch 8            # analytic
     python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=8 --seq 4096 --batch 8 --aot      # + XLA's figures
+    python -m llama_jax.plan --config configs/pretrain/llama3_8b.py --config.mesh=fsdp=64     # the run you train
     python -m llama_jax.plan --table4                     # the Llama 3 paper's 405B layouts on H100 80 GB
     python -m llama_jax.plan --model llama3.1-405b --inference --tensor 8 --weights fp8 --context 8192
 
@@ -26,18 +27,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from llama_jax import config, model, sharding
+from llama_jax import cli, config, model, optim, sharding
 from llama_jax.config import ModelConfig
+from llama_jax.data.packing import BATCH_KEYS
 from llama_jax.errors import ConfigError
+from llama_jax.train import pretrain, step
 
 GB = 1e9
 H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs); reported as "fits" against this
@@ -82,7 +85,7 @@ def _local_fraction(spec, shape, sizes: dict[str, int]) -> float:
 
 def param_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int], pp: int = 1) -> float:
     """Bytes of the parameter shard a device holds (the most loaded pipeline stage when pp > 1)."""
-    shapes, logical = sharding._param_shapes(cfg), model.logical_axes(cfg)
+    shapes, logical = model.param_shapes(cfg), model.logical_axes(cfg)
     layers, outer = 0.0, []
     for (path, shape), names in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
             logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
@@ -204,17 +207,13 @@ def inference_budget(cfg: ModelConfig, *, tensor: int, batch: int, context: int,
 def aot_train_step(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int) -> dict[str, float]:
     """Compiles ``llama_jax.train``'s step (AdamW, chunked next-token loss) with abstract inputs on the current
     devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=64); returns XLA's per-device figures."""
-    from llama_jax import optim
-    from llama_jax.data.packing import BATCH_KEYS
-    from llama_jax.train import pretrain, state
-
     mesh = sharding.make_mesh(mesh_spec)
     tx = optim.adamw(1e-4)
-    step = state.make_train_step(pretrain.make_loss_fn(cfg), tx, mesh, state.state_shardings(cfg, tx, mesh))
+    train_step = step.make_train_step(pretrain.make_loss_fn(cfg), tx, mesh, step.state_shardings(cfg, tx, mesh))
     token = jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding.batch_sharding(mesh))
-    abstract_state = state.abstract_state(cfg, tx, mesh)
+    abstract_state = step.abstract_state(cfg, tx, mesh)
     with sharding.activate(mesh):
-        compiled = step.jitted.lower(abstract_state, {k: token for k in BATCH_KEYS}).compile()
+        compiled = train_step.jitted.lower(abstract_state, {k: token for k in BATCH_KEYS}).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -261,30 +260,48 @@ def _print_table4(rows: list[dict]) -> None:
                           f"{r['model_flops_per_token']:.3e}", f"{r['step_seconds_at_paper_tflops']:.1f}"]))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama_jax.plan", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama3.1-8b", help="preset name (llama_jax.config.PRESETS)")
-    p.add_argument("--mesh", default="fsdp=8", help="e.g. data=2,fsdp=4,tensor=8,sequence=1")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (analytic only)")
-    p.add_argument("--seq", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=None, help="global rows per step (default: one per DP rank)")
-    p.add_argument("--remat", default=None, help="override the preset's remat policy")
-    p.add_argument("--attention", default="dense", choices=("dense", "flash"), help="attention memory model")
-    p.add_argument("--aot", action="store_true", help="also compile the train step on a simulated CPU mesh")
-    p.add_argument("--table4", action="store_true", help="the paper's 405B layouts")
-    p.add_argument("--inference", action="store_true", help="serving memory instead of training")
-    p.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
-    p.add_argument("--tensor", type=int, default=8, help="inference: devices the weights are split over")
-    p.add_argument("--context", type=int, default=8192, help="inference: KV cache length")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    args = p.parse_args(argv)
+parser = cli.parser("python -m llama_jax.plan", __doc__.split("\n")[0], config=True)
+parser.add_argument("--model", default="llama3.1-8b", help="preset name (llama_jax.config.PRESETS); with --config, "
+                                                           "the config's model")
+parser.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,tensor=8,sequence=1 (default: fsdp=8, or the "
+                                                 "config's mesh)")
+parser.add_argument("--pp", type=int, default=1, help="pipeline stages (analytic only)")
+parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 8192, or the config's longest)")
+parser.add_argument("--batch", type=int, default=None, help="global rows per forward/backward (default: one per DP "
+                                                            "rank, or the config's batch / grad_accum)")
+parser.add_argument("--remat", default=None, help="override the model's remat policy")
+parser.add_argument("--attention", default="dense", choices=("dense", "flash"), help="attention memory model")
+parser.add_argument("--aot", action="store_true", help="also compile the train step on a simulated CPU mesh")
+parser.add_argument("--table4", action="store_true", help="the paper's 405B layouts")
+parser.add_argument("--inference", action="store_true", help="serving memory instead of training")
+parser.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
+parser.add_argument("--tensor", type=int, default=8, help="inference: devices the weights are split over")
+parser.add_argument("--context", type=int, default=8192, help="inference: KV cache length")
+parser.add_argument("--json", action="store_true", help="print only the JSON result")
 
+
+def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None]:
+    """(model config, mesh spec, seq, rows per forward/backward) from the flags or the experiment config."""
+    if args.config is None:
+        cfg = config.get(args.model)
+        return cfg, args.mesh or "fsdp=8", args.seq or 8192, args.batch
+    c = args.config
+    cfg = ModelConfig.from_dict(c.model.to_dict())
+    ramp = optim.parse_ramp(list(c.schedule.ramp), int(c.data.seq_len))
+    seq = args.seq or max(stage.seq_len for stage in ramp)
+    rows = int(c.data.batch_size) * int(c.data.seq_len) // seq // int(c.optimizer.grad_accum)
+    return cfg, args.mesh or c.mesh or "fsdp=-1", seq, args.batch or rows
+
+
+def run(args: argparse.Namespace) -> dict | list:
     if args.table4:
         rows = table4_rows()
-        print(json.dumps(rows)) if args.json else _print_table4(rows)
-        return 0
-    overrides = {"remat": args.remat} if args.remat else {}
-    cfg = config.get(args.model, **overrides)
+        if not args.json:
+            _print_table4(rows)
+        return {"table4": rows}
+    cfg, mesh_spec, seq, batch = _experiment(args)
+    if args.remat:
+        cfg = cfg.replace(remat=args.remat)
     if args.inference:
         bf16 = inference_budget(cfg, tensor=args.tensor, batch=args.batch or 1, context=args.context)
         chosen = inference_budget(cfg, tensor=args.tensor, batch=args.batch or 1, context=args.context,
@@ -293,30 +310,42 @@ def main(argv=None) -> int:
                   "weights_gb_per_device": chosen.weights / GB, "kv_gb_per_device": chosen.kv_cache / GB,
                   "total_gb_per_device": chosen.total / GB, "fits_80gb": chosen.total <= H100_BYTES,
                   "bf16_total_gb_per_device": bf16.total / GB}
-        print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
-        return 0
+    else:
+        devices = _mesh_product(mesh_spec) if "-1" not in mesh_spec else None
+        sizes = sharding.parse_mesh(mesh_spec, devices or jax.device_count())
+        batch = batch or sizes["data"] * sizes["fsdp"]
+        b = train_budget(cfg, sizes, seq, batch, pp=args.pp, attention=args.attention)
+        result = {"model": args.model if args.config is None else args.config.model.to_dict(), "mesh": sizes,
+                  "pp": args.pp, "seq": seq, "batch": batch, "remat": cfg.remat, "params_gb": b.params / GB,
+                  "grads_gb": b.grads / GB, "opt_state_gb": b.opt_state / GB, "activations_gb": b.activations / GB,
+                  "total_gb": b.total / GB, "fits_80gb": b.total <= H100_BYTES,
+                  "model_flops_per_token": b.model_flops_per_token, "step_flops": b.step_flops,
+                  "step_flops_per_device": b.step_flops_per_device}
+        if args.aot:
+            if args.pp != 1:
+                raise ConfigError("--aot compiles the real step, which has no pipeline axis: use --pp 1")
+            aot = aot_train_step(cfg, ",".join(f"{k}={v}" for k, v in sizes.items()), seq, batch)
+            result.update({f"aot_{k.replace('bytes', 'gb')}": v / GB if "bytes" in k else v for k, v in aot.items()})
+    if not args.json:
+        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+    return result
 
-    devices = _mesh_product(args.mesh) if "-1" not in args.mesh else None
-    sizes = sharding.parse_mesh(args.mesh, devices or jax.device_count())
-    batch = args.batch or sizes["data"] * sizes["fsdp"]
-    b = train_budget(cfg, sizes, args.seq, batch, pp=args.pp, attention=args.attention)
-    result = {"model": args.model, "mesh": sizes, "pp": args.pp, "seq": args.seq, "batch": batch,
-              "remat": args.remat or cfg.remat, "params_gb": b.params / GB, "grads_gb": b.grads / GB,
-              "opt_state_gb": b.opt_state / GB, "activations_gb": b.activations / GB, "total_gb": b.total / GB,
-              "fits_80gb": b.total <= H100_BYTES, "model_flops_per_token": b.model_flops_per_token,
-              "step_flops": b.step_flops, "step_flops_per_device": b.step_flops_per_device}
-    if args.aot:
-        if args.pp != 1:
-            raise ConfigError("--aot compiles the real step, which has no pipeline axis: use --pp 1")
-        aot = aot_train_step(cfg, args.mesh, args.seq, batch)
-        result.update({f"aot_{k.replace('bytes', 'gb')}": v / GB if "bytes" in k else v for k, v in aot.items()})
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
-    return 0
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(parser, run, argv)
+
+
+def _simulated_devices(argv: list[str]) -> int | None:
+    """Devices --aot needs simulated on the CPU: the --mesh flag's product (XLA reads the flag at backend start)."""
+    for i, arg in enumerate(argv):
+        spec = arg.split("=", 1)[1] if arg.startswith("--mesh=") else argv[i + 1] if arg == "--mesh" else None
+        if spec and "-1" not in spec:
+            return _mesh_product(spec)
+    return None
 
 
 if __name__ == "__main__":
-    # --aot simulates the mesh's devices on the CPU; XLA reads the flag when jax starts its backend (first use).
-    if "--aot" in sys.argv and "--mesh" in sys.argv and "device_count" not in os.environ.get("XLA_FLAGS", ""):
-        count = _mesh_product(sys.argv[sys.argv.index("--mesh") + 1])
+    count = _simulated_devices(sys.argv) if "--aot" in sys.argv else None
+    if count and "device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
-    sys.exit(main())
+    raise SystemExit(main())

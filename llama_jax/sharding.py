@@ -1,7 +1,7 @@
-"""Device meshes, the one table of logical-axis rules, and sharded parameters / batches.
+"""Device meshes, the one table of logical-axis rules, and trees of logical axes -> shardings. Knows no model.
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")         # 8 devices; missing axes are 1
-    params = init_params(cfg, mesh, jax.random.key(0))  # born sharded: no full copy on any device
+    shardings = logical_to_sharding(logical_axes, mesh) # e.g. model.logical_axes(cfg) -> NamedShardings
     batch = shard_batch(numpy_batch, mesh)              # process-local rows -> global arrays
     with activate(mesh):                                # the model's activation constraints use the rules
         loss = jax.jit(loss_fn)(params, batch)
@@ -29,8 +29,6 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import model
-from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -143,51 +141,6 @@ def check_divisible(shapes, shardings) -> None:
                                 f"{'x'.join(axes)} = {ways}")
     if problems:
         raise ConfigError("mesh does not divide the arrays it shards:\n  " + "\n  ".join(problems))
-
-
-def _param_shapes(cfg: ModelConfig):
-    # Without rules: flax's unboxing would otherwise try to constrain these abstract leaves to the active mesh.
-    with nn.logical_axis_rules(()):
-        return model.param_shapes(cfg)
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh):
-    """NamedShardings for the parameter tree of ``cfg`` (checked: every split dimension divides)."""
-    shardings = logical_to_sharding(model.logical_axes(cfg), mesh)
-    check_divisible(_param_shapes(cfg), shardings)
-    return shardings
-
-
-def abstract_params(cfg: ModelConfig, mesh: Mesh):
-    """The parameter tree as ShapeDtypeStructs carrying their shardings (for AOT lowering, restore targets)."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        _param_shapes(cfg), param_shardings(cfg, mesh))
-
-
-def init_params(cfg: ModelConfig, mesh: Mesh, rng: jax.Array):
-    """Fresh parameters created directly in their shards (jit with out_shardings; nothing is gathered)."""
-    return jax.jit(lambda key: model.init_params(cfg, key), out_shardings=param_shardings(cfg, mesh))(rng)
-
-
-def state_shardings(abstract_state, cfg: ModelConfig, mesh: Mesh):
-    """Shardings for a train state / optimizer state: every leaf whose key path ends with a parameter's path
-    and has its shape (params, Adam moments, ...) is sharded like that parameter; the rest (step counts, rng,
-    scalars) is replicated."""
-    by_path = {}
-    for path, sharding in jax.tree_util.tree_leaves_with_path(param_shardings(cfg, mesh)):
-        by_path[tuple(k.key for k in path)] = sharding
-    shapes = {p: s.shape for p, s in zip(by_path, jax.tree.leaves(_param_shapes(cfg)))}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def choose(path, leaf):
-        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        for param_path, sharding in by_path.items():
-            n = len(param_path)
-            if keys[-n:] == param_path and tuple(np.shape(leaf)) == shapes[param_path]:
-                return sharding
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(choose, abstract_state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,15 +1,14 @@
 """The chat and generate CLIs end to end on saved tiny checkpoints, read non-interactively from stdin."""
 
 import io
+import json
 
 import jax
 import numpy as np
-import pytest
 
 from llama_jax import chat, checkpoint, model
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
-from llama_jax.errors import CheckpointError
 from llama_jax.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -24,9 +23,12 @@ def save(tmp_path, params, cfg=CFG, name="ckpt"):
 
 
 def run(main, argv, stdin, monkeypatch, capsys) -> str:
+    """The command's human output; its last line, the JSON result, is checked to parse and cut off."""
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     assert main(argv) == 0
-    return capsys.readouterr().out
+    human, _, result = capsys.readouterr().out.rstrip("\n").rpartition("\n")
+    assert isinstance(json.loads(result), dict)
+    return human + "\n"
 
 
 def test_chat_turns_follow_the_dialog_format(tmp_path, monkeypatch, capsys):
@@ -92,9 +94,9 @@ def test_generate_cli_streams_a_continuation(tmp_path, monkeypatch, capsys):
     assert out == f"a{TOK.decode(batch[0])}\nbc{TOK.decode(batch[1])}\n"
 
 
-def test_unknown_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="not a directory"):
-        gen.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"])
+def test_unknown_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert gen.main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "not a directory" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="neither a llama_jax checkpoint"):
-        chat.main(["--checkpoint", str(tmp_path / "empty")])
+    assert chat.main(["--checkpoint", str(tmp_path / "empty")]) == 2
+    assert "neither a llama_jax checkpoint" in capsys.readouterr().err

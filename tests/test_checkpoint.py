@@ -69,7 +69,7 @@ def test_save_restore_everything(tmp_path, params):
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
     np.testing.assert_array_equal(jax.random.uniform(restored.rng, (3,)), jax.random.uniform(rng, (3,)))
 
-    meta = json.loads((tmp_path / "checkpoints" / "5" / "meta" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "checkpoints" / "5" / "metadata" / "metadata.json").read_text())
     assert meta["format_version"] == checkpoint.FORMAT_VERSION
     assert meta["llama_jax_version"] == llama_jax.__version__
     assert config_lib.ModelConfig.from_dict(meta["model_config"]) == CFG
@@ -144,7 +144,7 @@ def test_incomplete_step_directories_are_ignored(tmp_path, params):
 def test_restore_onto_other_meshes(tmp_path):
     assert jax.device_count() == 8
     save_mesh = sharding.make_mesh("fsdp=8")
-    params = jax.device_put(_random_params(CFG, seed=1), sharding.param_shardings(CFG, save_mesh))
+    params = jax.device_put(_random_params(CFG, seed=1), model.param_shardings(CFG, save_mesh))
     assert params["embedding"].addressable_shards[0].data.shape == (512, 128 // 8)  # really split 8 ways
     expected = _host(params)
     with checkpoint.CheckpointManager(tmp_path) as manager:
@@ -152,7 +152,7 @@ def test_restore_onto_other_meshes(tmp_path):
         manager.wait()
 
         tp_mesh = sharding.make_mesh("tensor=2,fsdp=4")
-        target = sharding.abstract_params(CFG, tp_mesh)
+        target = model.abstract_params(CFG, tp_mesh)
         on_tp = manager.restore(params_target=target).params
         for leaf, want in zip(jax.tree.leaves(on_tp), jax.tree.leaves(target)):
             assert leaf.sharding == want.sharding
@@ -165,7 +165,7 @@ def test_restore_onto_other_meshes(tmp_path):
         _assert_trees_equal(_host(one_device), expected)
 
     loaded, _, _ = checkpoint.load(str(tmp_path), shardings=tp_mesh)
-    assert loaded["lm_head"].sharding == sharding.param_shardings(CFG, tp_mesh)["lm_head"]
+    assert loaded["lm_head"].sharding == model.param_shardings(CFG, tp_mesh)["lm_head"]
     _assert_trees_equal(_host(loaded), expected)
 
 

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import config, context_parallel, model, sharding
+from llama_jax import config, model, sharding
 from llama_jax.errors import ConfigError
+from llama_jax.ops import attention, context_parallel
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -85,7 +86,7 @@ def test_gradients_equal_dense_attention():
     weights = np.random.default_rng(5).standard_normal((B, T, N, H), np.float32)
 
     def dense(q, k, v):
-        return jnp.sum(model.dot_product_attention(q, k, v, mask) * weights)
+        return jnp.sum(attention.dot_product_attention(q, k, v, mask) * weights)
 
     def ring(q, k, v):
         return jnp.sum(context_parallel.attention(q, k, v, positions, segments) * weights)

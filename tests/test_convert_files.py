@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama_jax import checkpoint, convert, model, sharding
+from llama_jax import checkpoint, model, sharding
 from llama_jax import config as config_lib
 from llama_jax.config import RopeScaling
-from llama_jax.convert.__main__ import main as convert_main
+from llama_jax.convert import main as convert_main
 from llama_jax.errors import CheckpointError
 
 BASE = config_lib.get("tiny", num_layers=2)
@@ -46,6 +46,12 @@ def _assert_trees_equal(a, b):
         assert x.tobytes() == y.tobytes()  # bit-equal
 
 
+def read(path):
+    """(params, cfg) of any format, as checkpoint.load gives them."""
+    params, cfg, _ = checkpoint.load(path)
+    return params, cfg
+
+
 def _no_partial_dirs(parent):
     return not [n for n in os.listdir(parent) if ".partial-" in n]
 
@@ -59,7 +65,7 @@ def test_hf_round_trip(tmp_path, name, max_shard_bytes):
     cfg = CONFIGS[name]
     params = _params(cfg)
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    convert.write(str(tmp_path / "hf"), "hf", params, cfg, **kwargs)
+    checkpoint.export(str(tmp_path / "hf"), "hf", params, cfg, **kwargs)
     files = sorted(os.listdir(tmp_path / "hf"))
     if max_shard_bytes is None:
         assert files == ["config.json", "model.safetensors"]
@@ -69,7 +75,7 @@ def test_hf_round_trip(tmp_path, name, max_shard_bytes):
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"BF16" if cfg.param_dtype == "bfloat16" else "F32"}
 
-    back, cfg_back = convert.read(str(tmp_path / "hf"))
+    back, cfg_back = read(str(tmp_path / "hf"))
     _assert_trees_equal(back, params)
     assert cfg_back == cfg
 
@@ -79,10 +85,10 @@ def test_hf_round_trip(tmp_path, name, max_shard_bytes):
 def test_meta_round_trip(tmp_path, name, shards):
     cfg = CONFIGS[name]
     params = _params(cfg)
-    convert.write(str(tmp_path / "meta"), "meta", params, cfg, num_shards=shards)
+    checkpoint.export(str(tmp_path / "meta"), "meta", params, cfg, num_shards=shards)
     files = sorted(os.listdir(tmp_path / "meta"))
     assert set(files) == {"params.json"} | {f"consolidated.{r:02d}.pth" for r in range(shards)}
-    back, cfg_back = convert.read(str(tmp_path / "meta"))
+    back, cfg_back = read(str(tmp_path / "meta"))
     _assert_trees_equal(back, params)
     # Meta's params.json does not record the context length; everything else survives.
     assert cfg_back == cfg.replace(max_seq_len=cfg_back.max_seq_len)
@@ -91,7 +97,7 @@ def test_meta_round_trip(tmp_path, name, shards):
 def test_llama_jax_export_round_trip(tmp_path):
     cfg = CONFIGS["tied-bf16"]
     params = _params(cfg)
-    convert.write(str(tmp_path / "ckpt"), "llama_jax", params, cfg, tokenizer={"name": "byte", "sha256": "0" * 64})
+    checkpoint.export(str(tmp_path / "ckpt"), "llama_jax", params, cfg, tokenizer={"name": "byte", "sha256": "0" * 64})
     loaded, cfg_back, meta = checkpoint.load(str(tmp_path / "ckpt"))
     _assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
     assert cfg_back == cfg and meta["stage"] == "export" and meta["tokenizer"]["name"] == "byte"
@@ -106,7 +112,7 @@ def test_transformers_loads_our_export(tmp_path, name):
 
     cfg = CONFIGS[name]
     params = _params(cfg, seed=3)
-    convert.write(str(tmp_path / "hf"), "hf", params, cfg, max_shard_bytes=500_000)
+    checkpoint.export(str(tmp_path / "hf"), "hf", params, cfg, max_shard_bytes=500_000)
     hf_model = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
@@ -165,7 +171,8 @@ def _write_meta_by_hand(path, cfg, shards, seed=0):
 def test_meta_to_hf_matches_reference_conversion(tmp_path, name, shards):
     cfg = CONFIGS[name]  # ffn_dim 384 = 8 * 128 / 3 rounded up to a multiple of 128, as params.json says
     full = _write_meta_by_hand(str(tmp_path / "meta"), cfg, shards)
-    assert convert_main(["--from", "meta", "--to", "hf", str(tmp_path / "meta"), str(tmp_path / "hf")]) == 0
+    assert convert_main(["--from", "meta", "--to", "hf",
+                         "--checkpoint", str(tmp_path / "meta"), "--out", str(tmp_path / "hf")]) == 0
 
     h = cfg.resolved_head_dim
     reference = {"model.embed_tokens.weight": full["tok_embeddings.weight"], "model.norm.weight": full["norm.weight"],
@@ -201,7 +208,7 @@ def test_meta_to_hf_matches_reference_conversion(tmp_path, name, shards):
 
 def _run_cli_expecting_failure(tmp_path, capsys, src, fmt, needle):
     dst = tmp_path / "out"
-    assert convert_main(["--from", fmt, "--to", "llama_jax", str(src), str(dst)]) == 1
+    assert convert_main(["--from", fmt, "--to", "llama_jax", "--checkpoint", str(src), "--out", str(dst)]) == 2
     err = capsys.readouterr().err
     assert needle in err, err
     assert not dst.exists() and _no_partial_dirs(tmp_path)
@@ -209,16 +216,16 @@ def _run_cli_expecting_failure(tmp_path, capsys, src, fmt, needle):
 
 
 def test_truncated_safetensors(tmp_path, capsys):
-    convert.write(str(tmp_path / "hf"), "hf", _params(BASE), BASE)
+    checkpoint.export(str(tmp_path / "hf"), "hf", _params(BASE), BASE)
     file = tmp_path / "hf" / "model.safetensors"
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        convert.read(str(tmp_path / "hf"))
+        read(str(tmp_path / "hf"))
     _run_cli_expecting_failure(tmp_path, capsys, tmp_path / "hf", "hf", str(file))
 
 
 def test_missing_hf_shard(tmp_path, capsys):
-    convert.write(str(tmp_path / "hf"), "hf", _params(BASE), BASE, max_shard_bytes=300_000)
+    checkpoint.export(str(tmp_path / "hf"), "hf", _params(BASE), BASE, max_shard_bytes=300_000)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     second = sorted(set(index["weight_map"].values()))[1]
     os.remove(tmp_path / "hf" / second)
@@ -226,8 +233,8 @@ def test_missing_hf_shard(tmp_path, capsys):
 
 
 def test_missing_meta_shard(tmp_path, capsys):
-    convert.write(str(tmp_path / "meta"), "meta", _params(BASE), BASE, num_shards=2)
-    convert.write(str(tmp_path / "meta4"), "meta", _params(BASE.replace(num_kv_heads=4)),
+    checkpoint.export(str(tmp_path / "meta"), "meta", _params(BASE), BASE, num_shards=2)
+    checkpoint.export(str(tmp_path / "meta4"), "meta", _params(BASE.replace(num_kv_heads=4)),
                   BASE.replace(num_kv_heads=4), num_shards=4)
     os.remove(tmp_path / "meta4" / "consolidated.01.pth")
     _run_cli_expecting_failure(tmp_path, capsys, tmp_path / "meta4", "meta", "consolidated.01.pth")
@@ -245,17 +252,17 @@ class _Exploit:
 
 def test_pickled_code_in_pth_does_not_run(tmp_path, capsys):
     cfg = BASE
-    convert.write(str(tmp_path / "meta"), "meta", _params(cfg), cfg)
+    checkpoint.export(str(tmp_path / "meta"), "meta", _params(cfg), cfg)
     sentinel = tmp_path / "pwned"
     torch.save({"tok_embeddings.weight": _Exploit(sentinel)}, tmp_path / "meta" / "consolidated.00.pth")
     with pytest.raises(CheckpointError, match="consolidated.00.pth"):
-        convert.read(str(tmp_path / "meta"))
+        read(str(tmp_path / "meta"))
     _run_cli_expecting_failure(tmp_path, capsys, tmp_path / "meta", "meta", "consolidated.00.pth")
     assert not sentinel.exists()
 
 
 def test_params_json_disagreeing_with_tensors(tmp_path, capsys):
-    convert.write(str(tmp_path / "meta"), "meta", _params(BASE), BASE, num_shards=2)
+    checkpoint.export(str(tmp_path / "meta"), "meta", _params(BASE), BASE, num_shards=2)
     params_file = tmp_path / "meta" / "params.json"
     params = json.loads(params_file.read_text())
     params["n_layers"] = 3
@@ -267,32 +274,33 @@ def test_params_json_disagreeing_with_tensors(tmp_path, capsys):
 
 
 def test_refuses_existing_destination_and_wrong_format(tmp_path, capsys):
-    convert.write(str(tmp_path / "hf"), "hf", _params(BASE), BASE)
+    checkpoint.export(str(tmp_path / "hf"), "hf", _params(BASE), BASE)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("keep me")
-    assert convert_main(["--to", "meta", str(tmp_path / "hf"), str(tmp_path / "taken")]) == 1
+    assert convert_main(["--to", "meta", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
-    assert convert_main(["--from", "meta", "--to", "hf", str(tmp_path / "hf"), str(tmp_path / "x")]) == 1
+    assert convert_main(["--from", "meta", "--to", "hf",
+                         "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "x")]) == 2
     assert "looks like a 'hf' checkpoint" in capsys.readouterr().err
 
 
 def test_load_detects_each_format(tmp_path):
     params = _params(BASE)
     for fmt in ("hf", "meta", "llama_jax"):
-        convert.write(str(tmp_path / fmt), fmt, params, BASE)
-        assert convert.detect_format(str(tmp_path / fmt)) == fmt
+        checkpoint.export(str(tmp_path / fmt), fmt, params, BASE)
+        assert checkpoint.detect_format(str(tmp_path / fmt)) == fmt
         loaded, cfg, _ = checkpoint.load(str(tmp_path / fmt))
         assert isinstance(jax.tree.leaves(loaded)[0], jax.Array)
         _assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
         assert cfg.dim == BASE.dim
     with pytest.raises(CheckpointError, match="neither"):
-        convert.detect_format(str(tmp_path))
+        checkpoint.detect_format(str(tmp_path))
 
     mesh = sharding.make_mesh("tensor=2,fsdp=4")
     loaded, _, meta = checkpoint.load(str(tmp_path / "hf"), shardings=mesh)
     assert meta["format"] == "hf"
-    want = sharding.param_shardings(BASE, mesh)
+    want = model.param_shardings(BASE, mesh)
     assert all(a.sharding == s for a, s in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)))
     _assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
 
@@ -301,10 +309,11 @@ def test_bf16_stays_bf16_through_every_format(tmp_path):
     cfg = CONFIGS["tied-bf16"]
     params = _params(cfg)
     assert params["embedding"].dtype == ml_dtypes.bfloat16
-    convert.write(str(tmp_path / "meta"), "meta", params, cfg, num_shards=2)
-    assert convert_main(["--to", "hf", str(tmp_path / "meta"), str(tmp_path / "hf")]) == 0
-    assert convert_main(["--to", "llama_jax", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
-    assert convert_main(["--to", "meta", str(tmp_path / "ckpt"), str(tmp_path / "meta2")]) == 0
-    back, cfg_back = convert.read(str(tmp_path / "meta2"))
+    checkpoint.export(str(tmp_path / "meta"), "meta", params, cfg, num_shards=2)
+    assert convert_main(["--to", "hf", "--checkpoint", str(tmp_path / "meta"), "--out", str(tmp_path / "hf")]) == 0
+    assert convert_main(["--to", "llama_jax",
+                         "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert convert_main(["--to", "meta", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "meta2")]) == 0
+    back, cfg_back = read(str(tmp_path / "meta2"))
     _assert_trees_equal(back, params)
     assert cfg_back.param_dtype == "bfloat16" and cfg_back.tie_embeddings

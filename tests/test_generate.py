@@ -9,8 +9,8 @@ import pytest
 from llama_jax import config, model
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
-from llama_jax.convert.hf import params_to_hf
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.formats.hf import params_to_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -83,7 +83,7 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(params):
     prompts = [rng.integers(0, 256, n).tolist() for n in (1, 7, 3, 12)]
     batched = gen.generate(params, CFG, prompts, 10, stop_ids=())
     assert batched == [gen.generate(params, CFG, [p], 10, stop_ids=())[0] for p in prompts]
-    assert gen.generate(gen.inference_layout(params, CFG), CFG, prompts, 10, stop_ids=()) == batched  # unrolled
+    assert gen.generate(*gen.inference_layout(params, CFG), prompts, 10, stop_ids=()) == batched  # unrolled
     # Rows stopping at different steps: each ends at its own first stop token.
     stop_ids = (batched[0][2], batched[2][5])
     stopped = gen.generate(params, CFG, prompts, 10, stop_ids=stop_ids)

@@ -7,8 +7,8 @@ import pytest
 
 from llama_jax import config, model
 from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.convert.hf import params_from_hf, params_to_hf
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.formats.hf import params_from_hf, params_to_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

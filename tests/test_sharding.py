@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import config, model, sharding
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.train import pretrain
+from llama_jax.train import pretrain, step
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -60,7 +60,7 @@ def reference():
 
 def test_rules_give_the_documented_layout():
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
-    specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(CFG, mesh))
+    specs = jax.tree.map(lambda s: s.spec, model.param_shardings(CFG, mesh))
     layer = specs["layers"]
     assert specs["embedding"] == P("tensor", "fsdp")
     assert specs["lm_head"] == P("fsdp", "tensor")
@@ -97,14 +97,14 @@ def test_parse_mesh():
 def test_axis_that_does_not_divide_is_a_config_error():
     mesh = sharding.make_mesh("tensor=8")
     with pytest.raises(ConfigError, match=r"\['layers'\]\['attention'\]\['key'\].*not divisible by tensor = 8"):
-        sharding.param_shardings(CFG, mesh)  # 4 kv heads over 8 devices
+        model.param_shardings(CFG, mesh)  # 4 kv heads over 8 devices
     with pytest.raises(DataError, match="divisible by 8"):
         sharding.shard_batch({"tokens": np.zeros((4, 8), np.int32)}, sharding.make_mesh("fsdp=8"))
 
 
 def test_init_params_is_born_sharded_and_equals_unsharded_init():
     mesh = sharding.make_mesh("fsdp=4,tensor=2")
-    params = sharding.init_params(CFG, mesh, jax.random.key(3))
+    params = model.init_params(CFG, jax.random.key(3), mesh)
     reference = model.init_params(CFG, jax.random.key(3))
     query = params["layers"]["attention"]["query"]  # [L, D, N, H] split D/4 and N/2
     assert query.sharding.spec == P(None, "fsdp", "tensor", None)
@@ -117,7 +117,7 @@ def test_init_params_is_born_sharded_and_equals_unsharded_init():
 def test_loss_and_grads_match_single_device(reference, name):
     params, batch, want_loss, want_grads = reference
     mesh = sharding.make_mesh(MESHES[name])
-    shardings = sharding.param_shardings(CFG, mesh)
+    shardings = model.param_shardings(CFG, mesh)
     sharded_params = jax.device_put(params, shardings)
     sharded_batch = sharding.shard_batch(batch, mesh)
     with sharding.activate(mesh):
@@ -132,22 +132,19 @@ def test_loss_and_grads_match_single_device(reference, name):
 
 def test_state_shardings_follow_params():
     mesh = sharding.make_mesh("fsdp=4,tensor=2")
-    tx = optax.adamw(1e-3)
-    abstract = jax.eval_shape(lambda: {"params": model.param_shapes(CFG),
-                                       "opt_state": tx.init(model.param_shapes(CFG)), "step": jnp.zeros(())})
-    shardings = sharding.state_shardings(abstract, CFG, mesh)
-    adam = shardings["opt_state"][0]
+    shardings = step.state_shardings(CFG, optax.adamw(1e-3), mesh)
+    adam = shardings.opt_state[0]
     assert adam.mu["layers"]["feed_forward"]["down"].spec == P(None, "tensor", "fsdp")
     assert adam.nu["embedding"].spec == P("tensor", "fsdp")
     assert adam.count.spec == P()
-    assert shardings["params"]["lm_head"].spec == P("fsdp", "tensor")
-    assert shardings["step"].spec == P()
+    assert shardings.params["lm_head"].spec == P("fsdp", "tensor")
+    assert shardings.step.spec == P() and shardings.rng.spec == P()
 
 
 def compiled_grad_step(loss, cfg, mesh_spec, batch):
     """The compiled (SPMD-partitioned, per-device) program of value_and_grad(loss) on a mesh."""
     mesh = sharding.make_mesh(mesh_spec)
-    params = sharding.abstract_params(cfg, mesh)
+    params = model.abstract_params(cfg, mesh)
     arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
               for k, v in batch.items()}
     with sharding.activate(mesh):

@@ -1,6 +1,6 @@
-"""Training: the generic train state and step (state.py), stages' loss functions (pretrain.py), the loop."""
+"""Training: the train state and the one generic step (step.py), one module per stage (pretrain.py), the loop."""
 
-from llama_jax.train.state import (
+from llama_jax.train.step import (
     TrainState,
     abstract_state,
     create_state,

@@ -33,7 +33,7 @@ from llama_jax.data import concat_batches, make_batches, split_rows
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import pretrain
-from llama_jax.train.state import TrainState, abstract_state, create_state, make_eval_step, make_train_step
+from llama_jax.train.step import TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
 STAGE = "pretrain"
 

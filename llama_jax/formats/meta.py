@@ -1,4 +1,9 @@
-"""Meta's original checkpoint layout <-> Hugging Face tensor names (and from there, via ``convert.hf``, ours).
+"""Meta's original checkpoint directories (params.json + consolidated.NN.pth) <-> the llama_jax parameter tree.
+
+    params, cfg = read("Meta-Llama-3.1-8B/")
+    write("out-meta/", params, cfg, num_shards=8)     # into an existing, empty directory
+
+Tensors pass through Hugging Face's names (``formats.hf`` maps those to our tree).
 
     params.json            {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                             "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope"}
@@ -31,6 +36,7 @@ import numpy as np
 
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.errors import CheckpointError
+from llama_jax.formats import hf as hf_format
 
 PARAMS_FILE = "params.json"
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -153,7 +159,7 @@ def params_json(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def config_from_params_json(d: dict[str, Any], *, file: str = PARAMS_FILE, **overrides: Any) -> ModelConfig:
+def config_from_params_json(d: dict[str, Any], *, file: str = PARAMS_FILE) -> ModelConfig:
     """A ModelConfig from params.json (float32 unless overridden; ``read`` sets the tensors' dtype)."""
     unknown = sorted(set(d) - _KNOWN_KEYS)
     if unknown:
@@ -173,7 +179,7 @@ def config_from_params_json(d: dict[str, Any], *, file: str = PARAMS_FILE, **ove
             norm_eps=float(d.get("norm_eps", 1e-5)), rope_theta=float(d.get("rope_theta", 500_000.0)),
             rope_scaling=scaling,
         )
-        return ModelConfig(**{**fields, **overrides})
+        return ModelConfig(**fields)
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError
         raise CheckpointError(f"{file}: {e}") from e
 
@@ -220,14 +226,21 @@ def load_pth(file: str) -> dict[str, Any]:
 # --- reading and writing directories ------------------------------------------------------------------
 
 
-def read(path: str, *, progress: Callable[[Iterable], Iterable] = iter,
-         **overrides: Any) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """A Meta checkpoint directory -> (config, HF-named numpy tensors in rotate-half order).
+def read(path: str, *, progress: Callable[[Iterable], Iterable] = iter) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """A Meta checkpoint directory -> (numpy parameter tree, config).
 
     The config's param_dtype/dtype follow the tensors; ``tie_embeddings`` is set when ``output.weight`` equals
-    ``tok_embeddings.weight`` bit for bit (Llama 3.2 1B/3B). ``overrides`` replace config fields (e.g. the
-    rope ``factor`` of 3.2 models, which Meta's params.json does not record).
+    ``tok_embeddings.weight`` bit for bit (Llama 3.2 1B/3B).
     """
+    cfg, tensors = _read_hf_named(path, progress)
+    try:
+        return hf_format.params_from_hf(tensors, cfg), cfg
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _read_hf_named(path: str, progress) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config, HF-named numpy tensors in rotate-half order) of a Meta checkpoint directory."""
     params_file = os.path.join(path, PARAMS_FILE)
     try:
         with open(params_file) as f:
@@ -242,7 +255,7 @@ def read(path: str, *, progress: Callable[[Iterable], Iterable] = iter,
     if missing:
         raise CheckpointError(f"Meta checkpoint {path} lacks shard(s) "
                               + ", ".join(f"consolidated.{r:02d}.pth" for r in missing))
-    cfg = config_from_params_json(params, file=params_file, **overrides)
+    cfg = config_from_params_json(params, file=params_file)
 
     full: dict[str, np.ndarray] = {}
     for rank, file in enumerate(progress(files)):
@@ -281,7 +294,7 @@ def read(path: str, *, progress: Callable[[Iterable], Iterable] = iter,
                               f"{sorted({str(a.dtype) for a in full.values()})}")
     dtype = str(next(iter(full.values())).dtype)
     tied = "output.weight" in full and np.array_equal(full["output.weight"], full.get("tok_embeddings.weight"))
-    cfg = cfg.replace(**{"param_dtype": dtype, "dtype": dtype, "tie_embeddings": tied, **overrides})
+    cfg = cfg.replace(param_dtype=dtype, dtype=dtype, tie_embeddings=tied)
     _check_shapes(full, cfg, params_file)
 
     hf: dict[str, np.ndarray] = {}
@@ -312,13 +325,13 @@ def _check_shapes(full: dict[str, np.ndarray], cfg: ModelConfig, params_file: st
         raise CheckpointError(f"{params_file} disagrees with the tensors:\n  " + "\n  ".join(problems[:12]))
 
 
-def write(path: str, cfg: ModelConfig, hf: dict[str, np.ndarray], *, num_shards: int = 1,
+def write(path: str, params: dict[str, Any], cfg: ModelConfig, *, num_shards: int = 1,
           progress: Callable[[Iterable], Iterable] = iter) -> None:
-    """Writes params.json and ``num_shards`` consolidated.NN.pth files into the existing directory ``path``.
+    """Writes params.json and ``num_shards`` consolidated.NN.pth files into the existing, empty directory ``path``.
 
-    ``hf``: HF-named tensors (``convert.hf.params_to_hf``). Tied embeddings are written out as ``output.weight``
-    too, since Meta's reference model always has one.
+    Tied embeddings are written out as ``output.weight`` too, since Meta's reference model always has one.
     """
+    hf = {name: np.asarray(w) for name, w in hf_format.params_to_hf(params, cfg).items()}
     torch = _torch()
     for what, size in (("n_heads", cfg.num_heads), ("n_kv_heads", cfg.num_kv_heads), ("ffn_dim", cfg.ffn_dim),
                        ("vocab_size", cfg.vocab_size)):

@@ -1,11 +1,11 @@
 """Context-parallel attention: queries, keys and values split along length over the mesh's sequence axis.
 
-    with sharding.activate(make_mesh("fsdp=2,sequence=4")):    # the model dispatches here by itself
-        logits = jax.jit(model.apply)(params, tokens, positions, segment_ids)
+    with sharding.activate(make_mesh("fsdp=2,sequence=4")):    # the model calls this when cfg.context_parallel
+        logits = jax.jit(model.apply)(params, tokens, positions, segment_ids)   # is "ring" / "all_gather" / "auto"
 
 Ring attention (``shard_map`` + ``ppermute``): every device keeps its query block and passes its key/value
 block, with those keys' positions and segment ids, to the next device, ``shards`` times; the mask of each
-(query block, key block) pair is built there from those vectors (``model.attention_mask``). An online
+(query block, key block) pair is built there from those vectors (``ops.attention.attention_mask``). An online
 softmax (running max, normaliser and weighted sum) folds each visiting block in, in float32, so the
 result equals dense softmax attention. Each query and key
 block is cut in two halves, and a (query half, key half) pair whose mask is all False is skipped.
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llama_jax.errors import ConfigError
-from llama_jax.model import attention_mask
+from llama_jax.ops.attention import attention_mask
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # finite, so the running max never turns into inf - inf = nan
 
@@ -129,8 +129,8 @@ def _all_gather(q, k, v, positions, segments, *, axis, shards):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
               impl: str = "ring") -> jax.Array:
     """Self-attention with T split over the active mesh's sequence axis: q [B,T,N,H], k/v [B,T,K,H],
-    positions / segment_ids [B,T] of those tokens -> [B,T,N,H], equal to ``model.dot_product_attention``
-    with ``model.attention_mask``. Call inside ``sharding.activate(mesh)``."""
+    positions / segment_ids [B,T] of those tokens -> [B,T,N,H], equal to ``ops.attention.attention``. Call inside
+    ``sharding.activate(mesh)``."""
     axes = _mesh_axes()
     if axes is None or axes[2] is None:
         raise ConfigError("context-parallel attention needs an active mesh whose rules shard 'length'")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,27 +36,32 @@ class TrainState:
     rng: jax.Array  # uint32 [2] base key; step s uses fold_in(rng, s)
 
 
-def _make_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def _boxed_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state whose parameter leaves (and so the optimizer's moments of them) carry their logical axes."""
     params_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = model.init_params(cfg, params_key)
+    params = model.Llama(cfg).init(params_key, jnp.zeros((1, 1), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
-    """NamedShardings of every state leaf: params and their optimizer moments as the rules say, the rest replicated."""
-    return sharding.state_shardings(jax.eval_shape(lambda: _make_state(cfg, tx, 0)), cfg, mesh)
+    """NamedShardings of every state leaf, from the logical axes of the abstract state itself: parameters and
+    the optimizer moments of them as the rules say, everything else (step, counts, rng) replicated."""
+    boxed = jax.eval_shape(lambda: _boxed_state(cfg, tx, 0))
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+    sharding.check_divisible(nn.meta.unbox(boxed), shardings)
+    return shardings
 
 
 def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
     """The state as ShapeDtypeStructs with shardings: restore targets, AOT lowering. Allocates nothing."""
-    shapes = jax.eval_shape(lambda: _make_state(cfg, tx, 0))
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: _boxed_state(cfg, tx, 0)))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         state_shardings(cfg, tx, mesh))
 
 
 def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int = 0) -> TrainState:
     """A fresh state, each leaf created directly in its shards (no full copy on any one device)."""
-    return jax.jit(lambda: _make_state(cfg, tx, seed), out_shardings=state_shardings(cfg, tx, mesh))()
+    return jax.jit(lambda: nn.meta.unbox(_boxed_state(cfg, tx, seed)), out_shardings=state_shardings(cfg, tx, mesh))()
 
 
 def _split_microbatches(batch: dict, count: int) -> dict:
