@@ -1,9 +1,10 @@
-"""Packed rows -> the batch contract, and the reshape that shortens rows for the sequence-length ramp.
+"""Packed rows -> the batch contract, and the reshapes of the sequence-length ramp.
 
-grain's concat-then-split packer emits rows of T + 1 tokens with per-document segment ids (from 1) and
-positions (from 0). Inputs are the first T tokens, targets the last T, so no token is lost between rows
-except one target per row. A target counts only when it belongs to the same document as its input:
-the EOS that ends a document is predicted; the first token of the next document is not.
+The packer (``streams.pack_rows``, laid out like grain's concat-then-split packer) emits rows of T + 1 tokens
+with per-document segment ids (from 1) and positions (from 0). Inputs are the first T tokens, targets the
+last T, so no token is lost between rows except one target per row. A target counts only when it belongs to
+the same document as its input: the EOS that ends a document is predicted; the first token of the next
+document is not.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def rows_to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """grain packer output [B, T + 1] (``tokens``, ``tokens_segment_ids``, ``tokens_positions``) -> batch [B, T]."""
+    """Packer output [B, T + 1] (``tokens``, ``tokens_segment_ids``, ``tokens_positions``) -> batch [B, T]."""
     tokens, segments = packed["tokens"], packed["tokens_segment_ids"]
     same_document = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] != 0)
     return {
@@ -42,7 +43,12 @@ def split_rows(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarr
 
 
 def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stacks batches along the row axis (several data batches make one ramped-up optimizer step)."""
+    """[B, T] batches -> one [len(batches) * B, T] batch (several data batches make one ramped-up step).
+
+    Rows are interleaved: row r of every batch, then row r + 1 of every batch. Each process holds a block of
+    rows of the data batches, so this order makes its share of the step a block of the step's rows as well:
+    the step's global batch is the same whatever the number of processes.
+    """
     if len(batches) == 1:
         return batches[0]
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return {k: np.stack([b[k] for b in batches], axis=1).reshape(-1, *batches[0][k].shape[1:]) for k in batches[0]}

@@ -1,36 +1,46 @@
-"""Sources -> documents of token ids -> packed [B, T] batches, deterministic and resumable (grain).
+"""Sources -> documents of token ids -> packed [B, T] batches: deterministic, resumable, and the same global
+batch whatever the number of processes.
 
     it = make_batches(config.data, tokenizer)        # endless training stream of this process's rows
     batch = next(it)                                 # dict of int32 [B_local, T] arrays (packing.BATCH_KEYS)
-    state = it.get_state()                           # JSON-able; saved in checkpoints as data_state.json
-    it.set_state(state)                              # resumes with exactly the batches that would have followed
+    state = merge_states(all_processes_states)       # JSON-able; saved in checkpoints as data_state.json
+    it.set_state(state)                              # on any number of processes: exactly the batches that follow
 
-Per source: hold out every ``holdout_every``-th document for the eval split, shuffle the rest with the
-seed (a new order each epoch), repeat forever, take every ``process_count``-th document from
-``process_index`` (multi-host: each process reads only its own documents), tokenize with EOS after each
-document. Several sources are mixed by weight; the packer then concatenates documents and cuts rows of
-``seq_len + 1`` tokens (grain's ConcatThenSplitIterDataset), and rows are batched.
+Each of the ``batch_size`` rows of the global batch is its own stream (see ``streams``): row ``r`` reads
+positions r, r + B, r + 2B, ... of each source's document order (training: the source's documents minus every
+``holdout_every``-th, shuffled with the seed anew each epoch, endlessly; eval: the held-out ones, once), picks
+each next document's source by weight with a hash of (seed, r, draw), tokenizes it with EOS after it, and
+packs documents into rows of ``seq_len + 1`` tokens, a document that does not fit going on in the row's next
+batch. So batch ``k`` is a function of the data config alone, and process ``p`` of ``P`` builds only rows
+[p B / P, (p + 1) B / P) of it, reading only those rows' documents. This is levanter's topology-independent
+idea with one virtual shard per row; sharding by row rather than by process is what lets a run resume on
+another number of hosts: a row's whole state is three counters (documents drawn, tokens of the current
+document emitted, documents taken per source), so ``get_state`` gives this process's rows, ``merge_states``
+joins every process's into one global state, and ``set_state`` takes its own rows out of a global state.
+
+The eval split is one pass over the held-out documents; a row whose documents run out is padding (segment 0,
+no loss) until every row has run out, and then the stream ends. To end at the same batch in every process,
+a process whose own rows have all run out reads the other rows' documents (tokenizing, not packing them) to
+learn whether the pass goes on; this happens only at the end of a full pass.
 
 The data config (``config.data``; see configs/pretrain/tiny.py):
     tokenizer       "byte" | "llama3" | path of a tokenizer.model
     sources         list of {format: text|jsonl|tokens|shakespeare, path, weight, split, text_key}
     seq_len         tokens per row (the longest sequence of the run)
-    batch_size      rows per batch, all processes together
+    batch_size      rows per batch, all processes together (a multiple of the process count)
     seed, add_bos, on_error ("raise" | "skip"), holdout_every (0: no eval split)
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
-import grain
-import grain.experimental
 import jax
 import numpy as np
 
 from llama_jax.data import sources as sources_lib
 from llama_jax.data.packing import rows_to_batch
+from llama_jax.data.streams import RowStream, SourceOrder, Split, pack_rows
 from llama_jax.errors import ConfigError, DataError
 
 FORMATS = ("text", "jsonl", "tokens", "shakespeare")
@@ -53,90 +63,158 @@ def make_source(spec: Mapping, *, vocab_size: int, eos_id: int, on_error: str = 
     return sources_lib.TokenSource(path, vocab_size=vocab_size, eos_id=eos_id)
 
 
-class BatchIterator:
-    """Batches of one process, with grain's iterator state as a JSON-able dict."""
+_HEADER = ("split", "batch_size", "seq_len", "step")  # what every process's state must agree on
 
-    def __init__(self, dataset: grain.IterDataset, sources: list[Sequence]):
-        self._iter = iter(dataset)
-        self.sources = sources
+
+class BatchIterator:
+    """Rows ``rows`` of every global batch of one split, with a JSON-able state (see the module docstring)."""
+
+    def __init__(self, split: Split, *, name: str, rows: range, seq_len: int, endless: bool):
+        self.split, self.name, self.rows, self.seq_len, self.endless = split, name, rows, seq_len, endless
+        self.sources = split.sources
+        self.step = 0  # batches produced
+        self._streams = [RowStream(split, r) for r in rows]
+        # Eval: the other processes' rows, followed (each up to the step it was last checked at) to find the end.
+        self._others: dict[int, RowStream] = {}
+        self._others_at: dict[int, int] = {}
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iter)
+        pieces = [stream.take(self.seq_len + 1) for stream in self._streams]
+        if not self.endless and not any(pieces) and not self._others_go_on():
+            raise StopIteration
+        self.step += 1
+        return rows_to_batch(pack_rows(pieces, self.seq_len + 1))
+
+    def _others_go_on(self) -> bool:
+        """Whether any other process's row still has tokens for this step (eval: the pass ends for all at once)."""
+        for row in range(self.split.num_rows):
+            if row in self.rows:
+                continue
+            if row not in self._others:
+                self._others[row], self._others_at[row] = RowStream(self.split, row), 0
+            while self._others_at[row] < self.step:
+                self._others[row].take(self.seq_len + 1)
+                self._others_at[row] += 1
+            if self._others[row].current() is not None:
+                return True
+        return False
 
     def get_state(self) -> dict:
-        return json.loads(json.dumps(self._iter.get_state()))  # tuples -> lists: what a JSON file gives back
+        """This process's rows: ``merge_states`` of every process's state is the global state."""
+        return {"split": self.name, "batch_size": self.split.num_rows, "seq_len": self.seq_len, "step": self.step,
+                "rows": {str(r): s.get_state() for r, s in zip(self.rows, self._streams)}}
 
-    def set_state(self, state: dict) -> None:
-        self._iter.set_state(state)
+    def set_state(self, state: Mapping) -> None:
+        """Resumes from a global state (``merge_states``), saved by any number of processes."""
+        if "rows" not in state:
+            raise DataError("the data state holds no per-row positions (it was written by an older llama_jax, "
+                            f"keys {sorted(state)}); the data position cannot be resumed from it")
+        expected = {"split": self.name, "batch_size": self.split.num_rows, "seq_len": self.seq_len}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise DataError(f"the data state has {key}={state.get(key)!r}, this stream {key}={value!r}: "
+                                "resuming would not reproduce the data order")
+        missing = [r for r in self.rows if str(r) not in state["rows"]]
+        if missing:
+            raise DataError(f"the data state lacks rows {missing[:8]} of this process's rows {self.rows.start}.."
+                            f"{self.rows.stop - 1}; pass the state merged from every process (merge_states)")
+        for row, stream in zip(self.rows, self._streams):
+            stream.set_state(state["rows"][str(row)])
+        self.step = int(state["step"])
+        self._others, self._others_at = {}, {}
+        for key, row_state in state["rows"].items():
+            if int(key) not in self.rows and not self.endless:
+                self._others[int(key)] = RowStream(self.split, int(key))
+                self._others[int(key)].set_state(row_state)
+                self._others_at[int(key)] = self.step
 
     @property
     def skipped(self) -> list[str]:
-        """file:line of malformed records skipped so far (on_error="skip")."""
+        """file:line of malformed records met so far by this process (on_error="skip"): in its rows, and for eval
+        also in the rows it followed to find the end of the pass."""
         return sorted(w for s in self.sources for w in getattr(s, "skipped", ()))
 
 
-def document_dataset(source: Sequence, tokenize, *, split: str, holdout_every: int, seed: int,
-                     process_index: int, process_count: int) -> grain.IterDataset:
-    """Documents of one source as {"tokens": int32 [n]} elements: this split, shuffled, this process's share."""
+def merge_states(states: Sequence[Mapping]) -> dict:
+    """The global data state from every process's ``get_state()`` (any order): what a checkpoint keeps."""
+    if not states:
+        raise DataError("merge_states needs the state of at least one process")
+    header = {k: states[0].get(k) for k in _HEADER}
+    rows: dict[str, list[int]] = {}
+    for state in states:
+        if "rows" not in state:
+            raise DataError(f"a data state without per-row positions (keys {sorted(state)}) cannot be merged")
+        differing = {k: (header[k], state.get(k)) for k in _HEADER if state.get(k) != header[k]}
+        if differing:
+            raise DataError(f"the processes' data states disagree on {differing}: they are not of one stream")
+        rows.update(state["rows"])
+    missing = sorted(set(range(header["batch_size"])) - {int(r) for r in rows})
+    if missing:
+        raise DataError(f"the merged data state lacks rows {missing[:8]} of {header['batch_size']}: "
+                        "a process's state is missing")
+    return header | {"rows": {str(r): list(rows[str(r)]) for r in range(header["batch_size"])}}
+
+
+def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int, seed: int) -> list[SourceOrder]:
+    """Each source's document order for ``split``: every ``holdout_every``-th document is held out for eval;
+    training shuffles the rest (source ``i`` with seed ``seed + i``), anew each epoch."""
     if split == "eval" and holdout_every <= 0:
         raise ConfigError("an eval split needs data.holdout_every > 0")
-    ids = np.arange(len(source))
-    if holdout_every > 0:
-        held_out = ids % holdout_every == 0
-        ids = ids[held_out] if split == "eval" else ids[~held_out]
-    if len(ids) == 0:
-        raise DataError(f"the {split} split of a source with {len(source)} documents is empty")
-    docs = grain.MapDataset.source(ids)
-    if split == "train":
-        docs = docs.shuffle(seed=seed).repeat(None)
-    docs = docs.slice(slice(process_index, None, process_count))
-    docs = docs.map(lambda i: tokenize(source[int(i)]))
-    return docs.filter(lambda d: d is not None).to_iter_dataset()
+    orders = []
+    for i, source in enumerate(sources):
+        ids = np.arange(len(source))
+        if holdout_every > 0:
+            held_out = ids % holdout_every == 0
+            ids = ids[held_out] if split == "eval" else ids[~held_out]
+        if len(ids) == 0:
+            raise DataError(f"the {split} split of source {i} ({len(source)} documents) is empty")
+        orders.append(SourceOrder(ids, shuffle_seed=seed + i if split == "train" else None))
+    return orders
 
 
 def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len: int | None = None,
                  batch_size: int | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> BatchIterator:
-    """The batch stream of this process (``batch_size / process_count`` rows each) for ``split``.
+    """The batch stream of this process (rows [p B / P, (p + 1) B / P) of every global batch) for ``split``.
 
     Training streams are endless; eval streams end after one pass over the held-out documents.
     """
+    if split not in ("train", "eval"):
+        raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
     seq_len = seq_len or data_cfg["seq_len"]
     batch_size = batch_size or data_cfg["batch_size"]
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} is outside 0..{process_count - 1}")
     if batch_size % process_count:
         raise ConfigError(f"data.batch_size ({batch_size}) must be a multiple of the process count ({process_count})")
+    seed = int(data_cfg.get("seed", 0))
+    if seed < 0:
+        raise ConfigError(f"data.seed must be >= 0, got {seed}")
     add_bos = bool(data_cfg.get("add_bos", False))
     eos, vocab = tokenizer.eos_id, tokenizer.vocab_size
 
-    def tokenize(doc) -> dict[str, np.ndarray] | None:
+    def tokenize(doc) -> np.ndarray | None:
         if doc is None:  # a malformed record that on_error="skip" let through
             return None
         if isinstance(doc, str):
-            ids = np.asarray(tokenizer.encode(doc, bos=add_bos, eos=True), np.int32)
-        else:
-            ids = doc if doc[-1] == eos else np.append(doc, np.int32(eos))
-        return {"tokens": ids}
+            return np.asarray(tokenizer.encode(doc, bos=add_bos, eos=True), np.int32)
+        return doc if doc[-1] == eos else np.append(doc, np.int32(eos))
 
     specs = list(data_cfg["sources"])
     if not specs:
         raise ConfigError("data.sources is empty")
-    sources = [make_source(s, vocab_size=vocab, eos_id=eos, on_error=data_cfg.get("on_error", "raise"))
-               for s in specs]
-    streams = [
-        document_dataset(src, tokenize, split=split, holdout_every=int(data_cfg.get("holdout_every", 0)),
-                         seed=int(data_cfg.get("seed", 0)) + i, process_index=process_index,
-                         process_count=process_count)
-        for i, src in enumerate(sources)
-    ]
     weights = [float(s.get("weight", 1.0)) for s in specs]
     if any(w <= 0 for w in weights):
         raise ConfigError(f"data source weights must be positive, got {weights}")
-    docs = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
-    rows = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len + 1})
-    batches = rows.batch(batch_size // process_count, drop_remainder=True).map(rows_to_batch)
-    return BatchIterator(batches, sources)
+    sources = [make_source(s, vocab_size=vocab, eos_id=eos, on_error=data_cfg.get("on_error", "raise"))
+               for s in specs]
+    orders = split_orders(sources, split=split, holdout_every=int(data_cfg.get("holdout_every", 0)), seed=seed)
+    per_process = batch_size // process_count
+    rows = range(process_index * per_process, (process_index + 1) * per_process)
+    return BatchIterator(Split(sources, orders, weights, tokenize, num_rows=batch_size, seed=seed), name=split,
+                         rows=rows, seq_len=seq_len, endless=split == "train")

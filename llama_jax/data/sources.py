@@ -1,7 +1,7 @@
 """Document sources: random-access sequences of documents (text or token ids) read from files.
 
-Every source is a ``Sequence`` (``len`` + ``__getitem__``) so grain can shuffle, shard and resume it by
-index. Formats:
+Every source is a ``Sequence`` (``len`` + ``__getitem__``) so the row streams (``streams``) can read, shuffle and
+resume it by index. Formats:
 
     text     plain text files; one document per file, or per blank-line-separated paragraph
     jsonl    JSON Lines with a text field; malformed lines raise DataError naming file and line, or are
