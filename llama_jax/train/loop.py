@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from llama_jax import optim, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.config import ModelConfig
-from llama_jax.data import concat_batches, make_batches, split_rows
+from llama_jax.data import concat_batches, make_batches, merge_states, split_rows
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import pretrain
@@ -108,25 +108,15 @@ class _Logger:
 
 
 def _gather_data_state(local_state: dict) -> dict:
-    """Every process's iterator state, so each resumes its own share of the stream."""
+    """Every process's row positions merged into one state, which any number of processes can resume from."""
     if jax.process_count() == 1:
-        return {"process_count": 1, "processes": [local_state]}
+        return merge_states([local_state])
     encoded = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.int32(encoded.size))
     padded = np.zeros(int(lengths.max()), np.uint8)
     padded[: encoded.size] = encoded
     gathered = multihost_utils.process_allgather(padded)
-    states = [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
-    return {"process_count": jax.process_count(), "processes": states}
-
-
-def _local_data_state(saved: dict) -> dict:
-    if saved.get("process_count") != jax.process_count():
-        raise DataError(
-            f"the checkpoint's data position was saved by {saved.get('process_count')} processes; this run has "
-            f"{jax.process_count()}: resuming would not reproduce the data order"
-        )
-    return saved["processes"][jax.process_index()]
+    return merge_states([json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)])
 
 
 def _scalars(metrics: Mapping) -> dict[str, float]:
@@ -176,7 +166,7 @@ def run(config) -> dict:
         state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
                            opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32))
         state = jax.device_put(state, shardings)
-        data.set_state(_local_data_state(restored.data_state))
+        data.set_state(restored.data_state)
 
     is_main = jax.process_index() == 0
     logger = _Logger(run_dir, is_main)
