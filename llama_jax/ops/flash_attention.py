@@ -363,7 +363,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     [B, T] and [B, S] -> out [B, T, N, H] in v's dtype (and lse [B, T, N] float32 with ``return_lse``).
     Block sizes are powers of two >= 16; lengths are padded up to them."""
     _check_inputs(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids)
-    (b, t, n, h), s = q.shape, k.shape[1]
+    t, h, s = q.shape[1], q.shape[3], k.shape[1]
     bq, bk = _block_size("block_q", block_q, t), _block_size("block_k", block_k, s)
     t_pad, s_pad = -(-t // bq) * bq, -(-s // bk) * bk
     h_pad = max(_MIN_BLOCK, pl.next_power_of_2(h))  # zero columns change no score and no output column
@@ -398,7 +398,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     """TPU splash attention on rows in natural order (see the module docstring): same inputs and output as
     ``flash_attention``, T == S with the same tokens as queries and keys; blocks are multiples of 128."""
     _check_inputs(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids)
-    (b, t, n, h), s = q.shape, k.shape[1]
+    (_, t, n, h), s = q.shape, k.shape[1]
     if t != s:
         raise ConfigError(f"splash attention (causal by index) needs queries and keys of one row: T={t}, S={s}")
     for name, block in (("block_q", block_q), ("block_k", block_k)):
@@ -434,7 +434,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     _check_inputs(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids)
     if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ConfigError(f"cuDNN attention runs in bfloat16 or float16, not {q.dtype}")
-    visible = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & (k_positions[:, None, :] <= q_positions[:, :, None])
+    visible = jax.vmap(_visible)(q_positions, q_segment_ids, k_positions, k_segment_ids)  # [B, T, S]
     causal = natural_order and q.shape[1] == k.shape[1]
     out = jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], is_causal=causal, implementation=implementation)
     return out.astype(v.dtype)
