@@ -84,7 +84,7 @@ def flash(vectors, **kwargs):
 
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
-@pytest.mark.parametrize("heads, kv_heads", [(2, 2), (4, 1)])  # GQA groups 1 and 4
+@pytest.mark.parametrize("heads, kv_heads", [(2, 2), (8, 2)])  # GQA groups 1 and 4
 def test_flash_packed_rows_with_padding(heads, kv_heads, dtype, atol):
     positions, segments = packed_rows()
     vectors = (positions, segments, positions, segments)
@@ -115,6 +115,19 @@ def test_flash_kv_cache_block_at_an_offset():
     assert_matches_reference(flash(vectors, block_k=32), q, k, v, vectors, atol=2e-5, rtol=2e-5)
 
 
+def test_flash_key_block_that_starts_at_the_last_query_position():
+    """The second key block's first key has the query block's last position: the only visible pair of that
+    block pair sits on the boundary of the skipping test, which must keep it."""
+    q_pos = np.arange(16, dtype=np.int32)[None]
+    k_pos = np.r_[16:32, 15:31].astype(np.int32)[None]
+    ones_q, ones_k = np.ones_like(q_pos), np.ones_like(k_pos)
+    vectors = (q_pos, ones_q, k_pos, ones_k)
+    q, k, v = random_qkv(12, 1, 16, 32, 2, 1, 16, jnp.float32)
+    assert_matches_reference(flash(vectors), q, k, v, vectors, atol=2e-5, rtol=2e-5)
+    (lo, hi), _ = fa._loop_bounds(q_pos, ones_q, k_pos, ones_k, 16, 16)
+    assert (lo.tolist(), hi.tolist()) == ([[1]], [[2]])
+
+
 def test_flash_rows_in_any_order():
     """Causality is by position: a row stored in a shuffled order (as context parallelism's zig-zag layout
     stores it) gives the same per-token results, and the block skipping stays exact."""
@@ -126,9 +139,10 @@ def test_flash_rows_in_any_order():
 
 
 def test_flash_pads_lengths_and_head_dim_that_do_not_fit_the_blocks():
-    """T = S = 40 with blocks of 16 and head dim 24: padded to 48 tokens and 32 dims inside, sliced after."""
+    """T = S = 40 with blocks of 16 and head dim 24: padded to 48 tokens and 32 dims inside, sliced after.
+    Row 0 ends in padding (segment 0), which must not see the padded keys."""
     positions, segments = packed_rows()
-    vectors = (positions[:, :40], segments[:, :40]) * 2
+    vectors = (positions[:, 24:], segments[:, 24:]) * 2
     q, k, v = random_qkv(4, 2, 40, 40, 4, 2, 24, jnp.float32)
     assert_matches_reference(flash(vectors), q, k, v, vectors, atol=2e-5, rtol=2e-5)
 
