@@ -147,9 +147,10 @@ def test_flash_pads_lengths_and_head_dim_that_do_not_fit_the_blocks():
     assert_matches_reference(flash(vectors), q, k, v, vectors, atol=2e-5, rtol=2e-5)
 
 
-def test_flash_query_that_sees_no_key_is_finite_with_zero_gradients():
+def test_flash_queries_that_see_no_key_or_only_padding():
     """Query 0 of row 0 has a segment no key carries, query 1 a position before every key of its segment:
-    both give zero output, zero dq, and their cotangents reach no key or value."""
+    both give zero output and a finite log-sum-exp. Neither they nor padding queries pass gradients to real
+    tokens."""
     positions, segments = packed_rows()
     q_pos, q_seg = positions.copy(), segments.copy()
     q_seg[0, 0] = 9
@@ -161,9 +162,12 @@ def test_flash_query_that_sees_no_key_is_finite_with_zero_gradients():
     out, lse = jax.jit(lambda q, k, v: fa.flash_attention(q, k, v, *vectors, block_q=16, block_k=16,
                                                           interpret=True, return_lse=True))(q, k, v)
     assert np.all(np.asarray(out[0, :2]) == 0) and np.all(np.isfinite(np.asarray(lse)))
-    d_out = jnp.zeros(q.shape).at[0, :2].set(1.0)
+    # Cotangents on those two queries and on the padding queries (segment 0) reach no real token.
+    d_out = jnp.zeros(q.shape).at[0, :2].set(1.0).at[0, 50:].set(1.0)
     _, (dq, dk, dv) = values_and_grads(flash(vectors), q, k, v, d_out)
-    assert not np.any(np.asarray(dq)) and not np.any(np.asarray(dk)) and not np.any(np.asarray(dv))
+    real = segments > 0
+    assert not np.any(np.asarray(dq)[real]) and not np.any(np.asarray(dk)[real]) and not np.any(np.asarray(dv)[real])
+    assert np.any(np.asarray(dv)[~real])  # padding queries do see padding keys (same segment 0)
 
 
 def test_flash_log_sum_exp_and_its_gradient():
