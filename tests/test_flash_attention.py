@@ -195,6 +195,24 @@ def test_flash_log_sum_exp_and_its_gradient():
         np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
 
 
+def test_flash_key_halves_merged_by_log_sum_exp():
+    """What context parallelism does: attend to each half of the keys separately and merge the two outputs with
+    softmax weights of their log-sum-exps. Queries whose document lies wholly in one half see nothing in the
+    other (log-sum-exp float32 min, weight 0). Values and gradients, through the merge, equal the formula."""
+    positions, segments = packed_rows()
+    vectors = (positions, segments, positions, segments)
+
+    def merged(q, k, v):
+        parts = [fa.flash_attention(q, k[:, keys], v[:, keys], positions, segments, positions[:, keys],
+                                    segments[:, keys], block_q=16, block_k=16, interpret=True, return_lse=True)
+                 for keys in (slice(0, 32), slice(32, 64))]
+        weights = jax.nn.softmax(jnp.stack([lse for _, lse in parts]), axis=0)  # [2, B, T, N]
+        return sum(w[..., None] * out for (out, _), w in zip(parts, weights))
+
+    q, k, v = random_qkv(13, 2, 64, 64, 4, 2, 16, jnp.float32)
+    assert_matches_reference(jax.jit(merged), q, k, v, vectors, atol=2e-5, rtol=2e-5)
+
+
 def test_block_skipping_bounds_on_packed_rows():
     """Row 0: one 64-token document; row 1: documents of 32 and 32 tokens. With blocks of 16, query block i of
     row 0 visits key blocks [0, i]; in row 1 the second document's query blocks start at key block 2."""

@@ -37,10 +37,12 @@ cuDNN (read from jax 0.10.2's ``jax/_src/nn/functions.py`` and ``jax/_src/cudnn/
 not run here): ``jax.nn.dot_product_attention(..., implementation="cudnn")`` takes our [B, T, N, H] / [B, S, K, H]
 layout and does GQA natively (N a multiple of K), bf16/fp16 only, head dim <= 128 (<= 256 on Hopper) and a multiple
 of 8. Its public arguments express one segment per row (``query_seq_lengths`` / ``key_value_seq_lengths``, i.e.
-right padding) and an index-causal mask (top-left aligned); it has no segment ids. Packed documents need either
-``mask=`` (a boolean [B, 1, T, S] array that jax turns into a dense additive bias, so O(T * S) memory per call) or
-the private ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` with ``q_offsets`` / ``kv_offsets``
-per segment (cuDNN's packed THD layout, Hopper or newer, causal by index within each segment: natural order only).
+right padding) and a causal mask by index (``is_causal``; top-left aligned in jax's own XLA implementation, so it
+cannot place a KV-cache query block at the end of S); it has no segment ids. Packed documents need either ``mask=``
+(a boolean [B, 1, T, S] array that jax turns into a dense additive bias: O(T * S) memory per call, and even T and S
+when training) or the private ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` with
+``q_offsets`` / ``kv_offsets`` per segment (cuDNN's packed THD layout, Hopper or newer; each segment is its own
+sequence there, so causality is by index within it: natural order only).
 ``cudnn_attention`` therefore passes the document mask as ``mask=`` (exact for any order) and sets ``is_causal``
 when the caller promises natural order so cuDNN can skip the upper triangle. ``implementation="xla"`` runs the same
 call on any backend, which is how the tests check its inputs on CPU.
