@@ -13,7 +13,7 @@ a compile. Per kernel: compile seconds, ms, useful TFLOP/s (12 * H FLOPs per vis
 largest difference of output and gradients from the dense path's, relative to the dense values' largest.
 A kernel that fails to compile or run is reported as such and the run goes on. Implementations:
 
-    dense             llama_jax.model's attention ([B, K, T, G, S] float32 scores)
+    dense             llama_jax.ops.attention's attention ([B, K, T, G, S] float32 scores)
     pallas:BQxBK      ops.flash_attention compiled (GPU)  | pallas-interpret  the same in interpret mode (CPU)
     splash            ops.splash_attention (TPU)          | splash-interpret  interpret mode (CPU)
     cudnn             ops.cudnn_attention: jax.nn.dot_product_attention, cuDNN, dense document mask (GPU)
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.model import attention_mask, dot_product_attention
 from llama_jax.ops import flash_attention as fa
+from llama_jax.ops.attention import attention_mask, dot_product_attention
 
 SHAPES = {  # name: (batch, length, heads, kv heads, head dim)
     "tiny": (2, 256, 4, 2, 32),

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from llama_jax.errors import ConfigError
-from llama_jax.model import attention_mask, dot_product_attention
 from llama_jax.ops import flash_attention as fa
+from llama_jax.ops.attention import attention_mask, dot_product_attention
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -92,7 +92,7 @@ def test_flash_packed_rows_with_padding(heads, kv_heads, dtype, atol):
     assert_matches_reference(flash(vectors), q, k, v, vectors, atol=atol, rtol=atol)
 
 
-def test_flash_equals_the_models_dense_attention():
+def test_flash_equals_the_dense_attention():
     positions, segments = packed_rows()
     q, k, v = random_qkv(1, 2, 64, 64, 4, 2, 32, jnp.float32)
     dense = dot_product_attention(q, k, v, attention_mask(positions, segments, positions, segments))

@@ -7,12 +7,12 @@
     if impl != "dense":
         out = fused_attention(q, k, v, positions, segment_ids, positions, segment_ids, impl=impl, natural_order=True)
 
-Semantics are the dense attention's (``model.attention_mask`` + ``model.dot_product_attention``): q [B, T, N, H],
-k/v [B, S, K, H], query head n reads key/value head n // (N // K); scale 1/sqrt(H); key s is visible to query t iff
-both carry the same segment id and k_positions[s] <= q_positions[t] (causal by position, so a row may be stored in
-any order). Softmax in float32, output in v's dtype. One difference, shared with ring attention: a query that sees
-no key at all gets a zero output (dense softmax gives it the mean of every value) and a log-sum-exp of float32's
-most negative finite number, so merging per-block results never computes inf - inf; its gradients are zero.
+Semantics are those of the dense attention (``ops.attention``): q [B, T, N, H], k/v [B, S, K, H], query head n
+reads key/value head n // (N // K); scale 1/sqrt(H); key s is visible to query t iff both carry the same segment id
+and k_positions[s] <= q_positions[t] (causal by position, so a row may be stored in any order). Softmax in float32,
+output in v's dtype. One difference, shared with ring attention: a query that sees no key at all gets a zero output
+(dense softmax gives it the mean of every value) and a log-sum-exp of float32's most negative finite number, so
+merging per-block results never computes inf - inf; its gradients are zero.
 
 ``flash_attention`` (Pallas; Triton lowering on GPU, ``interpret=True`` anywhere): grid (query block, batch, query
 head); each program folds key blocks into a float32 online softmax, so no [T, S] array exists. Key/value heads are
