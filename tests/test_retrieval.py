@@ -13,7 +13,7 @@ import pytest
 from llama_jax import checkpoint, model
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
-from llama_jax.data import JsonlSource
+from llama_jax.data import JsonlSource, make_batches
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.eval import retrieval as r
 from llama_jax.tokenizer import ByteTokenizer, get_tokenizer
@@ -206,6 +206,11 @@ def test_training_corpus_is_deterministic_jsonl_with_answers(tmp_path):
         lengths.append(prompt_tokens)
         depths.append(text.index("The pass key is") / text.index("What is"))
     assert max(lengths) - min(lengths) > 50 and max(depths) - min(depths) > 0.5  # spread over the ranges
+    # The library's data pipeline reads it: documents framed by <|begin_of_text|> ... <|end_of_text|>.
+    batches = make_batches(dict(sources=[dict(format="jsonl", path=str(tmp_path / "a.jsonl"), weight=1.0)],
+                                seq_len=256, batch_size=2, add_bos=True, seed=0, holdout_every=0), BYTE)
+    row = next(batches)["tokens"][0].tolist()
+    assert row[0] == BYTE.bos_id and BYTE.decode(row[1 : row.index(BYTE.eos_id)]) in list(docs)
     with pytest.raises(ConfigError, match="base"):
         next(r.training_documents(BYTE, 1, 200, 300, task=r.Task(prompt_format="chat")))
 
