@@ -22,12 +22,14 @@ setup(
     ],
     extras_require={
         "tokenizer": ["llama-models==0.3.0"],
+        "plots": ["matplotlib==3.11.2"],
         "test": [
             "pytest==9.0.3",
             "torch==2.13.0",
             "transformers==5.24.0",
             "llama-models==0.3.0",
             "ruff==0.17.6",
+            "matplotlib==3.11.2",
         ],
     },
 )
