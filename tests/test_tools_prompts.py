@@ -34,8 +34,8 @@ def doc_examples() -> dict[str, list[tuple[str, str]]]:
     examples = {}
     for section in re.split(r"^## ", text, flags=re.MULTILINE)[1:]:
         title = section.split("\n", 1)[0].strip()
-        pairs = re.findall(r"##### Input Prompt Format\n```\n(.*?)\n```\n\n##### Model Response Format\n```\n(.*?)\n```",
-                           section, re.DOTALL)
+        pairs = re.findall(r"##### Input Prompt Format\n```\n(.*?)\n```\n\n"
+                           r"##### Model Response Format\n```\n(.*?)\n```", section, re.DOTALL)
         if pairs:
             examples[title] = pairs
     return examples
