@@ -85,22 +85,29 @@ def run_python(code: str, limits: Limits = Limits(), *, network_namespace: bool 
         shutil.rmtree(private, ignore_errors=True)
 
 
+def code_interpreter(code: str, limits: Limits = Limits()) -> str:
+    """The ipython turn for ``code``: the tool that `llama_jax.tools.runner` calls for <|python_tag|> code."""
+    return run_python(code, limits).ipython_content()
+
+
 def _run(code, limits, scratch, private, network_namespace, landlock, audit_hook) -> Result:
     prefix = _netns_prefix() if network_namespace else []
-    stdout, stderr = open(private / "stdout", "w+b"), open(private / "stderr", "w+b")
-    report_read, report_write = os.pipe()
+    report_read, report_write = os.pipe()  # the child reports which layers took effect
     settings = {"scratch": str(scratch), "memory_bytes": limits.memory_mb << 20, "file_bytes": limits.file_mb << 20,
                 "cpu_seconds": int(limits.seconds) + 1, "landlock": landlock, "audit_hook": audit_hook,
                 "report_fd": report_write}
     start = time.monotonic()
-    with stdout, stderr:
-        child = subprocess.Popen(
-            [*prefix, sys.executable, "-I", str(CHILD_SCRIPT), json.dumps(settings)],
-            stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, cwd=scratch,
-            env={**BASE_ENV, "HOME": str(scratch), "TMPDIR": str(scratch)},
-            pass_fds=(report_write,), start_new_session=True,
-        )
-        os.close(report_write)
+    with (open(private / "stdout", "w+b") as stdout, open(private / "stderr", "w+b") as stderr,
+          os.fdopen(report_read) as report):
+        try:
+            child = subprocess.Popen(
+                [*prefix, sys.executable, "-I", str(CHILD_SCRIPT), json.dumps(settings)],
+                stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, cwd=scratch,
+                env={**BASE_ENV, "HOME": str(scratch), "TMPDIR": str(scratch)},
+                pass_fds=(report_write,), start_new_session=True,
+            )
+        finally:
+            os.close(report_write)
         timed_out = False
         try:
             child.communicate(code.encode(), timeout=limits.seconds)
@@ -109,8 +116,7 @@ def _run(code, limits, scratch, private, network_namespace, landlock, audit_hook
         finally:
             _kill_group(child.pid)  # also whatever the code may have left running
             child.wait()
-        with os.fdopen(report_read) as report:
-            layers = json.loads(report.read() or '{"layers": []}')["layers"]
+        layers = json.loads(report.read() or '{"layers": []}')["layers"]
         return Result(
             stdout=_read(stdout, limits.output_chars),
             stderr=_read(stderr, limits.output_chars) + (f"timed out after {limits.seconds:g} s" if timed_out else ""),
@@ -149,8 +155,3 @@ def _netns_prefix() -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     return command if probe.returncode == 0 else []
-
-
-def code_interpreter(code: str, limits: Limits = Limits()) -> str:
-    """The ipython turn for ``code``: the tool that `llama_jax.tools.runner` calls for <|python_tag|> code."""
-    return run_python(code, limits).ipython_content()
