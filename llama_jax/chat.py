@@ -87,10 +87,10 @@ class Chat:
 
 def terminal_tools(names: Sequence[str]) -> dict:
     """The tools for ``--tools``: the sandboxed interpreter; search and math answered on the terminal."""
-    tools = {"code_interpreter": interpreter.code_interpreter}
-    for name in ("brave_search", "wolfram_alpha"):
-        tools[name] = lambda query, name=name: input(f"[{name} result for {query!r}]> ")
-    return {name: tools[name] for name in names}
+    def ask(name: str):
+        return lambda query: input(f"[{name} result for {query!r}]> ")
+
+    return {name: interpreter.code_interpreter if name == "code_interpreter" else ask(name) for name in names}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
