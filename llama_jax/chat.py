@@ -6,6 +6,10 @@ Each input line is a user turn; the reply streams as it is generated. ``/reset``
 (keeping the system prompt), ``/exit`` or end of input quits. A reply that starts with <|python_tag|>
 is a tool call (Llama 3.1 ends it with <|eom_id|>): it is shown as ``[tool call] ...`` and the next
 input line is taken as the tool's output (an ``ipython`` turn), after which the assistant continues.
+
+``--tools code_interpreter,brave_search,wolfram_alpha`` runs the tool loop of `llama_jax.tools` instead:
+the system prompt turns the tools on, code runs in the sandboxed interpreter, and search / math calls
+(no service is built in) ask for their result on the terminal; ``--max-tool-calls`` caps each turn.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from llama_jax import cli, sharding
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
 from llama_jax.errors import DataError
+from llama_jax.tools import interpreter, prompts, runner
 
 USER, ASSISTANT, TOOL = "user> ", "assistant> ", "tool> "
 
@@ -66,18 +71,46 @@ class Chat:
         self.messages.append(reply)
         return reply
 
+    def say_with_tools(self, content: str, tools: dict, max_tool_calls: int = 5) -> list[dict]:
+        """Adds a user turn and runs the tool loop (`llama_jax.tools.runner`) until the assistant has answered."""
+        before = len(self.messages)
+        self.messages.append({"role": "user", "content": content})
+        generate = runner.model_generator(self.params, self.cfg, self.tokenizer, max_new_tokens=self.max_new_tokens,
+                                          seed=self.seed, **self.sampling)
+        self.seed += max_tool_calls + 1  # one seed per generation of the turn
+        try:
+            return runner.run_turn(self.messages, generate, self.tokenizer, tools, max_tool_calls=max_tool_calls,
+                                   out=self.out)
+        except DataError:
+            del self.messages[before:]
+            raise
+
+
+def terminal_tools(names: Sequence[str]) -> dict:
+    """The tools for ``--tools``: the sandboxed interpreter; search and math answered on the terminal."""
+    def ask(name: str):
+        return lambda query: input(f"[{name} result for {query!r}]> ")
+
+    return {name: interpreter.code_interpreter if name == "code_interpreter" else ask(name) for name in names}
+
 
 parser = cli.parser("python -m llama_jax.chat", __doc__.split("\n")[0])
 cli.add_checkpoint(parser)
 cli.add_sampling(parser)
 cli.add_mesh(parser)
 parser.add_argument("--system", default=None, help="system prompt")
+parser.add_argument("--tools", default=None, help="turn on tools: a comma-separated subset of "
+                    f"{','.join(prompts.BUILTIN_TOOLS)}")
+parser.add_argument("--max-tool-calls", type=int, default=5, help="tool calls per turn at most (with --tools)")
 
 
 def run(args: argparse.Namespace) -> dict:
+    tool_names = [name.strip() for name in args.tools.split(",") if name.strip()] if args.tools else []
+    system = prompts.system_prompt(tool_names, instruction=args.system) if tool_names else args.system
+    tools = terminal_tools(tool_names)
     params, cfg, tok = gen.load_model(args.checkpoint, args.tokenizer)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    chat = Chat(params, cfg, tok, system=args.system, max_new_tokens=args.max_new_tokens, mesh=mesh,
+    chat = Chat(params, cfg, tok, system=system, max_new_tokens=args.max_new_tokens, mesh=mesh,
                 **cli.sampling_kwargs(args))
     role, prompt, turns = "user", USER, 0
     while True:
@@ -93,6 +126,10 @@ def run(args: argparse.Namespace) -> dict:
             role, prompt = "user", USER
             continue
         try:
+            if tools:
+                chat.say_with_tools(line, tools, args.max_tool_calls)
+                turns += 1
+                continue
             reply = chat.say(role, line)
         except DataError as e:
             print(f"error: {e}")

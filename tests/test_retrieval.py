@@ -249,9 +249,9 @@ def test_cli_writes_json_and_heatmap_of_greedy_replies(tiny_checkpoint, tmp_path
     # The replies are the library's greedy generations on the grid's prompts (the checkpoint's byte tokenizer).
     records = json.loads(full.read_text())["records"]
     grid = r.make_grid(BYTE, r.Task("passkey"), [180, 240], [0, 1], 2)
-    params = gen.inference_layout(params, CFG)
+    params, cfg = gen.inference_layout(params, CFG)
     outs = [out for cell in (grid[:4], grid[4:])  # batched per length like the command, to share its shapes
-            for out in gen.generate(params, CFG, [s.tokens for s in cell], 8, stop_ids=BYTE.stop_ids)]
+            for out in gen.generate(params, cfg, [s.tokens for s in cell], 8, stop_ids=BYTE.stop_ids)]
     expected = [BYTE.decode([t for t in out if t not in BYTE.stop_ids]) for out in outs]
     assert [rec["reply"] for rec in records] == expected
     assert [rec["correct"] for rec in records] == [r.is_correct(e, s, r.Task()) for e, s in zip(expected, grid)]

@@ -50,16 +50,14 @@ import dataclasses
 import itertools
 import json
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from llama_jax import generate
+from llama_jax import cli, generate
 from llama_jax.config import ModelConfig
-from llama_jax.errors import ConfigError, DataError, LlamaJaxError
+from llama_jax.errors import ConfigError, DataError
 from llama_jax.tokenizer import Tokenizer
 
 # The passkey filler, repeated in this order (the short, repetitive haystack of the passkey literature).
@@ -499,14 +497,6 @@ def write_training_corpus(path: str | Path, tok: Tokenizer, count: int, min_leng
 # --- CLI ---------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """Bad arguments: the usage, then ``error: ...`` and exit 2, like every llama_jax command."""
-        self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
@@ -527,53 +517,53 @@ def _depth_list(text: str) -> list[float]:
     return values
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m llama_jax.eval.retrieval", description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="llama_jax run/checkpoint dir, HF dir or Meta dir")
-    parser.add_argument("--tokenizer", default=None, help="llama3 | byte | path (default: the checkpoint's)")
-    parser.add_argument("--task", choices=KINDS, default="passkey")
-    parser.add_argument("--needles", type=int, default=None, help="multi: number of needles (default 4)")
-    parser.add_argument("--ask", choices=ASKS, default="one", help="multi: ask for one needle or all of them")
-    parser.add_argument("--value", choices=VALUES, default="number", help="needle / multi: numbers or words")
-    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="base",
-                        help="base: the prompt ends with the answer's start; chat: a Llama 3 user turn")
-    parser.add_argument("--no-bos", action="store_true", help="base prompts without <|begin_of_text|>")
-    parser.add_argument("--lengths", type=_int_list, default=[256, 1024, 2048], help="prompt lengths in tokens")
-    parser.add_argument("--depths", type=_depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths")
-    parser.add_argument("--samples", type=int, default=4, help="prompts per (length, depth) cell")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the longest answer + 8")
-    parser.add_argument("--plot", default=None, help="write the heatmap to this image file (needs matplotlib)")
-    parser.add_argument("--json", default=None, help="write the full result, every reply included, to this file")
-    args = parser.parse_args(argv)
-    try:
-        task = Task(args.task, needles=args.needles, ask=args.ask, value=args.value,
-                    prompt_format=args.prompt_format, bos=not args.no_bos)
-        _check_grid(args.lengths, args.depths, args.samples)
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        if args.plot:
-            require_matplotlib()  # before the run, not after it
-        generate_fn, tok = checkpoint_generate_fn(args.checkpoint, task, max(args.lengths), tokenizer=args.tokenizer,
-                                                  max_new_tokens=args.max_new_tokens)
-        with tqdm(total=len(args.lengths) * len(args.depths) * args.samples, desc=f"{task.kind} retrieval",
-                  unit="prompt", file=sys.stderr) as bar:
-            result = evaluate(generate_fn, tok, task, args.lengths, args.depths, args.samples, seed=args.seed,
-                              batch_size=args.batch_size, progress=bar.update)
-        if args.json:
-            result.save_json(args.json)
-        if args.plot:
-            plot_heatmap(result, args.plot)
-    except LlamaJaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+parser = cli.parser("python -m llama_jax.eval.retrieval", __doc__.split("\n")[0])
+cli.add_checkpoint(parser)
+parser.add_argument("--tokenizer", default=None, help="llama3 | byte | path (default: the checkpoint's)")
+parser.add_argument("--task", choices=KINDS, default="passkey")
+parser.add_argument("--needles", type=int, default=None, help="multi: number of needles (default 4)")
+parser.add_argument("--ask", choices=ASKS, default="one", help="multi: ask for one needle or all of them")
+parser.add_argument("--value", choices=VALUES, default="number", help="needle / multi: numbers or words")
+parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="base",
+                    help="base: the prompt ends with the answer's start; chat: a Llama 3 user turn")
+parser.add_argument("--no-bos", action="store_true", help="base prompts without <|begin_of_text|>")
+parser.add_argument("--lengths", type=_int_list, default=[256, 1024, 2048], help="prompt lengths in tokens")
+parser.add_argument("--depths", type=_depth_list, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths")
+parser.add_argument("--samples", type=int, default=4, help="prompts per (length, depth) cell")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--batch-size", type=int, default=8)
+parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the longest answer + 8")
+parser.add_argument("--plot", default=None, help="write the heatmap to this image file (needs matplotlib)")
+parser.add_argument("--json", default=None, help="write the full result, every reply included, to this file")
+
+
+def run(args: argparse.Namespace) -> dict:
+    task = Task(args.task, needles=args.needles, ask=args.ask, value=args.value,
+                prompt_format=args.prompt_format, bos=not args.no_bos)
+    _check_grid(args.lengths, args.depths, args.samples)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.plot:
+        require_matplotlib()  # before the run, not after it
+    generate_fn, tok = checkpoint_generate_fn(args.checkpoint, task, max(args.lengths), tokenizer=args.tokenizer,
+                                              max_new_tokens=args.max_new_tokens)
+    with cli.progress(total=len(args.lengths) * len(args.depths) * args.samples, desc=f"{task.kind} retrieval",
+                      unit="prompt") as bar:
+        result = evaluate(generate_fn, tok, task, args.lengths, args.depths, args.samples, seed=args.seed,
+                          batch_size=args.batch_size, progress=bar.update)
+    if args.json:
+        result.save_json(args.json)
+    if args.plot:
+        plot_heatmap(result, args.plot)
     for length, row in zip(result.lengths, result.accuracy):
         cells = "  ".join(f"{d:.0%}: {a:.2f}" for d, a in zip(result.depths, row))
-        print(f"length {length}: {cells}", file=sys.stderr)
-    print(json.dumps({**result.summary(), "checkpoint": args.checkpoint, "plot": args.plot, "json": args.json}))
-    return 0
+        cli.log(f"length {length}: {cells}")
+    return {**result.summary(), "checkpoint": args.checkpoint, "plot": args.plot, "json": args.json}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(parser, run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
