@@ -43,7 +43,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -135,7 +135,8 @@ def _rng_from_json(d: dict | None):
     return jax.numpy.asarray(data) if d["impl"] is None else jax.random.wrap_key_data(data, impl=d["impl"])
 
 
-def _metadata(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, mesh, rng, params, has_opt_state):
+def _metadata(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, mesh, rng, params, has_opt_state,
+              init_from: dict | None = None, extra_params: Sequence[str] = ()):
     return {
         "format_version": FORMAT_VERSION,
         "llama_jax_version": llama_jax.__version__,
@@ -145,6 +146,8 @@ def _metadata(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, 
         "model_config": _jsonable(cfg.to_dict()),
         "param_layout": "stacked" if cfg.scan_layers else "per_layer",
         "quantization": quantized.mode_of(params),
+        "extra_params": sorted(extra_params),
+        "init_from": init_from,
         "tokenizer": None if tokenizer is None else {"name": tokenizer["name"], "sha256": tokenizer["sha256"]},
         "mesh": _mesh_shape(mesh, params),
         "rng": _rng_json(rng),
@@ -153,9 +156,10 @@ def _metadata(step: int, cfg: ModelConfig, stage: str, stage_config, tokenizer, 
     }
 
 
-def _check_params(params, cfg: ModelConfig) -> None:
+def _check_params(params, cfg: ModelConfig, extra_params: Sequence[str]) -> None:
+    """The tree must be what ``cfg`` describes, plus the top-level leaves a stage declares (a reward head)."""
     try:
-        model.check_params(params, cfg)
+        model.check_params({k: v for k, v in params.items() if k not in extra_params}, cfg)
     except ConfigError as e:
         raise CheckpointError(f"refusing to save: {e}") from e
 
@@ -177,18 +181,20 @@ class CheckpointManager:
 
     def save(self, step: int, *, params, cfg: ModelConfig, stage: str, opt_state=None, data_state: dict | None = None,
              rng=None, stage_config: dict | None = None, tokenizer: dict | None = None, mesh=None,
-             force: bool = False) -> bool:
+             init_from: dict | None = None, extra_params: Sequence[str] = (), force: bool = False) -> bool:
         """Starts saving ``step``; False (nothing written) when that step already exists.
 
+        init_from: where the run took its first parameters ({"path", "format", "step", "stage"}), recorded.
+        extra_params: top-level entries of ``params`` that a stage adds to the Llama tree (e.g. "reward_head").
         force: save even where orbax's policy would skip (e.g. a step older than the newest one).
         """
         if step in self.all_steps():
             return False
-        _check_params(params, cfg)
+        _check_params(params, cfg, extra_params)
         items = {
             "params": ocp.args.StandardSave(params),
             "metadata": ocp.args.JsonSave(_metadata(step, cfg, stage, stage_config, tokenizer, mesh, rng, params,
-                                                    opt_state is not None)),
+                                                    opt_state is not None, init_from, extra_params)),
         }
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -340,7 +346,8 @@ def detect_format(path: str) -> str:
     )
 
 
-def _resolve_step_dir(path: str) -> str:
+def resolve_step_dir(path: str) -> str:
+    """A step directory itself, or the newest complete step of a run directory."""
     if is_checkpoint_dir(path):
         return path
     run_checkpoints = os.path.join(path, CHECKPOINTS_DIR)
@@ -364,7 +371,7 @@ def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] 
         params, cfg = (hf_format if fmt == "hf" else meta_format).read(path, progress=progress)
         placement = None if shardings is None else _param_shardings(shardings, params, cfg)
         return jax.device_put(params, placement), cfg, {"format": fmt, "path": os.path.abspath(path)}
-    step_dir = _resolve_step_dir(path)
+    step_dir = resolve_step_dir(path)
     metadata = read_metadata(step_dir)
     layout = metadata.get("param_layout")
     if layout not in LAYOUTS:
@@ -376,6 +383,12 @@ def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] 
         return jax.device_put(params, placement), cfg, metadata
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           model.param_shapes(cfg), _param_shardings(shardings, None, cfg))
+    if metadata.get("extra_params") and isinstance(shardings, jax.sharding.Mesh):  # a stage's own leaves (a
+        saved = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers())).metadata(step_dir)  # reward head)
+        replicated = jax.sharding.NamedSharding(shardings, jax.sharding.PartitionSpec())
+        for name in metadata["extra_params"]:
+            target[name] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                                        saved.item_metadata["params"].tree[name])
     return restore_dir(step_dir, params_target=target, params_only=True).params, cfg, metadata
 
 

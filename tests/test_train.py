@@ -171,8 +171,8 @@ def test_nonfinite_step_is_not_applied(corpus):
     cfg = config.get("tiny", num_layers=2)
     base = make_loss_fn(cfg, chunk_size=200)
 
-    def poisoned(params, batch, rng):  # NaN whenever the first target is 0
-        loss, metrics = base(params, batch, rng)
+    def poisoned(params, batch, rng, frozen):  # NaN whenever the first target is 0
+        loss, metrics = base(params, batch, rng, frozen)
         return jnp.where(batch["targets"][0, 0] == 0, jnp.nan, loss), metrics
 
     _, state, step = _tiny_setup(mesh, loss_fn=poisoned)

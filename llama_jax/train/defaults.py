@@ -1,4 +1,4 @@
-"""Every key of a pretraining experiment config, with its default; configs/pretrain/*.py start from here.
+"""Every key of an experiment config, with its default; configs/<stage>/*.py start from here.
 
 Any key can be overridden on the command line: ``--config.optimizer.peak_lr=3e-4`` is an error,
 ``--config.schedule.peak_lr=3e-4`` is right (keys are checked; unknown ones are rejected).
@@ -13,7 +13,9 @@ from llama_jax import config as config_lib
 
 def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.stage = "pretrain"  # which stage's loss and batches: pretrain (llama_jax.train.loop.STAGES)
     c.run_dir = ""  # where checkpoints/, metrics.jsonl and tb/ go (required)
+    c.init_from = ""  # start from these weights (llama_jax run/step dir, HF dir, Meta dir) unless run_dir resumes
     c.seed = 0  # parameter init and the step RNG
     # Every ModelConfig field, from the preset, so each can be overridden (rope_scaling is a dict or None).
     c.model = config_lib.get(preset, **model_overrides).to_dict()

@@ -1,9 +1,13 @@
-"""The training loop: ``python -m llama_jax.train --config configs/pretrain/tiny.py --config.run_dir=/tmp/run``.
+"""The training loop of every stage: ``python -m llama_jax.train --config configs/<stage>/<name>.py``.
 
-One explicit loop for every run: build (or resume) the sharded state, pull batches, step, log, evaluate,
-checkpoint. Resuming restores params, optimizer state, step, RNG and the data iterator's position, so a
-resumed run takes exactly the steps an uninterrupted one would have taken. SIGTERM (preemption) saves a
-checkpoint and returns normally (exit status 0).
+    run = build(config)        # stage, mesh, sharded state (fresh, from init_from, or resumed), step, data
+    summary = fit(run)         # step, log, evaluate, checkpoint until train.steps; returns the last metrics
+
+``config.stage`` picks the stage (``STAGES``); the stage brings its loss and batches, the loop is the same for all.
+Resuming restores params, optimizer state, step, RNG and the data streams' position, so a resumed run takes
+exactly the steps an uninterrupted one would have taken; a run directory with a checkpoint always resumes, before
+``init_from`` (a llama_jax run or step directory, a Hugging Face or a Meta directory) is looked at. SIGTERM
+(preemption) saves a checkpoint and returns normally (exit status 0).
 
 Run directory:
     <run_dir>/checkpoints/<step>/   (llama_jax.checkpoint)
@@ -14,28 +18,35 @@ Only process 0 writes logs; every process takes part in checkpointing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
+import optax
 from jax.experimental import multihost_utils
 
-from llama_jax import optim, sharding
+from llama_jax import checkpoint, cli, model, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.config import ModelConfig
-from llama_jax.data import concat_batches, make_batches, merge_states, split_rows
-from llama_jax.errors import ConfigError, DataError, LlamaJaxError
-from llama_jax.tokenizer import get_tokenizer
+from llama_jax.data import concat_batches, merge_states, split_rows
+from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
+from llama_jax.tokenizer import Tokenizer, get_tokenizer
 from llama_jax.train import pretrain
-from llama_jax.train.step import TrainState, abstract_state, create_state, make_eval_step, make_train_step
+from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
-STAGE = "pretrain"
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE,)}
+
+# ModelConfig fields that make the architecture: a run started from weights must agree with them.
+ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_embeddings")
 
 
 def model_config(section: Mapping) -> ModelConfig:
@@ -86,7 +97,7 @@ class _Logger:
         self.enabled = enabled
         self._file = self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # optional writer, imported only by the process that logs
 
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(run_dir / "metrics.jsonl", "a")
@@ -123,73 +134,156 @@ def _scalars(metrics: Mapping) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
 
-def run(config) -> dict:
-    """Trains as ``config`` says (see configs/pretrain/tiny.py); returns the last logged metrics and eval."""
+def _tokens(batch: Mapping) -> int:
+    """Input tokens in a batch (preference batches nest their rows: chosen, rejected, ...)."""
+    return sum(leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(batch)
+               if getattr(path[-1], "key", None) == "tokens")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything ``fit`` needs, made by ``build``."""
+
+    config: Any
+    stage: Stage
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+    mesh: jax.sharding.Mesh
+    schedule: optax.Schedule
+    ramp: tuple[optim.RampStage, ...]
+    state: TrainState
+    train_step: Any
+    eval_step: Any
+    data: Iterator[dict]
+    checkpoints: CheckpointManager
+    resumed_from: int | None
+    init_from: dict | None  # where a fresh run took its parameters: {"path", "format", "step"}
+
+
+def _start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, dict]:
+    """A Llama tree to start a stage from (any format), checked against the architecture the config names."""
+    params, source_cfg, metadata = checkpoint.load(path, shardings=mesh if _is_stacked(path) else None)
+    if not source_cfg.scan_layers:
+        params = model.stack_layers(params, source_cfg.num_layers)
+    differences = [f"{name}: checkpoint {getattr(source_cfg, name)!r}, config {getattr(cfg, name)!r}"
+                   for name in ARCHITECTURE if getattr(source_cfg, name) != getattr(cfg, name)]
+    if differences:
+        raise ConfigError(f"init_from {path} is not the model config.model describes:\n  " + "\n  ".join(differences))
+    llama = {k: params[k] for k in model.param_shapes(cfg)}  # a stage's extra leaves (a reward head) stay behind
+    source = {"path": os.path.abspath(path), "format": metadata.get("format", "llama_jax"),
+              "step": metadata.get("step"), "stage": metadata.get("stage")}
+    return llama, source_cfg, source
+
+
+def _is_stacked(path: str) -> bool:
+    """Whether ``checkpoint.load`` can place this source straight onto the mesh's shardings (stacked, unquantized
+    llama_jax trees, HF and Meta directories); per-layer trees are stacked on the host first."""
+    if checkpoint.detect_format(path) != "llama_jax":
+        return True
+    metadata = checkpoint.read_metadata(checkpoint.resolve_step_dir(path))
+    return metadata.get("param_layout") == "stacked" and not metadata.get("quantization")
+
+
+def build(config) -> Run:
+    """A run from an experiment config (see configs/<stage>/*.py): resumed from ``run_dir`` when it holds a
+    checkpoint, else started from ``init_from`` or from fresh parameters."""
     if not config.run_dir:
         raise ConfigError("config.run_dir is empty: pass --config.run_dir=/path/to/run")
-    run_dir = Path(config.run_dir)
+    if config.stage not in STAGES:
+        raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
+    stage = STAGES[config.stage]
     cfg = model_config(config.model)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids; the model's vocabulary "
                           f"is only {cfg.vocab_size}")
-    mesh = sharding.make_mesh(config.mesh or None)
-    total_steps = int(config.schedule.total_steps)
-    stop_step = int(config.train.steps or total_steps)
-    sched = optim.lr_schedule(
-        config.schedule.peak_lr, config.schedule.warmup_steps, config.schedule.decay_steps,
-        config.schedule.min_lr_ratio, config.schedule.anneal_steps, total_steps)
-    opt = config.optimizer
-    tx = optim.adamw(sched, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                     clip_norm=opt.clip_norm or None, decay_embeddings=opt.decay_embeddings)
-    data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
-    ramp = optim.parse_ramp(list(config.schedule.ramp), data_seq)
     if config.train.on_nonfinite not in ("skip", "halt"):
         raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
+    mesh = sharding.make_mesh(config.mesh or None)
+    s, opt = config.schedule, config.optimizer
+    schedule = optim.lr_schedule(s.peak_lr, s.warmup_steps, s.decay_steps, s.min_lr_ratio, s.anneal_steps,
+                                 s.total_steps)
+    tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                     clip_norm=opt.clip_norm or None, decay_embeddings=opt.decay_embeddings)
+    data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
+    ramp = optim.parse_ramp(list(s.ramp), data_seq)
 
-    loss_fn = pretrain.make_loss_fn(cfg, chunk_size=opt.loss_chunk or None, z_loss=opt.z_loss)
-    abstract = abstract_state(cfg, tx, mesh)
+    loss_fn = stage.make_loss_fn(cfg, config)
+    abstract = abstract_state(cfg, tx, mesh, stage)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    train_step = make_train_step(loss_fn, tx, mesh, shardings, schedule=sched,
+    train_step = make_train_step(loss_fn, tx, mesh, shardings, schedule=schedule,
                                  microbatch_tokens=data_rows * data_seq // int(opt.grad_accum))
-    eval_step = make_eval_step(loss_fn, mesh, shardings.params)
-    data = make_batches(config.data, tokenizer)
+    eval_step = make_eval_step(loss_fn, mesh, shardings)
+    data = stage.make_batches(config, tokenizer, "train")
 
-    checkpoints = CheckpointManager(run_dir, keep_last=config.checkpoint.keep_last,
+    checkpoints = CheckpointManager(config.run_dir, keep_last=config.checkpoint.keep_last,
                                     keep_every=config.checkpoint.keep_every or None,
                                     async_save=config.checkpoint.async_save)
-    latest = checkpoints.latest_step()
-    if latest is None:
-        state = create_state(cfg, tx, mesh, seed=config.seed)
-    else:
+    latest, init_from = checkpoints.latest_step(), None
+    if latest is not None:
         restored = checkpoints.restore(latest, params_target=abstract.params, opt_state_target=abstract.opt_state)
+        init_from = restored.metadata.get("init_from")
+        frozen = None
+        if stage.frozen is not None:  # not in the checkpoint: rebuilt from where the run started
+            if not init_from:
+                raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
+                                      "from the run's init_from on resume, but its checkpoint records none")
+            start, _, _ = _start_from(init_from["path"], cfg, mesh)
+            frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
         state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
-                           opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32))
+                           opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)
         state = jax.device_put(state, shardings)
         data.set_state(restored.data_state)
+    elif config.init_from:
+        start, _, init_from = _start_from(config.init_from, cfg, mesh)
+        state = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start)
+    else:
+        state = create_state(cfg, tx, mesh, config.seed, stage=stage)
+    return Run(config=config, stage=stage, cfg=cfg, tokenizer=tokenizer, mesh=mesh, schedule=schedule, ramp=ramp,
+               state=state, train_step=train_step, eval_step=eval_step, data=data, checkpoints=checkpoints,
+               resumed_from=latest, init_from=init_from)
 
+
+def _banner(run: Run, stop_step: int) -> str:
+    c, step = run.config, int(run.state.step)
+    tokens = int(c.data.batch_size) * int(c.data.seq_len)
+    start = (f"resumed from step {run.resumed_from}" if run.resumed_from is not None
+             else f"started from {run.init_from['path']}" if run.init_from else "fresh parameters")
+    return (f"llama_jax {run.stage.name}: {run.cfg.num_params():,} parameters, {jax.device_count()} "
+            f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), mesh "
+            f"{dict(run.mesh.shape)}; {tokens:,} tokens per data batch; steps {step} -> {stop_step}; {start}; "
+            f"writing to {os.path.abspath(c.run_dir)}")
+
+
+def fit(run: Run) -> dict:
+    """Trains ``run`` up to ``config.train.steps`` (or the schedule's end); returns the last logged metrics."""
+    config, cfg, data = run.config, run.cfg, run.data
+    stop_step = int(config.train.steps or config.schedule.total_steps)
+    data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
     is_main = jax.process_index() == 0
-    logger = _Logger(run_dir, is_main)
+    logger = _Logger(Path(config.run_dir), is_main)
     peak = float(config.logging.peak_tflops) * 1e12 or measure_peak_flops()
-    eval_batches = None
-    tokenizer_info = {"name": tokenizer.name, "sha256": tokenizer.sha256}
-    step = int(state.step)
-    if latest is not None:
-        logger.write(step, {"resumed_from": float(latest)})
+    tokenizer_info = {"name": run.tokenizer.name, "sha256": run.tokenizer.sha256}
+    state, step, eval_batches = run.state, int(run.state.step), None
+    extra_params = sorted(set(state.params) - set(model.param_shapes(cfg)))  # the stage's own leaves
+    cli.log(_banner(run, stop_step))
+    if run.resumed_from is not None:
+        logger.write(step, {"resumed_from": float(run.resumed_from)})
 
     def save(force: bool) -> None:
-        checkpoints.save(int(state.step), params=state.params, cfg=cfg, stage=STAGE, opt_state=state.opt_state,
-                         data_state=_gather_data_state(data.get_state()), rng=state.rng,
-                         stage_config=config.to_dict(), tokenizer=tokenizer_info, mesh=mesh, force=force)
+        run.checkpoints.save(int(state.step), params=state.params, cfg=cfg, stage=run.stage.name,
+                             opt_state=state.opt_state, data_state=_gather_data_state(data.get_state()),
+                             rng=state.rng, stage_config=config.to_dict(), tokenizer=tokenizer_info, mesh=run.mesh,
+                             init_from=run.init_from, extra_params=extra_params, force=force)
 
     def evaluate() -> dict[str, float]:
         nonlocal eval_batches
         if eval_batches is None:  # the same held-out batches every time, read once
-            stream = make_batches(config.data, tokenizer, split="eval")
+            stream = run.stage.make_batches(config, run.tokenizer, "eval")
             eval_batches = [b for _, b in zip(range(config.logging.eval_batches), stream)]
             if not eval_batches:
                 raise DataError("the eval split is smaller than one batch; lower data.holdout_every")
-        results = [eval_step(state.params, b) for b in eval_batches]
+        results = [run.eval_step(state, b) for b in eval_batches]
         return {k: float(np.mean([r[k] for r in jax.device_get(results)])) for k in results[0]}
 
     summary: dict = {}
@@ -206,19 +300,19 @@ def run(config) -> dict:
                     f"non-finite loss or gradient at step {pending[0]}; the update was not applied. Set "
                     "train.on_nonfinite='skip' to skip such steps and go on, or lower the learning rate")
 
-    progress = tqdm.tqdm(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
-                         dynamic_ncols=True)
+    progress = cli.progress(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
+                            desc=run.stage.name, unit="step")
     with _Preemption() as preemption:
         while step < stop_step and not preemption.requested:
-            stage, _ = optim.ramp_position(step, ramp, data_rows * data_seq)
-            batch = concat_batches([next(data) for _ in range(stage.batches)])
-            if stage.seq_len != data_seq:
-                batch = split_rows(batch, stage.seq_len)
-            state, metrics = train_step(state, batch)
+            ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
+            batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
+            if ramp_stage.seq_len != data_seq:
+                batch = split_rows(batch, ramp_stage.seq_len)
+            state, metrics = run.train_step(state, batch)
             check_finite()
             pending = (step, metrics["skipped"])
             step += 1
-            window_tokens += batch["tokens"].size * jax.process_count()
+            window_tokens += _tokens(batch) * jax.process_count()
             window_metrics.append(metrics)
 
             if step % config.logging.every == 0 or step == stop_step:
@@ -227,8 +321,8 @@ def run(config) -> dict:
                 summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 summary["skipped"] = float(sum(m["skipped"] for m in fetched))
                 tokens_per_s = window_tokens / elapsed
-                mfu = cfg.flops_per_token(stage.seq_len) * tokens_per_s / (peak * jax.device_count())
-                summary.update(tokens_per_s=tokens_per_s, seq_len=stage.seq_len, mfu=mfu)
+                mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
+                summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
                 logger.write(step, summary)
                 progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
@@ -241,11 +335,16 @@ def run(config) -> dict:
             progress.update(1)
         check_finite()
         progress.close()
-        if step != latest:
+        if step != run.resumed_from:
             save(force=True)
-        checkpoints.wait()
-    checkpoints.close()
+        run.checkpoints.wait()
+    run.checkpoints.close()
     logger.close()
     summary.update(step=step, preempted=preemption.requested, skipped_total=skipped_total,
                    skipped_records=len(data.skipped))
     return summary
+
+
+def run(config) -> dict:
+    """``fit(build(config))``: what ``python -m llama_jax.train`` does."""
+    return fit(build(config))

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from llama_jax import model
+from llama_jax import data, model
 from llama_jax.config import ModelConfig
-from llama_jax.data.packing import BATCH_KEYS
 from llama_jax.losses import next_token_loss
+from llama_jax.train.step import LossFn, Stage
 
-__all__ = ["BATCH_KEYS", "make_loss_fn"]
 
-
-def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: float = 0.0):
-    """``loss_fn(params, batch, rng) -> (loss, metrics)``; the LM head runs in vocabulary chunks of ``chunk_size``."""
+def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: float = 0.0) -> LossFn:
+    """``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``; the LM head runs in vocabulary chunks."""
     network = model.Llama(cfg)
 
-    def loss_fn(params, batch, rng):
-        del rng  # pretraining uses no dropout
+    def loss_fn(params, batch, rng, frozen=None):
+        del rng, frozen  # no dropout, nothing frozen
         hidden = network.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                output="hidden")  # [B, T, D]
         head = model.lm_head_kernel(params, cfg).astype(jnp.dtype(cfg.dtype))  # [D, V]
@@ -30,3 +28,14 @@ def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: flo
                                z_loss=z_loss)
 
     return loss_fn
+
+
+def _loss_fn(cfg: ModelConfig, config) -> LossFn:
+    return make_loss_fn(cfg, chunk_size=config.optimizer.loss_chunk or None, z_loss=config.optimizer.z_loss)
+
+
+def _batches(config, tokenizer, split: str):
+    return data.make_batches(config.data, tokenizer, split=split)
+
+
+STAGE = Stage(name="pretrain", make_loss_fn=_loss_fn, make_batches=_batches)
