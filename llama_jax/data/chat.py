@@ -151,6 +151,8 @@ def encode_chat(tokenizer: Tokenizer, record: Mapping) -> tuple[np.ndarray, np.n
     if has_messages:
         messages = check_messages(record["messages"])
         check_order(messages)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError("the chat has no assistant message: nothing in it would be trained")
         if messages[-1]["role"] != "assistant":
             raise DataError(f"the chat ends with {_a(messages[-1]['role'])} message; it must end with the assistant's "
                             "(nothing after it would be trained)")

@@ -97,17 +97,12 @@ class JsonlSource(Sequence):
     def __len__(self) -> int:
         return len(self._index)
 
-    def where(self, i: int) -> str:
-        """"file:line" of record ``i``."""
-        path, _, number = self._index[i]
-        return f"{path}:{number}"
-
     def __getitem__(self, i: int):
-        path, offset, _ = self._index[i]
+        path, offset, number = self._index[i]
         with open(path, "rb") as f:
             f.seek(offset)
             line = f.readline()
-        where = self.where(i)
+        where = f"{path}:{number}"
         try:
             return self.parse(json.loads(line), where)
         except (ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
