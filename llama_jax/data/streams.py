@@ -3,6 +3,7 @@
     split = Split(sources, orders, weights, tokenize, num_rows=8, seed=0)
     stream = RowStream(split, row=3)
     pieces = stream.take(65)         # token arrays (whole or partial documents) filling one row of 65 tokens
+    chats = stream.take_whole(65)    # or: whole documents only, as many as fit (chats are never split)
     state = stream.get_state()       # [draws, offset, taken per source]: three small counters resume it
 
 Stream ``r`` of ``num_rows`` (B):
@@ -121,6 +122,23 @@ class RowStream:
                 self._finish_document()
         return pieces
 
+    def take_whole(self, length: int, max_documents: int | None = None) -> list:
+        """The next documents, whole, while the next one fits in what is left of ``length`` tokens (at most
+        ``max_documents``): the rest of the row stays empty and the document that did not fit opens the next row.
+        Such streams' tokenizers truncate documents to ``length``, so one always fits in an empty row."""
+        documents = []
+        while max_documents is None or len(documents) < max_documents:
+            document = self.current()
+            if document is None or len(document) > length:
+                if document is not None and not documents:
+                    raise DataError(f"row {self.row}: a document of {len(document)} tokens cannot fit in a row of "
+                                    f"{length}; it should have been truncated when it was tokenized")
+                break
+            documents.append(document)
+            length -= len(document)
+            self._finish_document()
+        return documents
+
     def current(self) -> np.ndarray | None:
         """Tokens of the document being read (read and tokenized on first use); None once the stream has ended."""
         unreadable = 0
@@ -136,8 +154,10 @@ class RowStream:
                 self._finish_document()
                 unreadable += 1
                 if unreadable > self.split.documents:
-                    raise DataError(f"row {self.row} read {unreadable} malformed records in a row, more than the "
-                                    f"{self.split.documents} documents of the split: no readable document left")
+                    why = list(getattr(self.split.sources[source], "skipped", {}).items())[-1:]
+                    raise DataError(f"row {self.row} read {unreadable} malformed or unusable records in a row, more "
+                                    f"than the {self.split.documents} documents of the split: no usable document "
+                                    f"left" + (f" (e.g. {why[0][0]}: {why[0][1]})" if why else ""))
                 continue
             self._tokens = tokens
         return self._tokens
