@@ -22,8 +22,8 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
     c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8"; "" puts every device on fsdp
     c.data = dict(
         tokenizer="llama3",  # "llama3" | "byte" | path of a tokenizer.model
-        # Each: format (text | jsonl | tokens | shakespeare), path (file, dir or glob), weight (mixture),
-        # split (text: "file" or "paragraphs"), text_key (jsonl).
+        # Each: format (text | jsonl | tokens | shakespeare; chat | preference: see llama_jax.data), path (file,
+        # dir or glob), weight (mixture), split (text: "file" or "paragraphs"), text_key (jsonl).
         sources=[dict(format="jsonl", path="", weight=1.0, split="file", text_key="text")],
         seq_len=8192,  # tokens per packed row: the longest sequence of the run (the ramp may cut rows shorter)
         batch_size=512,  # rows per data batch, all processes together
@@ -61,4 +61,17 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
         peak_tflops=0.0,  # per-device peak for MFU; 0 measures a float32 matmul at start
         progress=True,  # tqdm bar
     )
+    return c
+
+
+def sft_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
+    """SFT (Llama 3, section 4.1.3): the pretraining keys with the paper's fine-tuning defaults."""
+    c = pretrain_config(preset, **model_overrides)
+    c.stage = "sft"
+    c.data.sources = [dict(format="chat", path="", weight=1.0)]  # JSONL chats (llama_jax.data.chat)
+    c.data.update(seq_len=8192, batch_size=64, holdout_every=100)
+    # AdamW at 1e-5, linear warmup then cosine; weight decay as in pretraining (optimizer section unchanged).
+    c.schedule.update(peak_lr=1e-5, warmup_steps=100, decay_steps=9000, total_steps=9000)
+    c.checkpoint.update(every=500)
+    c.logging.update(eval_every=500)
     return c

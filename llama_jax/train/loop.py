@@ -39,10 +39,10 @@ from llama_jax.config import ModelConfig
 from llama_jax.data import concat_batches, merge_states, split_rows
 from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
 from llama_jax.tokenizer import Tokenizer, get_tokenizer
-from llama_jax.train import pretrain
+from llama_jax.train import pretrain, sft
 from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE,)}
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE)}
 
 # ModelConfig fields that make the architecture: a run started from weights must agree with them.
 ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim", "norm_eps",

@@ -30,12 +30,13 @@ def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: flo
     return loss_fn
 
 
-def _loss_fn(cfg: ModelConfig, config) -> LossFn:
+def loss_fn_from_config(cfg: ModelConfig, config) -> LossFn:
+    """The loss with the experiment config's chunking and z-loss (``config.optimizer``)."""
     return make_loss_fn(cfg, chunk_size=config.optimizer.loss_chunk or None, z_loss=config.optimizer.z_loss)
 
 
 def _batches(config, tokenizer, split: str):
-    return data.make_batches(config.data, tokenizer, split=split)
+    return data.make_batches(config.data, tokenizer, split=split, kind="documents")
 
 
-STAGE = Stage(name="pretrain", make_loss_fn=_loss_fn, make_batches=_batches)
+STAGE = Stage(name="pretrain", make_loss_fn=loss_fn_from_config, make_batches=_batches)
