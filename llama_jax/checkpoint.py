@@ -400,14 +400,17 @@ def _param_shardings(shardings, params, cfg: ModelConfig):
     return sharding.logical_to_sharding(quantized.logical_axes(params, model.logical_axes(cfg)), shardings)
 
 
-def save_params(path: str, params, cfg: ModelConfig, *, stage: str = "export", tokenizer: dict | None = None) -> None:
+def save_params(path: str, params, cfg: ModelConfig, *, stage: str = "export", tokenizer: dict | None = None,
+                stage_config: dict | None = None, extra_params: Sequence[str] = ()) -> None:
     """Writes a params-only checkpoint (one step directory, step 0) to the new directory ``path``, atomically.
 
     ``cfg.scan_layers`` says which layout ``params`` has (recorded as param_layout); quantized trees are per layer.
+    ``stage_config``: what made these parameters (e.g. an average's sources and weights), recorded in metadata.
     """
     if os.path.exists(path):
         raise CheckpointError(f"destination {path} already exists")
-    metadata = _metadata(0, cfg, stage, None, tokenizer, None, None, params, False)
+    metadata = _metadata(0, cfg, stage, stage_config, tokenizer, None, None, params, False,
+                         extra_params=extra_params)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers()))
     checkpointer.save(os.path.abspath(path), args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), metadata=ocp.args.JsonSave(metadata)))

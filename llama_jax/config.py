@@ -14,6 +14,9 @@ from llama_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# The fields that make the network (what config.json / params.json record); the rest says how it runs.
+ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_embeddings")
 ATTENTION_IMPLS = ("auto", "dense")
 CONTEXT_PARALLEL_MODES = ("auto", "off", "ring", "all_gather")
 
@@ -91,6 +94,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def architecture_differences(self, other: ModelConfig) -> list[str]:
+        """``name: mine vs theirs`` for each ARCHITECTURE field where two configs differ (empty: same network)."""
+        return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}" for name in ARCHITECTURE
+                if getattr(self, name) != getattr(other, name)]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

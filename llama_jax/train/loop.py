@@ -44,10 +44,6 @@ from llama_jax.train.step import Stage, TrainState, abstract_state, create_state
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE)}
 
-# ModelConfig fields that make the architecture: a run started from weights must agree with them.
-ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim", "norm_eps",
-                "rope_theta", "rope_scaling", "tie_embeddings")
-
 
 def model_config(section: Mapping) -> ModelConfig:
     """``config.model``: every ModelConfig field (configs fill them from a preset: train/defaults.py)."""
@@ -165,10 +161,10 @@ def _start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, d
     params, source_cfg, metadata = checkpoint.load(path, shardings=mesh if _is_stacked(path) else None)
     if not source_cfg.scan_layers:
         params = model.stack_layers(params, source_cfg.num_layers)
-    differences = [f"{name}: checkpoint {getattr(source_cfg, name)!r}, config {getattr(cfg, name)!r}"
-                   for name in ARCHITECTURE if getattr(source_cfg, name) != getattr(cfg, name)]
+    differences = source_cfg.architecture_differences(cfg)
     if differences:
-        raise ConfigError(f"init_from {path} is not the model config.model describes:\n  " + "\n  ".join(differences))
+        raise ConfigError(f"init_from {path} is not the model config.model describes (checkpoint vs config):\n  "
+                          + "\n  ".join(differences))
     llama = {k: params[k] for k in model.param_shapes(cfg)}  # a stage's extra leaves (a reward head) stay behind
     source = {"path": os.path.abspath(path), "format": metadata.get("format", "llama_jax"),
               "step": metadata.get("step"), "stage": metadata.get("stage")}
