@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="llama_jax",
     version="0.1.0",
-    description="Llama 3.1 / 3.2 in JAX and Flax: model, pretraining, SFT, DPO, FP8 inference",
+    description="Llama 3.1 / 3.2 in JAX and Flax: model, pretraining, SFT, tool use, FP8 inference",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["llama_jax", "llama_jax.*"]),

@@ -25,6 +25,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -150,7 +151,12 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"config file {path} does not parse: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (AttributeError, KeyError) as e:  # ml_collections' words for a key a locked config does not have
+        key, hint = re.search(r'Key "([^"]+)"', str(e)), re.search(r'Did you mean "([^"]+)"', str(e))
+        raise ConfigError(f"config file {path} sets unknown key {key[1] if key else e}"
+                          + (f" (did you mean {hint[1]!r}?)" if hint else "")) from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
     config.lock()

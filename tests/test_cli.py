@@ -92,3 +92,10 @@ def test_help_with_config_lists_every_key(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--config.schedule.peak_lr=0.003" in out and "--config.data.sources=" in out
+
+
+def test_a_misspelt_key_in_a_config_file_is_an_error(tmp_path, capsys):
+    path = tmp_path / "typo.py"
+    path.write_text("from llama_jax.train.defaults import sft_config\n\n"
+                    "def get_config():\n    c = sft_config('tiny')\n    c.schedule.peak_lrr = 1.0\n    return c\n")
+    _fails(train.main, ["--config", str(path)], capsys, "unknown key peak_lrr (did you mean 'peak_lr'?)")

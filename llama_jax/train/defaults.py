@@ -61,6 +61,7 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
         peak_tflops=0.0,  # per-device peak for MFU; 0 measures a float32 matmul at start
         progress=True,  # tqdm bar
     )
+    c.lock()  # a config file or flag that names a key not declared here is an error, not a new key
     return c
 
 
