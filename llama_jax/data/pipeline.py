@@ -57,6 +57,17 @@ from llama_jax.data.streams import RowStream, SourceOrder, Split, pack_rows
 from llama_jax.errors import ConfigError, DataError
 
 FORMATS = ("text", "jsonl", "tokens", "shakespeare")  # documents
+# Every key of ``config.data`` and its default, declared once (train/defaults.py builds experiment configs on it).
+DEFAULTS = dict(
+    tokenizer="llama3",  # "llama3" | "byte" | path of a tokenizer.model
+    sources=[],  # [{format, path, weight, ...}]: see the module docstring
+    seq_len=8192,  # tokens per row: the longest sequence of the run (the ramp may cut rows shorter)
+    batch_size=512,  # rows per data batch, all processes together
+    seed=0,  # document order
+    add_bos=True,  # documents: <|begin_of_text|> before each (EOS always ends one)
+    on_error="raise",  # malformed records: "raise" (file:line) or "skip" (counted)
+    holdout_every=1000,  # every n-th record of each source is the eval split (0: none)
+)
 KINDS = {"documents": FORMATS, "chat": ("chat",), "preference": ("preference",)}
 
 
@@ -232,6 +243,10 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     """
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
+    unknown = sorted(set(data_cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"data config has unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    data_cfg = {**DEFAULTS, **dict(data_cfg)}
     specs = list(data_cfg["sources"])
     if not specs:
         raise ConfigError("data.sources is empty")
@@ -250,24 +265,24 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
         raise ConfigError(f"process_index {process_index} is outside 0..{process_count - 1}")
     if batch_size % process_count:
         raise ConfigError(f"data.batch_size ({batch_size}) must be a multiple of the process count ({process_count})")
-    seed = int(data_cfg.get("seed", 0))
+    seed = int(data_cfg["seed"])
     if seed < 0:
         raise ConfigError(f"data.seed must be >= 0, got {seed}")
     weights = [float(s.get("weight", 1.0)) for s in specs]
     if any(w <= 0 for w in weights):
         raise ConfigError(f"data source weights must be positive, got {weights}")
-    on_error = data_cfg.get("on_error", "raise")
+    on_error = data_cfg["on_error"]
     if data_kind == "documents":
         sources = [make_source(s, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, on_error=on_error)
                    for s in specs]
-        layout, tokenize = DocumentRows(seq_len), _document_tokenizer(tokenizer, bool(data_cfg.get("add_bos")))
+        layout, tokenize = DocumentRows(seq_len), _document_tokenizer(tokenizer, bool(data_cfg["add_bos"]))
     elif data_kind == "chat":
         sources = [ChatSource(_path(s), tokenizer, max_tokens=seq_len + 1, on_error=on_error) for s in specs]
         layout, tokenize = ChatRows(seq_len), _encoded
     else:
         sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error) for s in specs]
         layout, tokenize = PairRows(seq_len, tokenizer), _encoded
-    orders = split_orders(sources, split=split, holdout_every=int(data_cfg.get("holdout_every", 0)), seed=seed)
+    orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed)
     per_process = batch_size // process_count
     rows = range(process_index * per_process, (process_index + 1) * per_process)
     return BatchIterator(Split(sources, orders, weights, tokenize, num_rows=batch_size, seed=seed), name=split,

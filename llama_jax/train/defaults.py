@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from llama_jax import config as config_lib
+from llama_jax.data import pipeline as data
 
 
 def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
@@ -20,18 +21,9 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
     # Every ModelConfig field, from the preset, so each can be overridden (rope_scaling is a dict or None).
     c.model = config_lib.get(preset, **model_overrides).to_dict()
     c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8"; "" puts every device on fsdp
-    c.data = dict(
-        tokenizer="llama3",  # "llama3" | "byte" | path of a tokenizer.model
-        # Each: format (text | jsonl | tokens | shakespeare; chat | preference: see llama_jax.data), path (file,
-        # dir or glob), weight (mixture), split (text: "file" or "paragraphs"), text_key (jsonl).
-        sources=[dict(format="jsonl", path="", weight=1.0, split="file", text_key="text")],
-        seq_len=8192,  # tokens per packed row: the longest sequence of the run (the ramp may cut rows shorter)
-        batch_size=512,  # rows per data batch, all processes together
-        seed=0,  # document shuffling
-        add_bos=True,  # <|begin_of_text|> before each document (EOS always ends one)
-        on_error="raise",  # malformed jsonl records: "raise" (file:line) or "skip" (counted)
-        holdout_every=1000,  # every n-th document of each source is the eval split (0: none)
-    )
+    # Every data key with its default (llama_jax.data.pipeline.DEFAULTS); sources: format (text | jsonl | tokens |
+    # shakespeare; chat | preference), path (file, dir or glob), weight, split (text), text_key (jsonl).
+    c.data = dict(data.DEFAULTS, sources=[dict(format="jsonl", path="", weight=1.0, split="file", text_key="text")])
     c.optimizer = dict(
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
         clip_norm=1.0,  # global gradient norm clip (0: off)
