@@ -18,6 +18,6 @@ def get_config(data_path: str = ""):
     c.schedule.update(peak_lr=3e-3, warmup_steps=5, decay_steps=40, total_steps=40)
     c.train.steps = 20
     c.checkpoint.update(every=10, keep_last=2)
-    c.logging.update(every=1, eval_every=10, eval_batches=2, peak_tflops=0.1, progress=False)
+    c.logging.update(every=1, eval_every=10, eval_batches=2, peak_tflops=0.1)
     c.optimizer.loss_chunk = 128
     return c

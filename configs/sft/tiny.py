@@ -16,6 +16,6 @@ def get_config(data_path: str = ""):
     c.data.update(seq_len=256, batch_size=8, holdout_every=10)
     c.schedule.update(peak_lr=1e-3, warmup_steps=10, decay_steps=200, total_steps=200)
     c.checkpoint.update(every=50, keep_last=2)
-    c.logging.update(every=10, eval_every=50, eval_batches=2, peak_tflops=0.1, progress=False)
+    c.logging.update(every=10, eval_every=50, eval_batches=2, peak_tflops=0.1)
     c.optimizer.loss_chunk = 0
     return c

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -154,6 +155,7 @@ class Run:
     checkpoints: CheckpointManager
     resumed_from: int | None
     init_from: dict | None  # where a fresh run took its parameters: {"path", "format", "step"}
+    changed: list[str]  # on resume: config keys whose value differs from the checkpoint's (``key: old -> new``)
 
 
 def _start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, dict]:
@@ -215,10 +217,11 @@ def build(config) -> Run:
     checkpoints = CheckpointManager(config.run_dir, keep_last=config.checkpoint.keep_last,
                                     keep_every=config.checkpoint.keep_every or None,
                                     async_save=config.checkpoint.async_save)
-    latest, init_from = checkpoints.latest_step(), None
+    latest, init_from, changed = checkpoints.latest_step(), None, []
     if latest is not None:
         restored = checkpoints.restore(latest, params_target=abstract.params, opt_state_target=abstract.opt_state)
         init_from = restored.metadata.get("init_from")
+        changed = config_changes(restored.metadata.get("stage_config") or {}, config.to_dict())
         frozen = None
         if stage.frozen is not None:  # not in the checkpoint: rebuilt from where the run started
             if not init_from:
@@ -237,7 +240,19 @@ def build(config) -> Run:
         state = create_state(cfg, tx, mesh, config.seed, stage=stage)
     return Run(config=config, stage=stage, cfg=cfg, tokenizer=tokenizer, mesh=mesh, schedule=schedule, ramp=ramp,
                state=state, train_step=train_step, eval_step=eval_step, data=data, checkpoints=checkpoints,
-               resumed_from=latest, init_from=init_from)
+               resumed_from=latest, init_from=init_from, changed=changed)
+
+
+def config_changes(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every experiment-config key whose value differs (nested keys dotted)."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes += config_changes(old, new, f"{prefix}{key}.")
+        elif json.dumps(old, default=str) != json.dumps(new, default=str):  # tuples and lists compare equal
+            changes.append(f"{prefix}{key}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
+    return changes
 
 
 def _banner(run: Run, stop_step: int) -> str:
@@ -261,8 +276,12 @@ def fit(run: Run) -> dict:
     peak = float(config.logging.peak_tflops) * 1e12 or measure_peak_flops()
     tokenizer_info = {"name": run.tokenizer.name, "sha256": run.tokenizer.sha256}
     state, step, eval_batches = run.state, int(run.state.step), None
+    first_step = step
     extra_params = sorted(set(state.params) - set(model.param_shapes(cfg)))  # the stage's own leaves
     cli.log(_banner(run, stop_step))
+    if run.changed:
+        cli.log("warning: the config differs from the one the checkpoint was saved with:\n  "
+                + "\n  ".join(run.changed))
     if run.resumed_from is not None:
         logger.write(step, {"resumed_from": float(run.resumed_from)})
 
@@ -304,6 +323,8 @@ def fit(run: Run) -> dict:
             batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
             if ramp_stage.seq_len != data_seq:
                 batch = split_rows(batch, ramp_stage.seq_len)
+            if step == first_step:
+                cli.log(f"compiling the {run.stage.name} step for batches of {jax.tree.leaves(batch)[0].shape} ...")
             state, metrics = run.train_step(state, batch)
             check_finite()
             pending = (step, metrics["skipped"])
@@ -326,6 +347,8 @@ def fit(run: Run) -> dict:
                 evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
                 summary.update(evaluated)
                 logger.write(step, evaluated)
+                if is_main:
+                    progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
             if step % config.checkpoint.every == 0 and step < stop_step:
                 save(force=False)
             progress.update(1)
