@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import global_batches, processes
 
 from llama_jax.data import encode_chat, make_batches, merge_states
 from llama_jax.errors import ConfigError, DataError
@@ -251,22 +252,8 @@ def mixture(tmp_path):
                        batch_size=8, weights=[0.6, 0.4], holdout_every=5, on_error="skip", seed=4)
 
 
-def processes(cfg, count, split="train", state=None):
-    its = [make_batches(cfg, BYTE, split=split, process_index=p, process_count=count) for p in range(count)]
-    for it in its if state is not None else ():
-        it.set_state(json.loads(json.dumps(state)))
-    return its
 
 
-def global_batches(its, steps=None):
-    out = []
-    while steps is None or len(out) < steps:
-        parts = [next(it, None) for it in its]
-        if all(p is None for p in parts):
-            return out
-        assert all(p is not None for p in parts), "processes ended at different batches"
-        out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-    return out
 
 
 def assert_same(a, b):

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import global_batches, processes
 
 from llama_jax.data import PAIR_KEYS, REPLIES, concat_batches, encode_pair, make_batches, merge_states, split_rows
 from llama_jax.data.preference import EncodedPair, PairRows
@@ -241,27 +242,10 @@ def mixture(tmp_path):
                        batch_size=8, holdout_every=4, on_error="skip", seed=2)
 
 
-def processes(cfg, count, split="train", state=None):
-    its = [make_batches(cfg, BYTE, split=split, process_index=p, process_count=count) for p in range(count)]
-    for it in its if state is not None else ():
-        it.set_state(json.loads(json.dumps(state)))
-    return its
 
 
-def joined(parts):
-    return {k: joined([p[k] for p in parts]) if isinstance(parts[0][k], dict) else np.concatenate([p[k] for p in parts])
-            for k in parts[0]}
 
 
-def global_batches(its, steps=None):
-    out = []
-    while steps is None or len(out) < steps:
-        parts = [next(it, None) for it in its]
-        if all(p is None for p in parts):
-            return out
-        assert all(p is not None for p in parts), "processes ended at different batches"
-        out.append(joined(parts))
-    return out
 
 
 def assert_same(a, b):

@@ -5,6 +5,7 @@ import json
 
 import jax
 import pytest
+from conftest import successor_params
 
 from llama_jax import chat, checkpoint, model
 from llama_jax.config import ModelConfig
@@ -143,19 +144,6 @@ def test_model_generator_refuses_a_full_context():
         generate(list(range(64)))
 
 
-def successor_params(cfg, successor):
-    """A model whose greedy next token is successor[last token] (as tests/test_chat.py builds it)."""
-    import numpy as np
-
-    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.param_shapes(cfg))
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: np.ones_like(x) if "norm" in jax.tree_util.keystr(p) else x, params)
-    params["embedding"] = np.eye(cfg.vocab_size, cfg.dim, dtype=np.float32)
-    head = np.zeros((cfg.dim, cfg.vocab_size), np.float32)
-    for token, nxt in successor.items():
-        head[token, nxt] = 1.0
-    params["lm_head"] = head
-    return params
 
 
 def test_chat_command_with_tools_runs_code_in_the_sandbox(tmp_path, monkeypatch, capsys):
