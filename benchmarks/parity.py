@@ -7,8 +7,9 @@ precision: the max |logit difference| and the mean KL divergence per token.
 The shape is the parity tests' hardest combination (tests/test_model.py), made larger: grouped-query attention
 with group 5 (10 query heads, 2 key/value heads), head_dim 64 != dim / heads, Llama 3.1 RoPE scaling with an
 original context of 64 evaluated at 256 positions, tied embeddings; random weights as the tests make them
-(unit-scale embeddings, jittered norm scales), so the logits are large and the softmax peaked. Both libraries
-get the same weights (``formats.hf.params_to_hf``) and the same tokens. Rows (reference first):
+(the model's init with norm scales jittered around 1) but embeddings of std 0.2, so the logits (std ~4) give a
+softmax neither flat nor one-hot and the KL means something. Both libraries get the same weights
+(``formats.hf.params_to_hf``) and the same tokens. Rows:
 
     float32            ours, float32, matmul_precision "auto" (= "highest")   vs transformers float32
     float32 default    ours, float32, matmul_precision "default" (the backend's: TF32 on NVIDIA GPUs, one bfloat16
@@ -16,6 +17,8 @@ get the same weights (``formats.hf.params_to_hf``) and the same tokens. Rows (re
     bfloat16           ours, bfloat16 weights and compute ("auto" = the backend's default)
                                                                               vs transformers bfloat16
     bfloat16 vs f32    ours bfloat16 and transformers bfloat16, each          vs transformers float32
+    float32 vs f64     ours float32 and transformers float32, each            vs transformers float64: the float32
+                       rounding floor, so a float32 row is judged against what float32 itself can do
 
 transformers keeps torch's defaults (``torch.backends.cuda.matmul.allow_tf32`` False: full float32 matmuls).
 KL is KL(reference || ours) in nats, averaged over tokens; top-1 is the share of positions whose argmax agrees.
@@ -44,13 +47,14 @@ from llama_jax.formats.hf import params_to_hf  # noqa: E402
 CFG = ModelConfig(vocab_size=1000, dim=320, num_layers=4, num_heads=10, num_kv_heads=2, head_dim=64, ffn_dim=864,
                   rope_scaling=RopeScaling(original_max_position=64), tie_embeddings=True, max_seq_len=512)
 SEQ_LEN, BATCH = 256, 2
+EMBEDDING_STD = 0.2  # tied: the LM head too; logits of std ~4
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """The parity tests' weights: the model's init, unit-scale embeddings, norm scales jittered around 1."""
+    """The model's init with embeddings of std EMBEDDING_STD and norm scales jittered around 1 (as in the tests)."""
     params = jax.device_get(jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(seed)))
     rng = np.random.default_rng(seed)
-    params["embedding"] = rng.standard_normal(params["embedding"].shape).astype(np.float32)
+    params["embedding"] = EMBEDDING_STD * rng.standard_normal(params["embedding"].shape).astype(np.float32)
 
     def jitter_norms(path, x):
         return x + 0.2 * rng.standard_normal(x.shape).astype(np.float32) if "scale" in str(path) else x
@@ -101,14 +105,18 @@ def main() -> None:
     f32, bf16 = CFG, CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
     hf_f32 = theirs(CFG, params, tokens, device, torch.float32)
     hf_bf16 = theirs(CFG, params, tokens, device, torch.bfloat16)
+    hf_f64 = theirs(CFG, params, tokens, device, torch.float64)
+    ours_f32 = ours(f32, params, tokens)
     ours_bf16 = ours(bf16, params, tokens)
     rows = [
-        ("float32", f32, ours(f32, params, tokens), "transformers float32", hf_f32),
+        ("float32", f32, ours_f32, "transformers float32", hf_f32),
         ("float32 default", f32.replace(matmul_precision="default"),
          ours(f32.replace(matmul_precision="default"), params, tokens), "transformers float32", hf_f32),
         ("bfloat16", bf16, ours_bf16, "transformers bfloat16", hf_bf16),
         ("bfloat16 vs f32", bf16, ours_bf16, "transformers float32", hf_f32),
         ("transformers bfloat16 vs f32", None, hf_bf16, "transformers float32", hf_f32),
+        ("float32 vs f64", f32, ours_f32, "transformers float64", hf_f64),
+        ("transformers float32 vs f64", None, hf_f32, "transformers float64", hf_f64),
     ]
     results = []
     for name, cfg, got, reference_name, reference in rows:
@@ -119,9 +127,10 @@ def main() -> None:
         results.append(row)
         print(f"{name:>30}: max |logit diff| {row['max_abs_diff']:.3g}, mean KL {row['mean_kl']:.3g} nats/token, "
               f"top-1 agreement {row['top1_agreement']:.4f}  (vs {reference_name})")
-    print(f"logits: max |x| {np.abs(hf_f32).max():.1f}, std {hf_f32.std():.2f}")
+    scale = {"max_abs": float(np.abs(hf_f32).max()), "std": float(hf_f32.std())}
+    print(f"transformers float32 logits: max |x| {scale['max_abs']:.1f}, std {scale['std']:.2f}")
     print(json.dumps({
-        "benchmark": "parity", "rows": results,
+        "benchmark": "parity", "rows": results, "reference_logits": scale,
         "jax": harness.jax_device(), "torch": {**harness.torch_device()[1], "ran_on": device,
                                                "transformers": transformers.__version__},
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
