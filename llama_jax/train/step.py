@@ -126,7 +126,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, sta
 
         def apply_update(_):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state, optax.global_norm(updates)
+            update_norm = optax.global_norm(updates).astype(jnp.float32)  # bfloat16 for bfloat16 parameters
+            return optax.apply_updates(state.params, updates), opt_state, update_norm
 
         def skip_update(_):
             return state.params, state.opt_state, jnp.zeros((), jnp.float32)
