@@ -51,8 +51,11 @@ def dot_generals(jaxpr) -> list:
 
 def precisions(fn, *args) -> list:
     """(precision, operand dtypes) of every matmul ``fn(*args)`` traces to; fails if it has none at all."""
-    traced = fn.trace(*args) if hasattr(fn, "trace") else jax.make_jaxpr(fn)(*args)  # jitted: shardings kept
-    dots = dot_generals(traced.jaxpr.jaxpr if hasattr(fn, "trace") else traced.jaxpr)
+    if hasattr(fn, "trace"):  # a jitted function: traced with its shardings
+        jaxpr = fn.trace(*args).jaxpr.jaxpr
+    else:
+        jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    dots = dot_generals(jaxpr)
     assert dots, "no dot_general traced: the walk over the program is broken"
     return [(eqn.params["precision"], tuple(str(v.aval.dtype) for v in eqn.invars)) for eqn in dots]
 
