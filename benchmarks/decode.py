@@ -92,6 +92,7 @@ def transformers_side(args: argparse.Namespace, cfg: ModelConfig, cache: str) ->
             if batch not in static_caches:
                 static_caches[batch] = transformers.StaticCache(config=net.config,
                                                                 max_cache_len=args.prompt + args.new_tokens)
+            # transformers 5.24 renames this argument `cache` (with a warning); the old name works in 5.17 and 5.24
             kwargs["past_key_values"] = static_caches[batch]
             static_caches[batch].reset()
         with torch.no_grad():
