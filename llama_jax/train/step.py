@@ -109,7 +109,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, sta
 
     ``microbatch_tokens``: accumulate gradients over microbatches of this many tokens (None: one pass);
     the count follows from each batch's shape, so batch-size ramps just recompile. A step whose loss or
-    gradient is not finite leaves params and optimizer state untouched and reports ``skipped = 1``.
+    gradient is not finite leaves params and optimizer state untouched and reports ``skipped = 1`` (and
+    ``update_norm = 0``: no update is computed).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
