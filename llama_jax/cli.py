@@ -28,13 +28,15 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
 import tqdm
 
 from llama_jax import distributed
 from llama_jax.errors import ConfigError, LlamaJaxError
+
+if TYPE_CHECKING:
+    import ml_collections
 
 CONFIG_PREFIX = "--config."
 
@@ -138,6 +140,14 @@ def log(message: str) -> None:
 # --- experiment configs -----------------------------------------------------------------------------
 
 
+def _config_dict() -> type:
+    # ml_collections is imported on first use: generate and chat import this module, and the benchmarks that use
+    # them run on machines without ml_collections (the GPU machines benchmarks/gpu.sh is written for have none).
+    import ml_collections
+
+    return ml_collections.ConfigDict
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """``path.py[:arg]`` -> its ``get_config([arg])``, locked, with ``--config.<key>=<value>`` overrides applied."""
     path, _, arg = spec.partition(":")
@@ -157,7 +167,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         key, hint = re.search(r'Key "([^"]+)"', str(e)), re.search(r'Did you mean "([^"]+)"', str(e))
         raise ConfigError(f"config file {path} sets unknown key {key[1] if key else e}"
                           + (f" (did you mean {hint[1]!r}?)" if hint else "")) from None
-    if not isinstance(config, ml_collections.ConfigDict):
+    if not isinstance(config, _config_dict()):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
     config.lock()
     for override in overrides:
@@ -170,17 +180,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 def set_key(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     """Sets ``config.<dotted>`` from command-line text, parsed as the type of the value it replaces."""
+    ConfigDict = _config_dict()  # noqa: N806 (a class)
     *parents, leaf = dotted.split(".")
     node = config
     for i, name in enumerate(parents):
-        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        if not isinstance(node, ConfigDict) or name not in node:
             raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in --config.{dotted})")
         node = node[name]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    if not isinstance(node, ConfigDict) or leaf not in node:
+        known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
         raise ConfigError(f"unknown config key {dotted!r}; keys there: {known}")
     current = node[leaf]
-    if isinstance(current, ml_collections.ConfigDict):
+    if isinstance(current, ConfigDict):
         raise ConfigError(f"config key {dotted!r} is a section; set its keys one by one (--config.{dotted}.<key>=...)")
     try:
         node[leaf] = parse_value(text, current)
@@ -217,7 +228,7 @@ def describe_config(config: ml_collections.ConfigDict, prefix: str = "") -> list
     lines = []
     for key in config.keys():
         value = config[key]
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, _config_dict()):
             lines += describe_config(value, f"{prefix}{key}.")
         else:
             lines.append(f"  --config.{prefix}{key}={json.dumps(value, default=str)}")

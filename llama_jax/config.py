@@ -19,6 +19,7 @@ ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", 
                 "rope_theta", "rope_scaling", "tie_embeddings")
 ATTENTION_IMPLS = ("auto", "dense")
 CONTEXT_PARALLEL_MODES = ("auto", "off", "ring", "all_gather")
+MATMUL_PRECISIONS = ("auto", "highest", "high", "default")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,8 @@ class ModelConfig:
     attention: str = "auto"  # attention kernel (ops.attention): auto | dense
     context_parallel: str = "auto"  # sequence-split attention: auto (ring when the mesh splits length) | off | ring
     #                                 | all_gather
+    matmul_precision: str = "auto"  # precision of every matmul (see resolved_matmul_precision): auto | highest
+    #                                 | high | default
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -71,7 +74,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        for name, allowed in (("attention", ATTENTION_IMPLS), ("context_parallel", CONTEXT_PARALLEL_MODES)):
+        for name, allowed in (("attention", ATTENTION_IMPLS), ("context_parallel", CONTEXT_PARALLEL_MODES),
+                              ("matmul_precision", MATMUL_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("param_dtype", "dtype"):
@@ -83,6 +87,20 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.num_heads
+
+    @property
+    def resolved_matmul_precision(self) -> str | None:
+        """The ``precision=`` every matmul of the network, its loss and its attention passes to jax.
+
+        "auto" asks for what ``dtype`` promises: float32 compute gets "highest" (true float32 products, as
+        PyTorch and XLA:CPU give; XLA would otherwise run float32 matmuls as TF32 on NVIDIA GPUs and as one
+        bfloat16 pass on TPUs), 16-bit compute gets None, the backend's fast default. "high" is TF32 on GPUs and
+        three bfloat16 passes on TPUs; "default" (None) leaves the choice to the backend and to the user's own
+        ``jax.default_matmul_precision`` / JAX_DEFAULT_MATMUL_PRECISION. No global flag is ever set here.
+        """
+        if self.matmul_precision == "auto":
+            return "highest" if self.dtype == "float32" else None
+        return None if self.matmul_precision == "default" else self.matmul_precision
 
     def replace(self, **changes: Any) -> ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -100,7 +100,9 @@ def prefill_logits(params, cache, tokens, lengths, cfg: ModelConfig):
                                            output="hidden")  # [B, T, D]
     last = hidden[jnp.arange(b), lengths - 1]  # [B, D]: only each prompt's last position needs logits
     head = model.lm_head_kernel(params, cfg).astype(last.dtype)
-    return jnp.einsum("BD,DV->BV", last, head, preferred_element_type=jnp.float32), cache
+    logits = jnp.einsum("BD,DV->BV", last, head, preferred_element_type=jnp.float32,
+                        precision=cfg.resolved_matmul_precision)
+    return logits, cache
 
 
 def decode_logits(params, cache, tokens, positions, cfg: ModelConfig):

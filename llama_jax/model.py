@@ -34,6 +34,9 @@ not after t's (``attention_mask``); ``segment_ids`` 0 marks padding. Causality b
 by index lets a packed row be stored in any order (context parallelism's zig-zag layout), and the mask
 is built per block from [B, T] vectors, never carried as a [B, T, S] array. The KV cache keeps each
 slot's position and segment id (0: empty).
+
+Every matmul, attention's included, runs at ``cfg.resolved_matmul_precision``: float32 compute means float32
+products on GPUs and TPUs too, bfloat16 compute the backend's fast default (``ModelConfig.matmul_precision``).
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class Attention(nn.Module):
         """keys: (positions, segment_ids) [B, S] of every key (this call's tokens, or the updated cache)."""
         cfg = self.cfg
         d, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        dtype = jnp.dtype(cfg.dtype)
+        dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
         in_init, out_init = _fan_in_init((0,)), _fan_in_init((0, 1))
         wq = _param(self, "query", (d, n, h), ("embed", "heads", "head_dim"), in_init)
         wk = _param(self, "key", (d, k, h), ("embed", "kv_heads", "head_dim"), in_init)
@@ -142,9 +145,9 @@ class Attention(nn.Module):
         wo = _param(self, "out", (n, h, d), ("heads", "head_dim", "embed"), out_init)
 
         inv_freq = rope_frequencies(cfg)
-        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype)), positions, inv_freq)
-        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype)), positions, inv_freq)
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype))
+        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype), precision=precision), positions, inv_freq)
+        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype), precision=precision), positions, inv_freq)
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype), precision=precision)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
         if kv_cache is not None:  # write this step's keys/values at the cache's write index
@@ -154,10 +157,12 @@ class Attention(nn.Module):
             kv_cache = (k, v)
         k, v = k.astype(dtype), v.astype(dtype)
         if kv_cache is None and context_parallel_mode(cfg) != "off":  # length split over the mesh's sequence axis
-            out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg))
+            out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg),
+                                             precision=precision)
         else:
-            out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, impl=attention_impl(cfg))
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv_cache
+            out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, impl=attention_impl(cfg),
+                                          precision=precision)
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype), precision=precision), kv_cache
 
 
 class FeedForward(nn.Module):
@@ -170,18 +175,18 @@ class FeedForward(nn.Module):
         gate = _param(self, "gate", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         up = _param(self, "up", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         down = _param(self, "down", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), in_init)
-        dtype = jnp.dtype(cfg.dtype)
+        dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
         if isinstance(gate, quantized.QuantizedArray):  # an inference tree from llama_jax.quantize
-            gated, ungated = quantized.matmul(x, gate, dtype), quantized.matmul(x, up, dtype)
+            gated, ungated = (quantized.matmul(x, w, dtype, precision) for w in (gate, up))
         else:
             # One matmul against gate and up stacked on a new axis (the mlp axis keeps its sharding): XLA:CPU ran
             # the train step ~9% faster than with two matmuls, whose backward transposes cost more than the stack.
             kernel = jnp.stack([gate, up], axis=1).astype(dtype)  # [D, 2, F]
-            both = jnp.einsum("BTD,DCF->BTCF", x, kernel)
+            both = jnp.einsum("BTD,DCF->BTCF", x, kernel, precision=precision)
             gated, ungated = both[:, :, 0], both[:, :, 1]
         hidden = jax.nn.silu(gated) * ungated  # [B, T, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return quantized.matmul(hidden, down, dtype)
+        return quantized.matmul(hidden, down, dtype, precision)
 
 
 class Block(nn.Module):
@@ -272,7 +277,8 @@ class Llama(nn.Module):
                 head = embedding.T
             else:
                 head = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), _fan_in_init((0,)))
-            result = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+            result = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32,
+                                precision=cfg.resolved_matmul_precision)
             result = nn.with_logical_constraint(result, ("batch", "length", "vocab"))
         if cache is None:
             return result

@@ -1,6 +1,7 @@
 """Attention with masks built from positions and segment ids, and the choice of implementation.
 
-    out = attention(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids, impl="dense")
+    out = attention(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids, impl="dense",
+                    precision="highest")
 
 Shapes: q [B, T, N, H]; k, v [B, S, K, H] (grouped-query: query head n reads key/value head n // (N // K));
 positions and segment ids [B, T] / [B, S]. Key s is visible to query t when both carry the same segment id and s's
@@ -8,6 +9,10 @@ position is not after t's: packed documents never see each other, segment id 0 (
 causality by position rather than by index lets a row be stored in any order (context parallelism's zig-zag
 layout) and lets a KV cache hold its slots' positions. The mask is built per call from these [B, T] vectors, never
 carried through the network as a [B, T, S] array.
+
+``precision`` is the ``precision=`` of the kernel's matmuls (``ModelConfig.resolved_matmul_precision``: "highest",
+"high" or None for the backend's default); every implementation takes it, so a float32 model gets float32
+attention on GPUs and TPUs too.
 """
 
 from __future__ import annotations
@@ -28,22 +33,26 @@ def attention_mask(q_positions, q_segment_ids, k_positions, k_segment_ids) -> ja
     return same_document & (k_positions[:, None, :] <= q_positions[:, :, None])
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          precision: str | None = None) -> jax.Array:
     """Dense grouped-query attention: q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     # Scaling q ([B, T, N, H]) is cheaper than scaling the S-times-larger scores. Scores keep T next to G: the
     # layout [B, K, T, G, S] made XLA:CPU's train step ~3% faster than [B, K, G, T, S] (fewer transposes).
     q = (q * jnp.asarray(1 / math.sqrt(h), q.dtype)).reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKTGS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGH,BSKH->BKTGS", q, k, preferred_element_type=jnp.float32, precision=precision)
     scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKTGS,BSKH->BTKGH", probs, v)
+    out = jnp.einsum("BKTGS,BSKH->BTKGH", probs, v, precision=precision)
     return out.reshape(b, t, n, h)
 
 
-def attention(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids, *, impl: str = "dense") -> jax.Array:
-    """Self- or cached attention with the document mask above, by the implementation ``impl`` (one of IMPLS)."""
+def attention(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids, *, impl: str = "dense",
+              precision: str | None = None) -> jax.Array:
+    """Self- or cached attention with the document mask above, by the implementation ``impl`` (one of IMPLS),
+    its matmuls at ``precision``."""
     if impl == "dense":
-        return dot_product_attention(q, k, v, attention_mask(q_positions, q_segment_ids, k_positions, k_segment_ids))
+        mask = attention_mask(q_positions, q_segment_ids, k_positions, k_segment_ids)
+        return dot_product_attention(q, k, v, mask, precision)
     raise ConfigError(f"attention implementation must be one of {IMPLS}, got {impl!r}")

@@ -25,7 +25,7 @@ def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: flo
                                output="hidden")  # [B, T, D]
         head = model.lm_head_kernel(params, cfg).astype(jnp.dtype(cfg.dtype))  # [D, V]
         return next_token_loss(hidden, head, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
-                               z_loss=z_loss)
+                               z_loss=z_loss, precision=cfg.resolved_matmul_precision)
 
     return loss_fn
 
