@@ -10,6 +10,7 @@
 # under its own time limit so that one that hangs cannot eat the others' time:
 #   1. train step, llama3.2-1b, 4 x 2048, bf16 compute, remat dots_no_batch  vs transformers eager (sdpa, bf16
 #      autocast, fused AdamW), with and without gradient checkpointing
+#      and the same with attention="flash" (the fused Pallas kernel of llama_jax/ops/flash_attention.py)
 #   2. train step, llama3.1-8b shape with 4 layers, 2 x 4096, remat full      vs the same
 #   3. decode, llama3.2-1b bf16, batch 1 / 8 / 32, prompt 128, 64 new tokens  vs transformers generate, static
 #      cache (torch.compile'd by transformers) and dynamic cache
@@ -65,10 +66,12 @@ run() {
 # Time limits (s) add up to under 8 minutes; each benchmark stops a process past its --time-limit and reports it.
 train="$PYTHON benchmarks/train_step.py --dtype bfloat16 --baselines torch,torch-ckpt --alternations 1 --steps 5 \
 --warmup 2"
-run train_1b 120 $train --preset llama3.2-1b --batch 4 --seq 2048 --remat dots_no_batch --time-limit 110
-run train_8b_4_layers 120 $train --preset llama3.1-8b --layers 4 --batch 2 --seq 4096 --remat full --time-limit 110
-run decode_1b 130 "$PYTHON" benchmarks/decode.py --preset llama3.2-1b --dtype bfloat16 --prompt 128 \
-    --new-tokens 64 --alternations 1 --repeats 2 --time-limit 120
+run train_1b 100 $train --preset llama3.2-1b --batch 4 --seq 2048 --remat dots_no_batch --time-limit 90
+run train_1b_flash 80 $train --preset llama3.2-1b --batch 4 --seq 2048 --remat dots_no_batch --attention flash \
+    --baselines "" --time-limit 70
+run train_8b_4_layers 100 $train --preset llama3.1-8b --layers 4 --batch 2 --seq 4096 --remat full --time-limit 90
+run decode_1b 110 "$PYTHON" benchmarks/decode.py --preset llama3.2-1b --dtype bfloat16 --prompt 128 \
+    --new-tokens 64 --alternations 1 --repeats 2 --time-limit 100
 run parity 40 "$PYTHON" benchmarks/parity.py
 left=$((470 - (SECONDS - start)))
 if [[ -f benchmarks/attention.py && $left -gt 10 ]]; then

@@ -17,7 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The fields that make the network (what config.json / params.json record); the rest says how it runs.
 ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim", "norm_eps",
                 "rope_theta", "rope_scaling", "tie_embeddings")
-ATTENTION_IMPLS = ("auto", "dense")
+ATTENTION_IMPLS = ("auto", "dense", "flash")
 CONTEXT_PARALLEL_MODES = ("auto", "off", "ring", "all_gather")
 MATMUL_PRECISIONS = ("auto", "highest", "high", "default")
 
@@ -53,7 +53,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations (softmax/norms stay float32)
     remat: str = "none"  # activation checkpointing per block: none | full | dots | dots_no_batch
     scan_layers: bool = True  # parameter layout: stacked under nn.scan (one compiled block) or one subtree per layer
-    attention: str = "auto"  # attention kernel (ops.attention): auto | dense
+    attention: str = "auto"  # attention kernel (ops.attention): dense | flash (fused); auto: dense until the fused
+    #                          kernel has been measured on GPU/TPU (benchmarks/gpu.sh)
     context_parallel: str = "auto"  # sequence-split attention: auto (ring when the mesh splits length) | off | ring
     #                                 | all_gather
     matmul_precision: str = "auto"  # precision of every matmul (see resolved_matmul_precision): auto | highest

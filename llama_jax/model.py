@@ -116,9 +116,10 @@ class RMSNorm(nn.Module):
         return normed.astype(dtype) * scale.astype(dtype)
 
 
-def attention_impl(cfg: ModelConfig) -> str:
-    """The attention kernel ``cfg.attention`` names ("auto": dense, the only one so far)."""
-    return "dense" if cfg.attention == "auto" else cfg.attention
+def attention_impl(cfg: ModelConfig, cached: bool) -> str:
+    """The attention kernel: ``cfg.attention`` ("auto": dense until the fused one is measured on GPU/TPU); a KV-cache
+    step is always dense (one query row: nothing to fuse)."""
+    return "dense" if cached or cfg.attention == "auto" else cfg.attention
 
 
 def context_parallel_mode(cfg: ModelConfig) -> str:
@@ -160,8 +161,8 @@ class Attention(nn.Module):
             out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg),
                                              precision=precision)
         else:
-            out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, impl=attention_impl(cfg),
-                                          precision=precision)
+            out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, precision=precision,
+                                          impl=attention_impl(cfg, cached=kv_cache is not None))
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype), precision=precision), kv_cache
 
 
@@ -301,10 +302,17 @@ def validate_tokens(tokens, vocab_size: int) -> None:
         raise DataError(f"token id(s) {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab_size})")
 
 
+def boxed_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Fresh parameters, each leaf boxed with its logical axes (flax's Partitioned). Initialisation traces one
+    token through the dense attention, whatever kernel or context parallelism ``cfg`` runs with."""
+    init_cfg = cfg.replace(attention="dense", context_parallel="off")
+    return Llama(init_cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
     """Fresh parameters as a plain nested dict; with ``mesh``, each leaf is created directly in its shards."""
     # jit: one compiled program instead of hundreds of eagerly dispatched ops (seconds even for `tiny`).
-    init = jax.jit(lambda key: nn.meta.unbox(Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]),
+    init = jax.jit(lambda key: nn.meta.unbox(boxed_params(cfg, key)),
                    out_shardings=None if mesh is None else param_shardings(cfg, mesh))
     return init(rng)
 
@@ -324,7 +332,7 @@ def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh):
 
 @functools.lru_cache(maxsize=32)
 def _abstract_boxed(cfg: ModelConfig):
-    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.eval_shape(lambda: boxed_params(cfg, jax.random.key(0)))
 
 
 def param_shapes(cfg: ModelConfig) -> Params:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from llama_jax.errors import ConfigError
+from llama_jax.ops import flash_attention
 
-IMPLS = ("dense",)
+IMPLS = ("dense", "flash")
 
 
 def attention_mask(q_positions, q_segment_ids, k_positions, k_segment_ids) -> jax.Array:
@@ -50,9 +53,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
 def attention(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids, *, impl: str = "dense",
               precision: str | None = None) -> jax.Array:
-    """Self- or cached attention with the document mask above, by the implementation ``impl`` (one of IMPLS),
-    its matmuls at ``precision``."""
+    """Self- or cached attention with the document mask above, its matmuls at ``precision``, by ``impl``:
+    "dense" (XLA: materialises float32 [B, K, T, G, S] scores) or "flash" (the fused kernel of the backend,
+    ``ops.flash_attention``: Pallas on GPU, splash on TPU for rows in natural order, Pallas's interpreter on CPU).
+    Under a mesh the kernel runs per shard of batch and heads (``shard_map``): XLA cannot split a custom kernel."""
     if impl == "dense":
         mask = attention_mask(q_positions, q_segment_ids, k_positions, k_segment_ids)
         return dot_product_attention(q, k, v, mask, precision)
-    raise ConfigError(f"attention implementation must be one of {IMPLS}, got {impl!r}")
+    if impl != "flash":
+        raise ConfigError(f"attention implementation must be one of {IMPLS}, got {impl!r}")
+    backend = jax.default_backend()
+
+    def fused(*args):
+        if backend == "tpu":
+            return flash_attention.splash_attention(*args)
+        return flash_attention.flash_attention(*args, precision=precision, interpret=backend != "gpu")
+
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return fused(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids)
+    q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"), rules)
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"), rules)
+    vector = PartitionSpec(q_spec[0], q_spec[1])
+    return jax.shard_map(fused, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, vector, vector, vector, vector),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_positions, q_segment_ids, k_positions,
+                                                           k_segment_ids)

@@ -111,25 +111,25 @@ def _loop_bounds(q_pos, q_seg, k_pos, k_seg, block_q, block_k):
     return _first_and_last(may, axis=2), _first_and_last(may, axis=1)
 
 
-def _dot_nt(a, b):
+def _dot_nt(a, b, precision):
     """a [m, h] . b [n, h]^T -> [m, n] float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
 
 
-def _dot_tn(a, b):
+def _dot_tn(a, b, precision):
     """a [k, m]^T . b [k, n] -> [m, n] float32."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
 
 
-def _dot(a, b):
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+def _dot(a, b, precision):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
 
 
 def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref,
-                    out_ref, lse_ref, *, scale, block_k):
+                    out_ref, lse_ref, *, scale, block_k, precision):
     """One query block of one head: q [bq, H] against key blocks of k/v [S, H]."""
     q, q_pos, q_seg = q_ref[...], q_pos_ref[...], q_seg_ref[...]
     q_range = (jnp.min(q_seg), jnp.max(q_seg), jnp.max(q_pos))
@@ -141,12 +141,13 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
         def fold(carry):
             m, norm, acc = carry
             visible = _visible(q_pos, q_seg, k_pos, k_seg)
-            scores = jnp.where(visible, _dot_nt(q, k_ref[keys, :]) * scale, _NEG)  # [bq, bk]
+            scores = jnp.where(visible, _dot_nt(q, k_ref[keys, :], precision) * scale, _NEG)  # [bq, bk]
             m_new = jnp.maximum(m, jnp.max(scores, axis=1))
             p = jnp.where(visible, jnp.exp(scores - m_new[:, None]), 0.0)
             correction = jnp.exp(m - m_new)
             v = v_ref[keys, :]
-            return m_new, norm * correction + jnp.sum(p, axis=1), acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+            pv = _dot(p.astype(v.dtype), v, precision)
+            return m_new, norm * correction + jnp.sum(p, axis=1), acc * correction[:, None] + pv
 
         may = _may_see(*q_range, jnp.min(k_seg), jnp.max(k_seg), jnp.min(k_pos))
         return lax.cond(may, fold, lambda c: c, carry)
@@ -162,7 +163,7 @@ def _forward_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
 
 
 def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, scale, block_k):
+               delta_ref, dq_ref, *, scale, block_k, precision):
     """dq of one query block of one head, over the same key blocks as the forward pass."""
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
@@ -175,9 +176,9 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_pos_
         def fold(dq):
             k, v = k_ref[keys, :], v_ref[keys, :]
             visible = _visible(q_pos, q_seg, k_pos, k_seg)
-            p = jnp.exp(jnp.where(visible, _dot_nt(q, k) * scale - lse[:, None], _NEG))  # [bq, bk]
-            ds = p * (_dot_nt(do, v) - delta[:, None])
-            return dq + _dot(ds.astype(k.dtype), k)
+            p = jnp.exp(jnp.where(visible, _dot_nt(q, k, precision) * scale - lse[:, None], _NEG))  # [bq, bk]
+            ds = p * (_dot_nt(do, v, precision) - delta[:, None])
+            return dq + _dot(ds.astype(k.dtype), k, precision)
 
         may = _may_see(*q_range, jnp.min(k_seg), jnp.max(k_seg), jnp.min(k_pos))
         return lax.cond(may, fold, lambda c: c, dq)
@@ -187,7 +188,7 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_pos_
 
 
 def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_pos_ref, k_seg_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, *, scale, block_q, groups):
+                delta_ref, dk_ref, dv_ref, *, scale, block_q, groups, precision):
     """dk/dv of one key block of one key/value head: query blocks of q/do [T, G, H] for each of the G heads."""
     k, v, k_pos, k_seg = k_ref[...], v_ref[...], k_pos_ref[...], k_seg_ref[...]
     k_range = (jnp.min(k_seg), jnp.max(k_seg), jnp.min(k_pos))
@@ -203,9 +204,9 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k_pos
                 dk, dv = carry
                 q, do = q_ref[rows, g, :], do_ref[rows, g, :]
                 lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-                p = jnp.exp(jnp.where(visible, _dot_nt(q, k) * scale - lse[:, None], _NEG))
-                ds = p * (_dot_nt(do, v) - delta[:, None])
-                return dk + _dot_tn(ds.astype(q.dtype), q), dv + _dot_tn(p.astype(do.dtype), do)
+                p = jnp.exp(jnp.where(visible, _dot_nt(q, k, precision) * scale - lse[:, None], _NEG))
+                ds = p * (_dot_nt(do, v, precision) - delta[:, None])
+                return dk + _dot_tn(ds.astype(q.dtype), q, precision), dv + _dot_tn(p.astype(do.dtype), do, precision)
 
             return lax.fori_loop(0, groups, fold_head, carry)
 
@@ -227,6 +228,7 @@ class _Plan:
     block_k: int
     scale: float
     interpret: bool
+    precision: str | None = None  # of every dot in the kernels ("highest": no TF32 for float32 configs)
 
     def compiler_params(self, head_dim: int):
         # Triton tutorial defaults for flash attention; only read by the GPU lowering.
@@ -246,7 +248,7 @@ def _forward(plan: _Plan, q, k, v, q_pos, q_seg, k_pos, k_seg):
     k_vec = pl.BlockSpec((None, s), lambda i, b, n: (b, 0))
     lse_block = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))
     return pl.pallas_call(
-        functools.partial(_forward_kernel, scale=plan.scale, block_k=bk),
+        functools.partial(_forward_kernel, scale=plan.scale, block_k=bk, precision=plan.precision),
         grid=(t // bq, b, n),
         in_specs=[scalar, scalar, q_block, kv_all, kv_all, q_vec, q_vec, k_vec, k_vec],
         out_specs=[q_block, lse_block],
@@ -274,7 +276,7 @@ def _backward(plan: _Plan, q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse, d_out,
     k_vec_all = pl.BlockSpec((None, s), lambda i, b, n: (b, 0))
     row_block = pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i))
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=plan.scale, block_k=bk),
+        functools.partial(_dq_kernel, scale=plan.scale, block_k=bk, precision=plan.precision),
         grid=(t // bq, b, n),
         in_specs=[scalar, scalar, q_block, kv_all, kv_all, q_vec, q_vec, k_vec_all, k_vec_all, q_block, row_block,
                   row_block],
@@ -293,7 +295,7 @@ def _backward(plan: _Plan, q, k, v, q_pos, q_seg, k_pos, k_seg, out, lse, d_out,
     k_vec = pl.BlockSpec((None, bk), lambda j, b, m: (b, j))
     rows_group = pl.BlockSpec((None, groups, t), lambda j, b, m: (b, m, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=plan.scale, block_q=bq, groups=groups),
+        functools.partial(_dkv_kernel, scale=plan.scale, block_q=bq, groups=groups, precision=plan.precision),
         grid=(s // bk, b, kv_heads),
         in_specs=[scalar, scalar, q_group, kv_block, kv_block, q_vec_all, q_vec_all, k_vec, k_vec, q_group,
                   rows_group, rows_group],
@@ -360,7 +362,7 @@ def _pad_to(x, axis: int, size: int, value=0):
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, q_segment_ids: jax.Array,
                     k_positions: jax.Array, k_segment_ids: jax.Array, *, block_q: int = 128, block_k: int = 64,
-                    interpret: bool = False, return_lse: bool = False):
+                    interpret: bool = False, return_lse: bool = False, precision: str | None = None):
     """Pallas flash attention with document masks: q [B, T, N, H], k/v [B, S, K, H], positions / segment ids
     [B, T] and [B, S] -> out [B, T, N, H] in v's dtype (and lse [B, T, N] float32 with ``return_lse``).
     Block sizes are powers of two >= 16; lengths are padded up to them."""
@@ -375,7 +377,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     q_seg = _pad_to(q_segment_ids.astype(jnp.int32), 1, t_pad, _PAD_Q_SEGMENT)
     k_pos = _pad_to(k_positions.astype(jnp.int32), 1, s_pad, _PAD_K_POSITION)
     k_seg = _pad_to(k_segment_ids.astype(jnp.int32), 1, s_pad, _PAD_K_SEGMENT)
-    plan = _Plan(block_q=bq, block_k=bk, scale=1 / math.sqrt(h), interpret=interpret)
+    plan = _Plan(block_q=bq, block_k=bk, scale=1 / math.sqrt(h), interpret=interpret, precision=precision)
     out, lse = _flash(plan, q, k, v, q_pos, q_seg, k_pos, k_seg)
     out = out[:, :t, :, :h]
     if return_lse:

@@ -56,7 +56,7 @@ def _boxed_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, 
     """A fresh state whose parameter leaves (and so the optimizer's moments and the frozen copies of them) carry
     their logical axes."""
     params_key, extra_key, rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = model.Llama(cfg).init(params_key, jnp.zeros((1, 1), jnp.int32))["params"]
+    params = model.boxed_params(cfg, params_key)
     if stage is not None and stage.extra_params is not None:
         params = {**params, **stage.extra_params(cfg, extra_key)}
     frozen = stage.frozen(params) if stage is not None and stage.frozen is not None else None
