@@ -54,6 +54,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -82,9 +83,9 @@ _COMMIT_FILE = "commit_success.txt"  # orbax's completion marker (atomicity_type
 _METADATA = os.path.join("metadata", "metadata.json")
 _DATA_STATE = os.path.join("data_state", "data_state.json")
 _SELF_SUM = "metadata_sha256"  # metadata.json's own checksum (over every other key)
-# What orbax raises when an item's files are truncated, garbled or gone (tensorstore's errors are ValueErrors).
-# Runtime errors (out of memory, a device failure) are not in it: they say nothing about the files.
-_READ_ERRORS = (OSError, ValueError, KeyError, AttributeError, TypeError, EOFError, IndexError)
+# Orbax reports truncated, garbled or missing files with anything from tensorstore's ValueErrors and JSON errors to
+# bare Exceptions; only runtime errors (out of memory, a failing device) say nothing about the files.
+_NOT_ABOUT_FILES = (RuntimeError, MemoryError)
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -443,6 +444,8 @@ def check_structure(directory: str) -> dict:
     for item in metadata.get("items", ["params"]):
         if not os.path.isdir(os.path.join(directory, item)) or not os.listdir(os.path.join(directory, item)):
             raise CorruptCheckpointError(f"{directory} lacks its {item}/ item (saved with it): deleted or truncated")
+        if item in ("params", "opt_state"):
+            _read_json(os.path.join(directory, item, "_METADATA"))  # orbax's tree of the item: names it if damaged
     return metadata
 
 
@@ -451,11 +454,17 @@ def _read_item(read, directory: str, what: str):
     learns whether any process failed, so all of them skip the step together."""
     try:
         result, error = read(), None
-    except _READ_ERRORS as e:
+    except _NOT_ABOUT_FILES:
+        raise
+    except Exception as e:  # see _NOT_ABOUT_FILES
         result, error = None, e
     if _on_any_process(error is not None):
-        detail = f"{type(error).__name__}: {error}" if error is not None else "another process could not read it"
-        raise CorruptCheckpointError(f"{directory}: cannot read {what} ({detail[:500]})")
+        detail = "another process could not read it"
+        if error is not None:
+            detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            arrays = re.findall(r"'path': '([^'/][^']*)/'", str(error))  # tensorstore names the array it read
+            detail = f"array {arrays[-1]}: {detail}" if arrays else detail
+        raise CorruptCheckpointError(f"{directory}: cannot read {what} ({detail})")
     return result
 
 
@@ -493,8 +502,8 @@ def restore_dir(directory: str, *, params_target=None, opt_state_target=None, pa
         if target is not None:
             _check_target(tree, target, item, directory)
         items[item] = ocp.args.StandardRestore(_restore_target(tree, target))
-    restored = _read_item(lambda: checkpointer.restore(directory, args=ocp.args.Composite(**items)), directory,
-                          " and ".join(f"{item}/" for item in items))
+    restored = {item: _read_item(lambda item=item: checkpointer.restore(directory, args=ocp.args.Composite(
+        **{item: items[item]}))[item], directory, f"{item}/") for item in items}
     for item in items:
         _verify(metadata, item, restored[item], directory)
     data_state = None

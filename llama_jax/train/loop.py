@@ -226,8 +226,8 @@ def _is_stacked(path: str) -> bool:
 
 def build(config) -> Run:
     """A run from an experiment config (see configs/<stage>/*.py): resumed from ``run_dir`` when it holds a
-    checkpoint, else started from ``init_from`` or from fresh parameters. Holds ``run_dir``'s lock until
-    ``fit`` (or ``Run.close``) ends."""
+    checkpoint, else started from ``init_from`` or from fresh parameters. Every key's range and the data (eval
+    split included) are checked first; then run_dir's lock is taken, held until ``fit`` (or ``Run.close``) ends."""
     if not config.run_dir:
         raise ConfigError("config.run_dir is empty: pass --config.run_dir=/path/to/run")
     if config.stage not in STAGES:
@@ -235,15 +235,6 @@ def build(config) -> Run:
     defaults.check_ranges(config)
     if config.train.on_nonfinite not in ("skip", "halt"):
         raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
-    lock = RunLock.acquire(config.run_dir)
-    try:
-        return _build(config, lock)
-    except BaseException:
-        lock.release()
-        raise
-
-
-def _build(config, lock: RunLock) -> Run:
     stage = STAGES[config.stage]
     cfg = model_config(config.model)
     tokenizer = get_tokenizer(config.data.tokenizer)
@@ -275,40 +266,51 @@ def _build(config, lock: RunLock) -> Run:
                             f"too few records for one batch of data.batch_size={config.data.batch_size} rows; lower "
                             "data.holdout_every, or set logging.eval_every=0")
 
-    checkpoints = CheckpointManager(config.run_dir, keep_last=config.checkpoint.keep_last,
-                                    keep_every=config.checkpoint.keep_every or None,
-                                    async_save=config.checkpoint.async_save)
-    leftovers = checkpoints.remove_leftovers()  # this run holds the lock: nobody else is writing them
-    if leftovers:
-        cli.log(f"removed what interrupted saves left in {checkpoints.directory}: {', '.join(leftovers)}")
-    latest, init_from, changed = None, None, []
-    if checkpoints.present_steps():
-        restored = checkpoints.restore(params_target=abstract.params, opt_state_target=abstract.opt_state)
-        for step, why in restored.skipped:
-            moved = checkpoints.set_aside(step, "corrupt")
-            cli.log(f"warning: checkpoint step {step} cannot be used: {why}\n  moved to {moved}; resuming from "
-                    f"step {restored.step}, the newest checkpoint that verifies")
-        latest, init_from = restored.step, restored.metadata.get("init_from")
-        changed = config_changes(restored.metadata.get("stage_config") or {}, config.to_dict())
-        frozen = None
-        if stage.frozen is not None:  # not in the checkpoint: rebuilt from where the run started
-            if not init_from:
-                raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
-                                      "from the run's init_from on resume, but its checkpoint records none")
-            start, _, _ = _start_from(init_from["path"], cfg, mesh)
-            frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
-        state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
-                           opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)
-        state = jax.device_put(state, shardings)
-        data.set_state(restored.data_state)
-    elif config.init_from:
-        start, _, init_from = _start_from(config.init_from, cfg, mesh)
-        state = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start)
-    else:
-        state = create_state(cfg, tx, mesh, config.seed, stage=stage)
+    lock = RunLock.acquire(config.run_dir)  # before the first write
+    try:
+        checkpoints = CheckpointManager(config.run_dir, keep_last=config.checkpoint.keep_last,
+                                        keep_every=config.checkpoint.keep_every or None,
+                                        async_save=config.checkpoint.async_save)
+        state, latest, init_from, changed = _start(config, stage, cfg, tx, mesh, abstract, checkpoints, data)
+    except BaseException:
+        lock.release()
+        raise
     return Run(config=config, stage=stage, cfg=cfg, tokenizer=tokenizer, mesh=mesh, schedule=schedule, ramp=ramp,
                state=state, train_step=train_step, eval_step=eval_step, data=data, eval_batches=eval_batches,
                checkpoints=checkpoints, lock=lock, resumed_from=latest, init_from=init_from, changed=changed)
+
+
+def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainState, checkpoints: CheckpointManager,
+           data) -> tuple[TrainState, int | None, dict | None, list[str]]:
+    """(state, step resumed from, init_from, changed config keys): resumed from the newest checkpoint that verifies
+    (reporting and moving aside newer ones that do not), else from ``init_from``, else fresh."""
+    leftovers = checkpoints.remove_leftovers()  # this run holds the lock: nobody else is writing them
+    if leftovers:
+        cli.log(f"removed what interrupted saves left in {checkpoints.directory}: {', '.join(leftovers)}")
+    if not checkpoints.present_steps():
+        if config.init_from:
+            start, _, init_from = _start_from(config.init_from, cfg, mesh)
+            return create_state(cfg, tx, mesh, config.seed, stage=stage, params=start), None, init_from, []
+        return create_state(cfg, tx, mesh, config.seed, stage=stage), None, None, []
+    restored = checkpoints.restore(params_target=abstract.params, opt_state_target=abstract.opt_state)
+    for step, why in restored.skipped:
+        moved = checkpoints.set_aside(step, "corrupt")
+        cli.log(f"warning: checkpoint step {step} cannot be used: {why}\n  moved to {moved}; resuming from "
+                f"step {restored.step}, the newest checkpoint that verifies")
+    init_from = restored.metadata.get("init_from")
+    changed = config_changes(restored.metadata.get("stage_config") or {}, config.to_dict())
+    frozen = None
+    if stage.frozen is not None:  # not in the checkpoint: rebuilt from where the run started
+        if not init_from:
+            raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
+                                  "from the run's init_from on resume, but its checkpoint records none")
+        start, _, _ = _start_from(init_from["path"], cfg, mesh)
+        frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
+    state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
+                       opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)
+    state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, abstract))
+    data.set_state(restored.data_state)
+    return state, restored.step, init_from, changed
 
 
 def config_changes(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
@@ -334,16 +336,18 @@ def _banner(run: Run, stop_step: int) -> str:
             f"writing to {os.path.abspath(c.run_dir)}")
 
 
-def fit(run: Run) -> dict:
+def fit(run: Run, preemption: _Preemption | None = None) -> dict:
     """Trains ``run`` up to ``config.train.steps`` (or the schedule's end); returns the last logged metrics.
-    Ends by closing the run (the last checkpoint durable, run_dir's lock released), whatever happens."""
+    Ends by closing the run (the last checkpoint durable, run_dir's lock released), whatever happens.
+    ``preemption``: the SIGTERM watcher (``run`` installs one before ``build``); None installs one now."""
     try:
-        return _fit(run)
+        with contextlib.nullcontext(preemption) if preemption is not None else _Preemption() as watcher:
+            return _fit(run, watcher)
     finally:
         run.close()
 
 
-def _fit(run: Run) -> dict:
+def _fit(run: Run, preemption: _Preemption) -> dict:
     config, cfg, data = run.config, run.cfg, run.data
     stop_step = int(config.train.steps or config.schedule.total_steps)
     data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
@@ -365,7 +369,7 @@ def _fit(run: Run) -> dict:
     window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
     skipped_total = 0
     pending = None  # (step, its `skipped` flag): read one step late, so the host never waits on the device
-    last_saved = run.resumed_from  # the newest step with a checkpoint (None: none yet)
+    last_saved = first_step  # the newest step with a checkpoint, or where this run began (nothing new to save)
     since_save = skipped_since_save = 0  # steps taken, and skipped as non-finite, since then: is the next healthy?
 
     def settle() -> None:
@@ -401,67 +405,66 @@ def _fit(run: Run) -> dict:
     progress = cli.progress(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
                             desc=run.stage.name, unit="step")
     position = None  # the data position before the batch being fetched: where to resume if the fetch fails
-    with _Preemption() as preemption:
-        try:
-            while step < stop_step and not preemption.requested:
-                ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
-                position = data.get_state()
-                with preemption.interruptible():
-                    batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
-                position = None
-                if ramp_stage.seq_len != data_seq:
-                    batch = split_rows(batch, ramp_stage.seq_len)
-                if step == first_step:
-                    cli.log(f"compiling the {run.stage.name} step for batches of "
-                            f"{jax.tree.leaves(batch)[0].shape} ...")
-                state, metrics = run.train_step(state, batch)
-                step += 1
-                since_save += 1
-                settle()
-                pending = (step - 1, metrics["skipped"])
-                window_tokens += _tokens(batch) * jax.process_count()
-                window_metrics.append(metrics)
+    try:
+        while step < stop_step and not preemption.requested:
+            ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
+            position = data.get_state()
+            with preemption.interruptible():
+                batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
+            position = None
+            if ramp_stage.seq_len != data_seq:
+                batch = split_rows(batch, ramp_stage.seq_len)
+            if step == first_step:
+                cli.log(f"compiling the {run.stage.name} step for batches of "
+                        f"{jax.tree.leaves(batch)[0].shape} ...")
+            state, metrics = run.train_step(state, batch)
+            step += 1
+            since_save += 1
+            settle()
+            pending = (step - 1, metrics["skipped"])
+            window_tokens += _tokens(batch) * jax.process_count()
+            window_metrics.append(metrics)
 
-                if step % config.logging.every == 0 or step == stop_step:
-                    fetched = [_scalars(m) for m in window_metrics]
-                    elapsed = time.perf_counter() - window_start
-                    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    summary["skipped"] = float(sum(m["skipped"] for m in fetched))
-                    tokens_per_s = window_tokens / elapsed
-                    mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
-                    summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
-                    logger.write(step, summary)
-                    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                    window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
-                if run.eval_batches and (step % config.logging.eval_every == 0 or step == stop_step):
-                    evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
-                    summary.update(evaluated)
-                    logger.write(step, evaluated)
-                    if is_main:
-                        progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
-                if step % config.checkpoint.every == 0 and step < stop_step:
-                    settle()
-                    save(None)
-                progress.update(1)
-        except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
-            pass
-        except CheckpointError:
-            logger.close()
-            raise
-        except LlamaJaxError as e:  # bad data or a halt: the state is sound, so keep it before stopping
-            progress.close()
-            logger.close()
-            with contextlib.suppress(LlamaJaxError):
+            if step % config.logging.every == 0 or step == stop_step:
+                fetched = [_scalars(m) for m in window_metrics]
+                elapsed = time.perf_counter() - window_start
+                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                summary["skipped"] = float(sum(m["skipped"] for m in fetched))
+                tokens_per_s = window_tokens / elapsed
+                mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
+                summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
+                logger.write(step, summary)
+                progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
+            if run.eval_batches and (step % config.logging.eval_every == 0 or step == stop_step):
+                evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
+                summary.update(evaluated)
+                logger.write(step, evaluated)
+                if is_main:
+                    progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
+            if step % config.checkpoint.every == 0 and step < stop_step:
                 settle()
-            save(position)
-            run.checkpoints.wait()
-            cli.log(f"saved a checkpoint of step {step} before stopping on: {e}\nRemove the cause and rerun the "
-                    "same command to resume from it.")
-            raise
-        settle()
+                save(None)
+            progress.update(1)
+    except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
+        pass
+    except CheckpointError:
+        logger.close()
+        raise
+    except LlamaJaxError as e:  # bad data or a halt: the state is sound, so keep it before stopping
         progress.close()
+        logger.close()
+        with contextlib.suppress(LlamaJaxError):
+            settle()
         save(position)
         run.checkpoints.wait()
+        cli.log(f"saved a checkpoint of step {step} before stopping on: {e}\nRemove the cause and rerun the "
+                "same command to resume from it.")
+        raise
+    settle()
+    progress.close()
+    save(position)
+    run.checkpoints.wait()
     logger.close()
     summary.update(step=step, preempted=preemption.requested, skipped_total=skipped_total,
                    skipped_records=len(data.skipped))
@@ -469,5 +472,7 @@ def _fit(run: Run) -> dict:
 
 
 def run(config) -> dict:
-    """``fit(build(config))``: what ``python -m llama_jax.train`` does."""
-    return fit(build(config))
+    """``fit(build(config))``: what ``python -m llama_jax.train`` does. SIGTERM is watched from the start: one that
+    arrives while the run is built stops it before step 1 (nothing new to save), with a normal return."""
+    with _Preemption() as preemption:
+        return fit(build(config), preemption)
