@@ -8,7 +8,8 @@ A training run keeps its checkpoints under ``<run_dir>/checkpoints/``, one direc
         metadata/metadata.json        format_version, llama_jax_version, step, stage, stage_config,
                                       model_config (ModelConfig.to_dict), param_layout ("stacked" | "per_layer"),
                                       quantization (null | "fp8" | "int8"), tokenizer {name, sha256},
-                                      mesh {axis: size} it was saved from, rng {impl, key_data}, has_opt_state
+                                      mesh {axis: size} it was saved from, rng {impl, key_data}, has_opt_state,
+                                      items saved, healthy, integrity (checksums), metadata_sha256
         data_state/data_state.json    the data iterator's state (training checkpoints)
         _CHECKPOINT_METADATA          orbax's bookkeeping
         commit_success.txt            written by orbax once every item is durable
@@ -29,7 +30,9 @@ that hold it), the sha256 of the data state, the items saved, and the sha256 of 
 restore (training or ``load``) verifies what it read against them; a step that does not verify, or lacks an item,
 or whose files orbax cannot read, raises ``CorruptCheckpointError``. ``CheckpointManager.restore()`` and ``load(run
 dir)`` then fall back to the newest step that verifies and report the ones they skipped; nothing unverified is
-used silently (checkpoints written before checksums existed load with a warning).
+used silently (checkpoints written before checksums existed load with a warning). The run's writer moves a step
+that failed aside (``set_aside``: ``<step>.corrupt-<time>``, kept for inspection) so that it can save that step
+again. Checksums cost one read of the state in device memory per save and per restore (benchmarks/checksums.py).
 
 Retention: after each save is durable, the manager deletes the checkpoints no rule keeps. It keeps the newest
 ``keep_last`` (>= 1) intact steps, every multiple of ``keep_every``, and always the newest *healthy* one: a

@@ -406,48 +406,50 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
                             desc=run.stage.name, unit="step")
     position = None  # the data position before the batch being fetched: where to resume if the fetch fails
     try:
-        while step < stop_step and not preemption.requested:
-            ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
-            position = data.get_state()
-            with preemption.interruptible():
-                batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
-            position = None
-            if ramp_stage.seq_len != data_seq:
-                batch = split_rows(batch, ramp_stage.seq_len)
-            if step == first_step:
-                cli.log(f"compiling the {run.stage.name} step for batches of "
-                        f"{jax.tree.leaves(batch)[0].shape} ...")
-            state, metrics = run.train_step(state, batch)
-            step += 1
-            since_save += 1
-            settle()
-            pending = (step - 1, metrics["skipped"])
-            window_tokens += _tokens(batch) * jax.process_count()
-            window_metrics.append(metrics)
-
-            if step % config.logging.every == 0 or step == stop_step:
-                fetched = [_scalars(m) for m in window_metrics]
-                elapsed = time.perf_counter() - window_start
-                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                summary["skipped"] = float(sum(m["skipped"] for m in fetched))
-                tokens_per_s = window_tokens / elapsed
-                mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
-                summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
-                logger.write(step, summary)
-                progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
-            if run.eval_batches and (step % config.logging.eval_every == 0 or step == stop_step):
-                evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
-                summary.update(evaluated)
-                logger.write(step, evaluated)
-                if is_main:
-                    progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
-            if step % config.checkpoint.every == 0 and step < stop_step:
+        try:
+            while step < stop_step and not preemption.requested:
+                ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
+                position = data.get_state()
+                with preemption.interruptible():
+                    batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
+                position = None
+                if ramp_stage.seq_len != data_seq:
+                    batch = split_rows(batch, ramp_stage.seq_len)
+                if step == first_step:
+                    cli.log(f"compiling the {run.stage.name} step for batches of "
+                            f"{jax.tree.leaves(batch)[0].shape} ...")
+                state, metrics = run.train_step(state, batch)
+                step += 1
+                since_save += 1
                 settle()
-                save(None)
-            progress.update(1)
-    except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
-        pass
+                pending = (step - 1, metrics["skipped"])
+                window_tokens += _tokens(batch) * jax.process_count()
+                window_metrics.append(metrics)
+
+                if step % config.logging.every == 0 or step == stop_step:
+                    fetched = [_scalars(m) for m in window_metrics]
+                    elapsed = time.perf_counter() - window_start
+                    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    summary["skipped"] = float(sum(m["skipped"] for m in fetched))
+                    tokens_per_s = window_tokens / elapsed
+                    mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
+                    summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
+                    logger.write(step, summary)
+                    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                    window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
+                if run.eval_batches and (step % config.logging.eval_every == 0 or step == stop_step):
+                    evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
+                    summary.update(evaluated)
+                    logger.write(step, evaluated)
+                    if is_main:
+                        progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
+                if step % config.checkpoint.every == 0 and step < stop_step:
+                    settle()
+                    save(None)
+                progress.update(1)
+        except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
+            pass
+        settle()
     except CheckpointError:
         logger.close()
         raise
@@ -461,7 +463,6 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
         cli.log(f"saved a checkpoint of step {step} before stopping on: {e}\nRemove the cause and rerun the "
                 "same command to resume from it.")
         raise
-    settle()
     progress.close()
     save(position)
     run.checkpoints.wait()
