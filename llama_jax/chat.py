@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from llama_jax import cli, sharding
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
-from llama_jax.errors import DataError
+from llama_jax.errors import ConfigError, DataError, TokenizerError
 from llama_jax.tools import interpreter, prompts, runner
 
 USER, ASSISTANT, TOOL = "user> ", "assistant> ", "tool> "
@@ -44,18 +44,22 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def say(self, role: str, content: str) -> dict:
-        """Adds a ``user`` or ``ipython`` (tool output) turn; streams, records and returns the assistant's reply."""
+        """Adds a ``user`` or ``ipython`` (tool output) turn; streams, records and returns the assistant's reply.
+        A turn that cannot be encoded or does not fit raises (DataError, TokenizerError) and leaves the dialog as
+        it was."""
         tok = self.tokenizer
-        self.messages.append({"role": role, "content": content})
-        prompt, _ = tok.encode_dialog(self.messages, add_generation_prompt=True)
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1 (tokens per reply), got {self.max_new_tokens}")
+        turn = {"role": role, "content": content}
+        prompt, _ = tok.encode_dialog([*self.messages, turn], add_generation_prompt=True)
         max_new = min(self.max_new_tokens, self.cfg.max_seq_len - len(prompt))
         if max_new < 1:
-            self.messages.pop()
             raise DataError(f"the dialog has {len(prompt)} tokens and fills the model's context (max_seq_len "
                             f"{self.cfg.max_seq_len}); /reset to start over")
+        self.messages.append(turn)
         self.seed += 1  # a fresh sample each turn, reproducible from the starting seed
         steps = gen.stream(self.params, self.cfg, [prompt], max_new, seed=self.seed, stop_ids=tok.stop_ids,
-                           mesh=self.mesh, **self.sampling)
+                           mesh=self.mesh, vocab_size=tok.vocab_size, **self.sampling)
         tokens = (new[0] for new in steps)
         self.out.write(ASSISTANT)
         first = next(tokens, None)
@@ -105,6 +109,10 @@ parser.add_argument("--max-tool-calls", type=int, default=5, help="tool calls pe
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1 (tokens per reply), got {args.max_new_tokens}")
+    if hasattr(sys.stdin, "reconfigure"):  # keep bytes that are not UTF-8 (terminal_text reports them), never crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     tool_names = [name.strip() for name in args.tools.split(",") if name.strip()] if args.tools else []
     system = prompts.system_prompt(tool_names, instruction=args.system) if tool_names else args.system
     tools = terminal_tools(tool_names)
@@ -113,9 +121,9 @@ def run(args: argparse.Namespace) -> dict:
     chat = Chat(params, cfg, tok, system=system, max_new_tokens=args.max_new_tokens, mesh=mesh,
                 **cli.sampling_kwargs(args))
     role, prompt, turns = "user", USER, 0
-    while True:
+    for number in itertools.count(1):
         try:
-            line = input(prompt)
+            line = cli.terminal_text(input(prompt), f"input line {number}")
         except EOFError:
             print()
             return {"turns": turns}
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
                 turns += 1
                 continue
             reply = chat.say(role, line)
-        except DataError as e:
+        except (DataError, TokenizerError) as e:  # this turn only: the dialog goes on
             print(f"error: {e}")
             continue
         turns += 1

@@ -86,6 +86,17 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
+def terminal_text(text: str, what: str) -> str:
+    """Text as a terminal, a pipe or argv delivered it, made valid Unicode: Python keeps bytes that are not UTF-8
+    as lone surrogates ("surrogateescape"), which no tokenizer can encode; each becomes U+FFFD, with a warning
+    naming ``what`` (e.g. "--prompt 1")."""
+    bad = sum("\ud800" <= c <= "\udfff" for c in text)
+    if not bad:
+        return text
+    log(f"warning: {what} holds {bad} byte(s) that are not UTF-8 text; each was replaced by U+FFFD")
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
 def main(p: ArgumentParser, run: Callable[[argparse.Namespace], dict | None], argv: Sequence[str] | None = None,
          ) -> int:
     """Parses ``argv``, joins the other processes, runs ``run(args)`` and prints its result as JSON (see above)."""

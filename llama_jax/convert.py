@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 
 from llama_jax import checkpoint, cli
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, ConfigError
 
 parser = cli.parser("python -m llama_jax.convert", __doc__)
 cli.add_checkpoint(parser, help="source: llama_jax run or step directory, Hugging Face directory or Meta directory")
@@ -27,6 +27,10 @@ parser.add_argument("--max-shard-gb", type=float, default=5.0, help="size of HF 
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.num_shards < 1:
+        raise ConfigError(f"--num-shards must be >= 1 (model-parallel ranks of a Meta export), got {args.num_shards}")
+    if not args.max_shard_gb > 0:
+        raise ConfigError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     checkpoint.check_destination(args.out)  # before reading: fail in seconds, not after minutes
     detected = checkpoint.detect_format(args.checkpoint)
     if args.src_format is not None and args.src_format != detected:

@@ -54,6 +54,8 @@ class Sampling:
     temperature: float = 0.0  # 0 means greedy (argmax)
     top_k: int | None = None  # keep only the k most likely tokens
     top_p: float | None = None  # keep the smallest set of most likely tokens whose mass reaches p
+    vocab_size: int | None = None  # only ids below this are drawn: the tokenizer's, when the model's vocabulary
+    #                                is padded beyond it (None: every id of the model)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -62,10 +64,15 @@ class Sampling:
             raise ConfigError(f"top_k must be a positive int or None, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            raise ConfigError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """logits [B, V] float32 -> token ids [B] int32."""
+    if sampling.vocab_size is not None and sampling.vocab_size < logits.shape[-1]:
+        known = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < sampling.vocab_size
+        logits = jnp.where(known, logits, -jnp.inf)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -167,15 +174,18 @@ def stream(
     seed: int = 0,
     stop_ids: Sequence[int] = LLAMA3_STOP_IDS,
     mesh=None,
+    vocab_size: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Yields, step by step, one new token per prompt (None once that prompt has stopped).
 
     A prompt stops after emitting one of ``stop_ids`` or ``max_new_tokens`` tokens; the iteration ends
     when every prompt has stopped. ``mesh`` (from ``llama_jax.sharding.make_mesh``) runs the steps
     sharded by the library's logical-axis rules, e.g. tensor-parallel decode on ``"tensor=8"``.
+    ``vocab_size``: draw only ids below it (pass the tokenizer's, so every id decodes; the tiny preset's 512 ids
+    hold the byte tokenizer's 264, and a random or briefly trained model gives the others mass).
     """
     check_prompts(prompts, cfg, max_new_tokens)
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p, vocab_size)
     if max_new_tokens == 0:
         return
     cfg = cfg.replace(remat="none")  # nothing to recompute without a backward pass
@@ -220,14 +230,17 @@ def generate(
     stop_ids: Sequence[int] = LLAMA3_STOP_IDS,
     mesh=None,
     on_token: Callable[[int, int], None] | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Continues each prompt (a list of token ids); returns the new ids per prompt, prompt excluded.
 
     Greedy when ``temperature`` is 0, otherwise sampled (optionally restricted by ``top_k`` / ``top_p``)
     with a PRNG seeded by ``seed``. ``on_token(row, token)`` is called for each token as it is produced.
+    ``vocab_size``: draw only ids below it (the tokenizer's; see ``stream``).
     """
     outputs: list[list[int]] = [[] for _ in prompts] if not isinstance(prompts, (str, bytes)) else []
-    for new in stream(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, mesh):
+    for new in stream(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, mesh,
+                      vocab_size):
         for row, token in enumerate(new):
             if token is not None:
                 outputs[row].append(token)
@@ -310,16 +323,17 @@ parser.add_argument("--no-bos", action="store_true", help="do not start prompts 
 def run(args: argparse.Namespace) -> dict:
     params, cfg, tok = load_model(args.checkpoint, args.tokenizer)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    prompts = [tok.encode(text, bos=not args.no_bos) for text in args.prompt]
-    sampling = dict(cli.sampling_kwargs(args), stop_ids=tok.stop_ids, mesh=mesh)
+    texts = [cli.terminal_text(text, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
+    prompts = [tok.encode(text, bos=not args.no_bos) for text in texts]
+    sampling = dict(cli.sampling_kwargs(args), stop_ids=tok.stop_ids, mesh=mesh, vocab_size=tok.vocab_size)
     if len(prompts) == 1:  # stream a single prompt as it is generated
-        sys.stdout.write(args.prompt[0])
+        sys.stdout.write(texts[0])
         steps = stream(params, cfg, prompts, args.max_new_tokens, **sampling)
         outputs = [print_stream(tok, (new[0] for new in steps))]
         sys.stdout.write("\n")
     else:
         outputs = generate(params, cfg, prompts, args.max_new_tokens, **sampling)
-        for text, ids in zip(args.prompt, outputs):
+        for text, ids in zip(texts, outputs):
             print(text + tok.decode(ids))
     return {"completions": [tok.decode(ids) for ids in outputs], "tokens": [len(ids) for ids in outputs]}
 

@@ -102,6 +102,11 @@ class Tokenizer(abc.ABC):
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: what Python makes of undecodable bytes, or a "\ud800"
+            raise TokenizerError(f"text holds a lone surrogate {text[e.start]!r} at character {e.start}: not valid "
+                                 "Unicode, so it cannot be encoded (undecodable input bytes?)") from None
         ids = [self.bos_id] if bos else []
         allowed = self._allowed_specials(allowed_special)
         if allowed:

@@ -220,7 +220,8 @@ def test_skips_are_counted_and_an_all_malformed_stream_raises(tmp_path):
 
     bad = write_jsonl(tmp_path / "all_bad.jsonl", [BAD_CHATS[i][0] for i in range(6)])
     it = make_batches(chat_config(bad, batch_size=2, on_error="skip"), BYTE)
-    with pytest.raises(DataError, match=r"no usable document left \(e\.g\. .*all_bad.jsonl:\d: "):
+    with pytest.raises(DataError, match=r"cannot make progress: .*all_bad.jsonl\): 6 record\(s\) skipped of 6 "
+                                        r"in this split, e\.g\. .*all_bad.jsonl:\d: "):
         next(it)
     too_long = write_jsonl(tmp_path / "too_long.jsonl", [{"messages": [
         {"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "a"}]}] * 3)

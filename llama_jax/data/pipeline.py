@@ -215,19 +215,25 @@ def merge_states(states: Sequence[Mapping]) -> dict:
     return header | {"rows": {str(r): list(rows[str(r)]) for r in range(header["batch_size"])}}
 
 
-def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int, seed: int) -> list[SourceOrder]:
+def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int, seed: int,
+                 names: Sequence[str] | None = None) -> list[SourceOrder]:
     """Each source's document order for ``split``: every ``holdout_every``-th document is held out for eval;
-    training shuffles the rest (source ``i`` with seed ``seed + i``), anew each epoch."""
+    training shuffles the rest (source ``i`` with seed ``seed + i``), anew each epoch. ``names`` say which source
+    an error is about (default "source i")."""
     if split == "eval" and holdout_every <= 0:
         raise ConfigError("an eval split needs data.holdout_every > 0")
     orders = []
     for i, source in enumerate(sources):
+        name = names[i] if names is not None else f"source {i}"
+        if len(source) == 0:
+            raise DataError(f"data source {name} holds no documents (empty files, or only blank lines)")
         ids = np.arange(len(source))
         if holdout_every > 0:
             held_out = ids % holdout_every == 0
             ids = ids[held_out] if split == "eval" else ids[~held_out]
         if len(ids) == 0:
-            raise DataError(f"the {split} split of source {i} ({len(source)} documents) is empty")
+            raise DataError(f"the {split} split of data source {name} ({len(source)} documents, every "
+                            f"data.holdout_every={holdout_every}-th held out) is empty")
         orders.append(SourceOrder(ids, shuffle_seed=seed + i if split == "train" else None))
     return orders
 
@@ -259,6 +265,10 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
                           f"{' or '.join(repr(f) for f in KINDS[kind])}")
     seq_len = seq_len or data_cfg["seq_len"]
     batch_size = batch_size or data_cfg["batch_size"]
+    for key, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                            ("holdout_every", data_cfg["holdout_every"], 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"data.{key} must be an integer >= {low}, got {value!r}")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -282,11 +292,12 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     else:
         sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error) for s in specs]
         layout, tokenize = PairRows(seq_len, tokenizer), _encoded
-    orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed)
+    names = [f"{i} ({s.get('format', 'text')} {s.get('path') or '(default corpus)'})" for i, s in enumerate(specs)]
+    orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed, names=names)
     per_process = batch_size // process_count
     rows = range(process_index * per_process, (process_index + 1) * per_process)
-    return BatchIterator(Split(sources, orders, weights, tokenize, num_rows=batch_size, seed=seed), name=split,
-                         rows=rows, seq_len=seq_len, endless=split == "train", layout=layout)
+    return BatchIterator(Split(sources, orders, weights, tokenize, num_rows=batch_size, seed=seed, names=names),
+                         name=split, rows=rows, seq_len=seq_len, endless=split == "train", layout=layout)
 
 
 def _document_tokenizer(tokenizer, add_bos: bool):

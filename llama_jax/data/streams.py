@@ -79,10 +79,27 @@ class Split:
     """What every row stream of one split shares: sources, their orders and weights, the tokenizer, the seed."""
 
     def __init__(self, sources: Sequence[Sequence], orders: Sequence[SourceOrder], weights: Sequence[float],
-                 tokenize: Callable[[object], np.ndarray | None], *, num_rows: int, seed: int):
+                 tokenize: Callable[[object], np.ndarray | None], *, num_rows: int, seed: int,
+                 names: Sequence[str] | None = None):
         self.sources, self.orders, self.weights = list(sources), list(orders), [float(w) for w in weights]
         self.tokenize, self.num_rows, self.seed = tokenize, num_rows, seed
+        self.names = list(names) if names is not None else [f"source {i}" for i in range(len(self.sources))]
         self.documents = sum(len(o.ids) for o in self.orders)
+
+    def nothing_usable(self) -> bool:
+        """Whether every record of the split is known to read as None (sources that track ``unusable`` indices)."""
+        return all(hasattr(source, "unusable") and set(order.ids.tolist()) <= source.unusable
+                   for source, order in zip(self.sources, self.orders))
+
+    def skip_report(self) -> str:
+        """Per source: how many records were skipped as malformed or unusable (by this process), with an example."""
+        lines = []
+        for name, source, order in zip(self.names, self.sources, self.orders):
+            skipped = getattr(source, "skipped", {})
+            example = next(iter(skipped.items()), None)
+            lines.append(f"{name}: {len(skipped)} record(s) skipped of {len(order.ids)} in this split"
+                         + (f", e.g. {example[0]}: {example[1]}" if example else ""))
+        return "; ".join(lines)
 
 
 class RowStream:
@@ -153,11 +170,12 @@ class RowStream:
             if tokens is None or len(tokens) == 0:  # a malformed record that on_error="skip" let through
                 self._finish_document()
                 unreadable += 1
-                if unreadable > self.split.documents:
-                    why = list(getattr(self.split.sources[source], "skipped", {}).items())[-1:]
-                    raise DataError(f"row {self.row} read {unreadable} malformed or unusable records in a row, more "
-                                    f"than the {self.split.documents} documents of the split: no usable document "
-                                    f"left" + (f" (e.g. {why[0][0]}: {why[0][1]})" if why else ""))
+                # A row reads 1 / num_rows of each epoch, so a long run of skips alone proves nothing; once it is as
+                # long as the split, check whether every record of the split has been found unusable.
+                if unreadable % max(self.split.documents, 1) == 0 and self.split.nothing_usable():
+                    raise DataError(f"the data cannot make progress: none of the {self.split.documents} records of "
+                                    f"the split is usable (row {self.row} skipped {unreadable} in a row). "
+                                    f"{self.split.skip_report()}")
                 continue
             self._tokens = tokens
         return self._tokens

@@ -167,6 +167,12 @@ def config_from_params_json(d: dict[str, Any], *, file: str = PARAMS_FILE) -> Mo
     missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of") if k not in d]
     if missing:
         raise CheckpointError(f"{file} lacks key(s) {missing}")
+    if not isinstance(d["multiple_of"], int) or d["multiple_of"] < 1:
+        raise CheckpointError(f"{file}: multiple_of must be a positive integer (the FFN width is rounded up to a "
+                              f"multiple of it), got {d['multiple_of']!r}")
+    multiplier = d.get("ffn_dim_multiplier")
+    if multiplier is not None and (not isinstance(multiplier, int | float) or not multiplier > 0):
+        raise CheckpointError(f"{file}: ffn_dim_multiplier must be a positive number or null, got {multiplier!r}")
     try:
         scaling = None
         if d.get("use_scaled_rope", False):
@@ -267,6 +273,10 @@ def _read_hf_named(path: str, progress) -> tuple[ModelConfig, dict[str, np.ndarr
                                   f"{files[0]} does not (or the reverse)")
         for name, tensor in shard.items():
             part, dim = _to_numpy(tensor), _split_dim(name)
+            rank_expected = 1 if name.endswith("norm.weight") else 2  # norms are vectors, the rest matrices
+            if part.ndim != rank_expected:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {list(part.shape)}; a Meta checkpoint's "
+                                      f"{name.rsplit('.', 2)[-2]} weight has {rank_expected} dimension(s)")
             if rank == 0:
                 shape = list(part.shape)
                 if dim is not None:
@@ -331,6 +341,9 @@ def write(path: str, params: dict[str, Any], cfg: ModelConfig, *, num_shards: in
 
     Tied embeddings are written out as ``output.weight`` too, since Meta's reference model always has one.
     """
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise CheckpointError(f"num_shards (model-parallel ranks of a Meta export) must be an integer >= 1, got "
+                              f"{num_shards!r}")
     hf = {name: np.asarray(w) for name, w in hf_format.params_to_hf(params, cfg).items()}
     torch = _torch()
     for what, size in (("n_heads", cfg.num_heads), ("n_kv_heads", cfg.num_kv_heads), ("ffn_dim", cfg.ffn_dim),

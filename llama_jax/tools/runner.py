@@ -44,7 +44,7 @@ def model_generator(params, cfg: ModelConfig, tokenizer: Tokenizer, *, max_new_t
             raise DataError(f"the dialog has {len(prompt)} tokens and fills the model's context (max_seq_len "
                             f"{cfg.max_seq_len})")
         steps = gen.stream(params, cfg, [prompt], max_new, temperature, top_k, top_p, next(seeds),
-                           tokenizer.stop_ids)
+                           tokenizer.stop_ids, vocab_size=tokenizer.vocab_size)
         return (new[0] for new in steps)
 
     return generate

@@ -6,10 +6,14 @@ Any key can be overridden on the command line: ``--config.optimizer.peak_lr=3e-4
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import ml_collections
 
 from llama_jax import config as config_lib
 from llama_jax.data import pipeline as data
+from llama_jax.errors import ConfigError
 
 
 def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
@@ -68,3 +72,69 @@ def sft_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
     c.checkpoint.update(every=500)
     c.logging.update(eval_every=500)
     return c
+
+
+def _int_at_least(low: int) -> tuple[type, Callable[[Any], bool], str]:
+    return int, lambda v: v >= low, f"an integer >= {low}"
+
+
+def _real(test: Callable[[float], bool], expected: str) -> tuple[type, Callable[[Any], bool], str]:
+    return float, test, f"a number {expected}"
+
+
+# The range of every count and ratio key, checked when a run is built (``check_ranges``), so a bad value is a
+# ConfigError naming its key before anything is read, compiled or written. Keys a config lacks are skipped.
+RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "seed": _int_at_least(0),
+    "data.seq_len": _int_at_least(1),
+    "data.batch_size": _int_at_least(1),
+    "data.seed": _int_at_least(0),
+    "data.holdout_every": _int_at_least(0),
+    "optimizer.b1": _real(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimizer.b2": _real(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimizer.eps": _real(lambda v: v > 0, "> 0"),
+    "optimizer.weight_decay": _real(lambda v: v >= 0, ">= 0"),
+    "optimizer.clip_norm": _real(lambda v: v >= 0, ">= 0 (0: off)"),
+    "optimizer.grad_accum": _int_at_least(1),
+    "optimizer.z_loss": _real(lambda v: v >= 0, ">= 0"),
+    "optimizer.loss_chunk": _int_at_least(0),
+    "schedule.peak_lr": _real(lambda v: v >= 0, ">= 0"),
+    "schedule.warmup_steps": _int_at_least(0),
+    "schedule.decay_steps": _int_at_least(1),
+    "schedule.min_lr_ratio": _real(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "schedule.anneal_steps": _int_at_least(0),
+    "schedule.total_steps": _int_at_least(1),
+    "train.steps": _int_at_least(0),
+    "checkpoint.every": _int_at_least(1),
+    "checkpoint.keep_last": _int_at_least(1),
+    "checkpoint.keep_every": _int_at_least(0),
+    "logging.every": _int_at_least(1),
+    "logging.eval_every": _int_at_least(0),
+    "logging.eval_batches": _int_at_least(1),
+    "logging.peak_tflops": _real(lambda v: v >= 0, ">= 0 (0: measure)"),
+}
+
+
+def check_ranges(config) -> None:
+    """ConfigError naming the first key of ``RANGES`` whose value is of the wrong type or out of range, or a pair
+    of keys that do not fit together."""
+    for key, (kind, test, expected) in RANGES.items():
+        found, value = _lookup(config, key)
+        if not found:
+            continue
+        number = isinstance(value, int) if kind is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not number or not test(value):
+            raise ConfigError(f"config key {key} = {value!r}: expected {expected}")
+    rows, accum = config.data.batch_size, config.optimizer.grad_accum
+    if rows % accum:
+        raise ConfigError(f"data.batch_size ({rows}) must be a multiple of optimizer.grad_accum ({accum}): each "
+                          "microbatch takes batch_size / grad_accum rows")
+
+
+def _lookup(config, key: str) -> tuple[bool, Any]:
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False, None
+        node = node[part]
+    return True, node

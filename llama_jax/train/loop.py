@@ -6,8 +6,20 @@
 ``config.stage`` picks the stage (``STAGES``); the stage brings its loss and batches, the loop is the same for all.
 Resuming restores params, optimizer state, step, RNG and the data streams' position, so a resumed run takes
 exactly the steps an uninterrupted one would have taken; a run directory with a checkpoint always resumes, before
-``init_from`` (a llama_jax run or step directory, a Hugging Face or a Meta directory) is looked at. SIGTERM
-(preemption) saves a checkpoint and returns normally (exit status 0).
+``init_from`` (a llama_jax run or step directory, a Hugging Face or a Meta directory) is looked at.
+
+Failure and recovery:
+- one run writes a run directory at a time: ``build`` takes ``<run_dir>/lock`` (``train.lock``) before anything is
+  written, and a second run on the same directory is refused, naming the holder;
+- every key's range and the eval split are checked by ``build``, before step 1;
+- resume takes the newest checkpoint that verifies (``checkpoint``: checksums); newer ones that do not are
+  reported and moved aside (``<step>.corrupt-<time>``), never used;
+- SIGTERM (preemption) at any moment, waiting for data included, saves one checkpoint of the current step and
+  returns normally (exit status 0);
+- a data error (a malformed record under ``data.on_error="raise"``) or ``train.on_nonfinite="halt"`` saves the
+  current step, whose state is sound, before the error is raised: fix the cause and rerun to resume;
+- a checkpoint records whether it is healthy (some step since the previous one was applied), and retention always
+  keeps the newest healthy one.
 
 Run directory:
     <run_dir>/checkpoints/<step>/   (llama_jax.checkpoint)
@@ -18,6 +30,7 @@ Only process 0 writes logs; every process takes part in checkpointing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,7 +53,8 @@ from llama_jax.config import ModelConfig
 from llama_jax.data import concat_batches, merge_states, split_rows
 from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
 from llama_jax.tokenizer import Tokenizer, get_tokenizer
-from llama_jax.train import pretrain, sft
+from llama_jax.train import defaults, pretrain, sft
+from llama_jax.train.lock import RunLock
 from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE)}
@@ -65,11 +79,17 @@ def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+class _Preempted(BaseException):
+    """SIGTERM inside ``_Preemption.interruptible()``: a BaseException, so no ``except Exception`` swallows it."""
+
+
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (installed only in the main thread)."""
+    """Turns SIGTERM into a flag the loop checks between steps (installed only in the main thread); inside
+    ``interruptible()`` (a wait for data, which holds no training state) it raises ``_Preempted`` at once."""
 
     def __init__(self):
         self.requested = False
+        self._interruptible = False
         self._previous = None
 
     def __enter__(self):
@@ -81,6 +101,19 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+        if self._interruptible:
+            self._interruptible = False
+            raise _Preempted
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        if self.requested:
+            raise _Preempted
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -152,10 +185,19 @@ class Run:
     train_step: Any
     eval_step: Any
     data: Iterator[dict]
+    eval_batches: list[dict]  # the held-out batches every evaluation uses (read by build; [] without eval)
     checkpoints: CheckpointManager
+    lock: RunLock  # this run's hold on run_dir; ``close`` releases it
     resumed_from: int | None
     init_from: dict | None  # where a fresh run took its parameters: {"path", "format", "step"}
     changed: list[str]  # on resume: config keys whose value differs from the checkpoint's (``key: old -> new``)
+
+    def close(self) -> None:
+        """Waits for the last checkpoint to be durable and releases run_dir (``fit`` does it)."""
+        try:
+            self.checkpoints.close()
+        finally:
+            self.lock.release()
 
 
 def _start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, dict]:
@@ -184,19 +226,21 @@ def _is_stacked(path: str) -> bool:
 
 def build(config) -> Run:
     """A run from an experiment config (see configs/<stage>/*.py): resumed from ``run_dir`` when it holds a
-    checkpoint, else started from ``init_from`` or from fresh parameters."""
+    checkpoint, else started from ``init_from`` or from fresh parameters. Every key's range and the data (eval
+    split included) are checked first; then run_dir's lock is taken, held until ``fit`` (or ``Run.close``) ends."""
     if not config.run_dir:
         raise ConfigError("config.run_dir is empty: pass --config.run_dir=/path/to/run")
     if config.stage not in STAGES:
         raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
+    defaults.check_ranges(config)
+    if config.train.on_nonfinite not in ("skip", "halt"):
+        raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
     stage = STAGES[config.stage]
     cfg = model_config(config.model)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids; the model's vocabulary "
                           f"is only {cfg.vocab_size}")
-    if config.train.on_nonfinite not in ("skip", "halt"):
-        raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
     mesh = sharding.make_mesh(config.mesh or None)
     s, opt = config.schedule, config.optimizer
     schedule = optim.lr_schedule(s.peak_lr, s.warmup_steps, s.decay_steps, s.min_lr_ratio, s.anneal_steps,
@@ -213,34 +257,60 @@ def build(config) -> Run:
                                  microbatch_tokens=data_rows * data_seq // int(opt.grad_accum))
     eval_step = make_eval_step(loss_fn, mesh, shardings)
     data = stage.make_batches(config, tokenizer, "train")
+    eval_batches = []
+    if config.logging.eval_every:  # read now: an eval split too small for one batch fails before step 1
+        stream = stage.make_batches(config, tokenizer, "eval")
+        eval_batches = [b for _, b in zip(range(config.logging.eval_batches), stream)]
+        if not eval_batches:
+            raise DataError(f"the eval split (every data.holdout_every={config.data.holdout_every}-th record) holds "
+                            f"too few records for one batch of data.batch_size={config.data.batch_size} rows; lower "
+                            "data.holdout_every, or set logging.eval_every=0")
 
-    checkpoints = CheckpointManager(config.run_dir, keep_last=config.checkpoint.keep_last,
-                                    keep_every=config.checkpoint.keep_every or None,
-                                    async_save=config.checkpoint.async_save)
-    latest, init_from, changed = checkpoints.latest_step(), None, []
-    if latest is not None:
-        restored = checkpoints.restore(latest, params_target=abstract.params, opt_state_target=abstract.opt_state)
-        init_from = restored.metadata.get("init_from")
-        changed = config_changes(restored.metadata.get("stage_config") or {}, config.to_dict())
-        frozen = None
-        if stage.frozen is not None:  # not in the checkpoint: rebuilt from where the run started
-            if not init_from:
-                raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
-                                      "from the run's init_from on resume, but its checkpoint records none")
-            start, _, _ = _start_from(init_from["path"], cfg, mesh)
-            frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
-        state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
-                           opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)
-        state = jax.device_put(state, shardings)
-        data.set_state(restored.data_state)
-    elif config.init_from:
-        start, _, init_from = _start_from(config.init_from, cfg, mesh)
-        state = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start)
-    else:
-        state = create_state(cfg, tx, mesh, config.seed, stage=stage)
+    lock = RunLock.acquire(config.run_dir)  # before the first write
+    try:
+        checkpoints = CheckpointManager(config.run_dir, keep_last=config.checkpoint.keep_last,
+                                        keep_every=config.checkpoint.keep_every or None,
+                                        async_save=config.checkpoint.async_save)
+        state, latest, init_from, changed = _start(config, stage, cfg, tx, mesh, abstract, checkpoints, data)
+    except BaseException:
+        lock.release()
+        raise
     return Run(config=config, stage=stage, cfg=cfg, tokenizer=tokenizer, mesh=mesh, schedule=schedule, ramp=ramp,
-               state=state, train_step=train_step, eval_step=eval_step, data=data, checkpoints=checkpoints,
-               resumed_from=latest, init_from=init_from, changed=changed)
+               state=state, train_step=train_step, eval_step=eval_step, data=data, eval_batches=eval_batches,
+               checkpoints=checkpoints, lock=lock, resumed_from=latest, init_from=init_from, changed=changed)
+
+
+def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainState, checkpoints: CheckpointManager,
+           data) -> tuple[TrainState, int | None, dict | None, list[str]]:
+    """(state, step resumed from, init_from, changed config keys): resumed from the newest checkpoint that verifies
+    (reporting and moving aside newer ones that do not), else from ``init_from``, else fresh."""
+    leftovers = checkpoints.remove_leftovers()  # this run holds the lock: nobody else is writing them
+    if leftovers:
+        cli.log(f"removed what interrupted saves left in {checkpoints.directory}: {', '.join(leftovers)}")
+    if not checkpoints.present_steps():
+        if config.init_from:
+            start, _, init_from = _start_from(config.init_from, cfg, mesh)
+            return create_state(cfg, tx, mesh, config.seed, stage=stage, params=start), None, init_from, []
+        return create_state(cfg, tx, mesh, config.seed, stage=stage), None, None, []
+    restored = checkpoints.restore(params_target=abstract.params, opt_state_target=abstract.opt_state)
+    for step, why in restored.skipped:
+        moved = checkpoints.set_aside(step, "corrupt")
+        cli.log(f"warning: checkpoint step {step} cannot be used: {why}\n  moved to {moved}; resuming from "
+                f"step {restored.step}, the newest checkpoint that verifies")
+    init_from = restored.metadata.get("init_from")
+    changed = config_changes(restored.metadata.get("stage_config") or {}, config.to_dict())
+    frozen = None
+    if stage.frozen is not None:  # not in the checkpoint: rebuilt from where the run started
+        if not init_from:
+            raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
+                                  "from the run's init_from on resume, but its checkpoint records none")
+        start, _, _ = _start_from(init_from["path"], cfg, mesh)
+        frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
+    state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
+                       opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)
+    state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, abstract))
+    data.set_state(restored.data_state)
+    return state, restored.step, init_from, changed
 
 
 def config_changes(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
@@ -266,8 +336,18 @@ def _banner(run: Run, stop_step: int) -> str:
             f"writing to {os.path.abspath(c.run_dir)}")
 
 
-def fit(run: Run) -> dict:
-    """Trains ``run`` up to ``config.train.steps`` (or the schedule's end); returns the last logged metrics."""
+def fit(run: Run, preemption: _Preemption | None = None) -> dict:
+    """Trains ``run`` up to ``config.train.steps`` (or the schedule's end); returns the last logged metrics.
+    Ends by closing the run (the last checkpoint durable, run_dir's lock released), whatever happens.
+    ``preemption``: the SIGTERM watcher (``run`` installs one before ``build``); None installs one now."""
+    try:
+        with contextlib.nullcontext(preemption) if preemption is not None else _Preemption() as watcher:
+            return _fit(run, watcher)
+    finally:
+        run.close()
+
+
+def _fit(run: Run, preemption: _Preemption) -> dict:
     config, cfg, data = run.config, run.cfg, run.data
     stop_step = int(config.train.steps or config.schedule.total_steps)
     data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
@@ -275,7 +355,7 @@ def fit(run: Run) -> dict:
     logger = _Logger(Path(config.run_dir), is_main)
     peak = float(config.logging.peak_tflops) * 1e12 or measure_peak_flops()
     tokenizer_info = {"name": run.tokenizer.name, "sha256": run.tokenizer.sha256}
-    state, step, eval_batches = run.state, int(run.state.step), None
+    state, step = run.state, int(run.state.step)
     first_step = step
     extra_params = sorted(set(state.params) - set(model.param_shapes(cfg)))  # the stage's own leaves
     cli.log(_banner(run, stop_step))
@@ -285,79 +365,107 @@ def fit(run: Run) -> dict:
     if run.resumed_from is not None:
         logger.write(step, {"resumed_from": float(run.resumed_from)})
 
-    def save(force: bool) -> None:
-        run.checkpoints.save(int(state.step), params=state.params, cfg=cfg, stage=run.stage.name,
-                             opt_state=state.opt_state, data_state=_gather_data_state(data.get_state()),
-                             rng=state.rng, stage_config=config.to_dict(), tokenizer=tokenizer_info, mesh=run.mesh,
-                             init_from=run.init_from, extra_params=extra_params, force=force)
-
-    def evaluate() -> dict[str, float]:
-        nonlocal eval_batches
-        if eval_batches is None:  # the same held-out batches every time, read once
-            stream = run.stage.make_batches(config, run.tokenizer, "eval")
-            eval_batches = [b for _, b in zip(range(config.logging.eval_batches), stream)]
-            if not eval_batches:
-                raise DataError("the eval split is smaller than one batch; lower data.holdout_every")
-        results = [run.eval_step(state, b) for b in eval_batches]
-        return {k: float(np.mean([r[k] for r in jax.device_get(results)])) for k in results[0]}
-
     summary: dict = {}
     window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
     skipped_total = 0
     pending = None  # (step, its `skipped` flag): read one step late, so the host never waits on the device
+    last_saved = first_step  # the newest step with a checkpoint, or where this run began (nothing new to save)
+    since_save = skipped_since_save = 0  # steps taken, and skipped as non-finite, since then: is the next healthy?
 
-    def check_finite() -> None:
-        nonlocal skipped_total
-        if pending is not None and int(pending[1]):
+    def settle() -> None:
+        """Reads the pending step's `skipped` flag; raises if it was skipped and on_nonfinite is "halt"."""
+        nonlocal pending, skipped_total, skipped_since_save
+        if pending is None:
+            return
+        (at, flag), pending = pending, None
+        if int(flag):
             skipped_total += 1
+            skipped_since_save += 1
             if config.train.on_nonfinite == "halt":
                 raise LlamaJaxError(
-                    f"non-finite loss or gradient at step {pending[0]}; the update was not applied. Set "
+                    f"non-finite loss or gradient at step {at}; the update was not applied. Set "
                     "train.on_nonfinite='skip' to skip such steps and go on, or lower the learning rate")
+
+    def save(data_state: dict | None) -> None:
+        """A checkpoint of the current step, unless it has one; ``data_state`` None: the stream's position."""
+        nonlocal last_saved, since_save, skipped_since_save
+        if step == last_saved:
+            return
+        healthy = since_save == 0 or skipped_since_save < since_save
+        run.checkpoints.save(step, params=state.params, cfg=cfg, stage=run.stage.name, opt_state=state.opt_state,
+                             data_state=_gather_data_state(data.get_state() if data_state is None else data_state),
+                             rng=state.rng, stage_config=config.to_dict(), tokenizer=tokenizer_info, mesh=run.mesh,
+                             init_from=run.init_from, extra_params=extra_params, healthy=healthy)
+        last_saved, since_save, skipped_since_save = step, 0, 0
+
+    def evaluate() -> dict[str, float]:
+        results = [run.eval_step(state, b) for b in run.eval_batches]
+        return {k: float(np.mean([r[k] for r in jax.device_get(results)])) for k in results[0]}
 
     progress = cli.progress(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
                             desc=run.stage.name, unit="step")
-    with _Preemption() as preemption:
-        while step < stop_step and not preemption.requested:
-            ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
-            batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
-            if ramp_stage.seq_len != data_seq:
-                batch = split_rows(batch, ramp_stage.seq_len)
-            if step == first_step:
-                cli.log(f"compiling the {run.stage.name} step for batches of {jax.tree.leaves(batch)[0].shape} ...")
-            state, metrics = run.train_step(state, batch)
-            check_finite()
-            pending = (step, metrics["skipped"])
-            step += 1
-            window_tokens += _tokens(batch) * jax.process_count()
-            window_metrics.append(metrics)
+    position = None  # the data position before the batch being fetched: where to resume if the fetch fails
+    try:
+        try:
+            while step < stop_step and not preemption.requested:
+                ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
+                position = data.get_state()
+                with preemption.interruptible():
+                    batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
+                position = None
+                if ramp_stage.seq_len != data_seq:
+                    batch = split_rows(batch, ramp_stage.seq_len)
+                if step == first_step:
+                    cli.log(f"compiling the {run.stage.name} step for batches of "
+                            f"{jax.tree.leaves(batch)[0].shape} ...")
+                state, metrics = run.train_step(state, batch)
+                step += 1
+                since_save += 1
+                settle()
+                pending = (step - 1, metrics["skipped"])
+                window_tokens += _tokens(batch) * jax.process_count()
+                window_metrics.append(metrics)
 
-            if step % config.logging.every == 0 or step == stop_step:
-                fetched = [_scalars(m) for m in window_metrics]
-                elapsed = time.perf_counter() - window_start
-                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                summary["skipped"] = float(sum(m["skipped"] for m in fetched))
-                tokens_per_s = window_tokens / elapsed
-                mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
-                summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
-                logger.write(step, summary)
-                progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
-            if config.logging.eval_every and (step % config.logging.eval_every == 0 or step == stop_step):
-                evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
-                summary.update(evaluated)
-                logger.write(step, evaluated)
-                if is_main:
-                    progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
-            if step % config.checkpoint.every == 0 and step < stop_step:
-                save(force=False)
-            progress.update(1)
-        check_finite()
+                if step % config.logging.every == 0 or step == stop_step:
+                    fetched = [_scalars(m) for m in window_metrics]
+                    elapsed = time.perf_counter() - window_start
+                    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    summary["skipped"] = float(sum(m["skipped"] for m in fetched))
+                    tokens_per_s = window_tokens / elapsed
+                    mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
+                    summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
+                    logger.write(step, summary)
+                    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                    window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
+                if run.eval_batches and (step % config.logging.eval_every == 0 or step == stop_step):
+                    evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
+                    summary.update(evaluated)
+                    logger.write(step, evaluated)
+                    if is_main:
+                        progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
+                if step % config.checkpoint.every == 0 and step < stop_step:
+                    settle()
+                    save(None)
+                progress.update(1)
+        except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
+            pass
+        settle()
+    except CheckpointError:
+        logger.close()
+        raise
+    except LlamaJaxError as e:  # bad data or a halt: the state is sound, so keep it before stopping
         progress.close()
-        if step != run.resumed_from:
-            save(force=True)
+        logger.close()
+        with contextlib.suppress(LlamaJaxError):
+            settle()
+        save(position)
         run.checkpoints.wait()
-    run.checkpoints.close()
+        cli.log(f"saved a checkpoint of step {step} before stopping on: {e}\nRemove the cause and rerun the "
+                "same command to resume from it.")
+        raise
+    progress.close()
+    save(position)
+    run.checkpoints.wait()
     logger.close()
     summary.update(step=step, preempted=preemption.requested, skipped_total=skipped_total,
                    skipped_records=len(data.skipped))
@@ -365,5 +473,7 @@ def fit(run: Run) -> dict:
 
 
 def run(config) -> dict:
-    """``fit(build(config))``: what ``python -m llama_jax.train`` does."""
-    return fit(build(config))
+    """``fit(build(config))``: what ``python -m llama_jax.train`` does. SIGTERM is watched from the start: one that
+    arrives while the run is built stops it before step 1 (nothing new to save), with a normal return."""
+    with _Preemption() as preemption:
+        return fit(build(config), preemption)
