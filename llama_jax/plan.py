@@ -4,6 +4,7 @@
     python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=8 --seq 4096 --batch 8 --aot      # + XLA's figures
     python -m llama_jax.plan --config configs/pretrain/llama3_8b.py --config.mesh=fsdp=64     # the run you train
     python -m llama_jax.plan --table4                     # the Llama 3 paper's 405B layouts on H100 80 GB
+    python -m llama_jax.plan --config configs/pretrain/llama3_8b_long_context.py [--aot]   # one row per stage
     python -m llama_jax.plan --model llama3.1-405b --inference --tensor 8 --weights fp8 --context 8192
 
 Analytic training budget, per device (bytes), for the train step of ``llama_jax.train``:
@@ -40,7 +41,7 @@ from llama_jax import cli, config, model, optim, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.data.packing import BATCH_KEYS
 from llama_jax.errors import ConfigError
-from llama_jax.train import pretrain, step
+from llama_jax.train import long_context, pretrain, step
 
 GB = 1e9
 H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs); reported as "fits" against this
@@ -224,6 +225,46 @@ def aot_train_step(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int) -> di
             "backend": jax.default_backend(), "devices": len(mesh.devices.flat)}
 
 
+def long_context_rows(c, *, aot: bool = False) -> list[dict]:
+    """One row per stage of experiment config ``c``'s ``long_context.stages``: the stage's mesh, a microbatch of its
+    rows (rows / grad_accum) at its length, the analytic budget and with ``aot`` the compiled step's figures.
+    Attention is modelled as the model runs it: the fused kernel for ``model.attention="flash"`` without context
+    parallelism or with ``model.context_parallel="all_gather"``, dense blocks under the ring."""
+    cfg = ModelConfig.from_dict(c.model.to_dict())
+    plan = long_context.parse(c, cfg)
+    devices = _mesh_product(c.mesh) if c.mesh and "-1" not in c.mesh else jax.device_count()
+    rows = []
+    for s in plan.stages:
+        sizes = plan.mesh_sizes(s.index, devices)
+        fused = sizes["sequence"] == 1 or cfg.context_parallel == "all_gather"
+        attention = "flash" if cfg.attention == "flash" and fused else "dense"
+        microbatch = s.rows // s.grad_accum
+        b = train_budget(cfg, sizes, s.seq_len, microbatch, attention=attention)
+        row = {"stage": s.index, "seq_len": s.seq_len, "steps": s.steps, "rows": s.rows, "grad_accum": s.grad_accum,
+               "mesh": sizes, "attention": attention, "params_gb": b.params / GB,
+               "grads_opt_gb": (b.grads + b.opt_state) / GB, "activations_gb": b.activations / GB,
+               "total_gb": b.total / GB, "fits_80gb": b.total <= H100_BYTES}
+        if aot:
+            cli.log(f"compiling stage {s.index}'s step ({microbatch} x {s.seq_len} tokens on {sizes}) ...")
+            compiled = aot_train_step(cfg, ",".join(f"{k}={v}" for k, v in sizes.items()), s.seq_len, microbatch)
+            row.update(aot_gb=compiled["bytes_per_device"] / GB, aot_argument_gb=compiled["argument_bytes"] / GB,
+                       aot_devices=compiled["devices"], aot_backend=compiled["backend"])
+        rows.append(row)
+    return rows
+
+
+def _print_long_context(rows: list[dict]) -> None:
+    print("long-context stages: GB per device of one microbatch's step (analytic; 'compiled': XLA's figure)")
+    print(" | ".join(("stage", "seq", "rows x accum", "mesh", "attention", "params GB", "grad+opt GB", "act GB",
+                      "total GB", "fits 80 GB", "compiled GB")))
+    for r in rows:
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        print(" | ".join([str(r["stage"]), str(r["seq_len"]), f"{r['rows']} x {r['grad_accum']}", mesh,
+                          r["attention"], f"{r['params_gb']:.1f}", f"{r['grads_opt_gb']:.1f}",
+                          f"{r['activations_gb']:.1f}", f"{r['total_gb']:.1f}", "yes" if r["fits_80gb"] else "NO",
+                          f"{r['aot_gb']:.1f}" if "aot_gb" in r else "-"]))
+
+
 # --- Reports -------------------------------------------------------------------------------------------
 
 
@@ -299,6 +340,11 @@ def run(args: argparse.Namespace) -> dict | list:
         if not args.json:
             _print_table4(rows)
         return {"table4": rows}
+    if args.config is not None and list(args.config.long_context.stages) and not args.inference and not args.seq:
+        rows = long_context_rows(args.config, aot=args.aot)
+        if not args.json:
+            _print_long_context(rows)
+        return {"long_context_stages": rows}
     cfg, mesh_spec, seq, batch = _experiment(args)
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
@@ -336,9 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _simulated_devices(argv: list[str]) -> int | None:
-    """Devices --aot needs simulated on the CPU: the --mesh flag's product (XLA reads the flag at backend start)."""
+    """Devices --aot needs simulated on the CPU: the --mesh (or --config.mesh) flag's product (XLA reads the flag at
+    backend start)."""
     for i, arg in enumerate(argv):
-        spec = arg.split("=", 1)[1] if arg.startswith("--mesh=") else argv[i + 1] if arg == "--mesh" else None
+        spec = (arg.split("=", 1)[1] if arg.startswith(("--mesh=", "--config.mesh=")) else argv[i + 1]
+                if arg in ("--mesh", "--config.mesh") else None)
         if spec and "-1" not in spec:
             return _mesh_product(spec)
     return None
