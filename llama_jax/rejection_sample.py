@@ -8,10 +8,10 @@ kept as an SFT chat record.
 Prompts are ``data.prompts`` records ({"prompt": str | [messages], "id": ...}). Each prompt is prefilled once and its
 KV cache broadcast to its K samples (``generate``'s samples_per_prompt). A steering system prompt
 (``--system-prompt``; the paper steers tone and format this way) goes in front of the prompt for sampling only. A
-sample is usable when it ends with <|eot_id|>, holds no other special token and is not blank; every sample is
-scored by the reward model as a reply to the prompt as recorded (re-encoded from its text, as SFT will read it),
-and the best is the usable sample of the highest score, ties to the lowest index (the best of all if none is
-usable). Each output line:
+sample is usable when it ends with <|eot_id|>, holds no other special token nor an id the tokenizer lacks, and is
+not blank. Every sample is scored by the reward model as a reply to the prompt as recorded, re-encoded from its
+text as SFT will read it (an unusable sample's text leaves the special and unknown ids out); the best is the usable
+sample of the highest score, ties to the lowest index (the best of all if none is usable). Each output line:
 
     {"id", "messages": prompt messages + [{"role": "assistant", "content": best}], "scores": [K floats],
      "best": index, "usable": [K bools], "policy": identity, "reward": identity, "sampling": settings}
@@ -81,6 +81,15 @@ def sampled_messages(messages: list[dict], system_prompt: str | None) -> list[di
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def sample_text(tok, ids: Sequence[int]) -> tuple[str, bool]:
+    """(the reply text of a sample, whether it is usable: it ends with <|eot_id|>, holds no other special token and
+    no id the tokenizer lacks (a model's vocabulary may be larger), and is not blank)."""
+    body = list(ids[:-1]) if ids and ids[-1] in tok.stop_ids else list(ids)
+    plain = [t for t in body if t < tok.vocab_size and t not in tok.special_tokens.values()]
+    text = tok.decode(plain)
+    return text, bool(ids) and ids[-1] == tok.eot_id and len(plain) == len(body) and bool(text.strip())
+
+
 def best_of_k(policy: Policy, scorer: Scorer, prompts: Sequence[PromptRecord], settings: Settings, *, seed: int
               ) -> list[dict]:
     """One batch: K samples of each prompt, scored; the record of each prompt (without the identities)."""
@@ -89,20 +98,16 @@ def best_of_k(policy: Policy, scorer: Scorer, prompts: Sequence[PromptRecord], s
     outputs = generate.generate(policy.params, policy.cfg, [encode_prompt(tok, m) for m in sampled],
                                 settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
                                 seed=seed, stop_ids=tok.stop_ids, samples_per_prompt=k)
-    specials = set(tok.special_tokens.values())
     records = []
     for i, prompt in enumerate(prompts):
-        ids = outputs[i * k:(i + 1) * k]
-        texts = [tok.decode(s[:-1] if s and s[-1] in tok.stop_ids else s) for s in ids]
-        usable = [bool(s) and s[-1] == tok.eot_id and not specials & set(s[:-1]) and bool(t.strip())
-                  for s, t in zip(ids, texts)]
+        texts, usable = zip(*(sample_text(tok, ids) for ids in outputs[i * k:(i + 1) * k]))
         kept = sampled[i] if settings.keep_system_prompt else prompt.messages
         scores = scorer.score(encode_replies(scorer.tokenizer, kept, texts))
         best = max(range(k), key=lambda j: (usable[j], scores[j], -j))
         record = {"id": prompt.id, "messages": [*kept, {"role": "assistant", "content": texts[best]}],
-                  "scores": [float(s) for s in scores], "best": best, "usable": usable}
+                  "scores": [float(s) for s in scores], "best": best, "usable": list(usable)}
         if settings.keep_samples:
-            record["samples"] = texts
+            record["samples"] = list(texts)
         records.append(record)
     return records
 

@@ -140,7 +140,7 @@ def replies(checkpoint: str, prompts_path: str, *, max_new_tokens: int = 48, bat
     for start in range(0, len(prompts), batch_size):
         ids = [p.ids for p in prompts[start:start + batch_size]]
         for new in generate.generate(params, cfg, ids, max_new_tokens, stop_ids=tok.stop_ids):
-            texts.append(tok.decode([t for t in new if t not in tok.stop_ids]))
+            texts.append(tok.decode([t for t in new if t < tok.vocab_size and t not in tok.stop_ids]))
     return [p.messages for p in prompts], texts
 
 
