@@ -136,8 +136,8 @@ def test_reward_run_starts_from_pretrained_and_resumes_exactly(pretrained, tmp_p
     loop.run(split)
     split.train.steps = 4
     loop.run(split)
-    losses = [{m["step"]: m["loss"] for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-               if "loss" in m} for run in ("a", "b")]
+    metrics = [map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) for run in ("a", "b")]
+    losses = [{m["step"]: m["loss"] for m in run if "loss" in m} for run in metrics]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert losses[0][1] == pytest.approx(np.log(2), abs=1e-6)  # the fresh head
     a, b = (CheckpointManager(tmp_path / run).restore(4) for run in ("a", "b"))

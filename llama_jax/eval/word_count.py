@@ -5,9 +5,11 @@
     judge(record["prompt"], "Salt and foam.")   # 0: obeys; -k: k words too many or too few
     prefer(prompt, a, b)                        # 1 if a is better, -1 if b is, 0 on a tie
     write_datasets("runs/posttrain/data", seed=0)    # sft, preference, prompt and held-out files
+    pairs = annotate(rejection_sampling_records)    # the judge ranks a policy's samples: preference pairs
     table = win_rates({"sft": "runs/sft", "dpo": "runs/dpo"}, "heldout.jsonl", baseline="sft")
 
     python -m llama_jax.eval.word_count data --out runs/posttrain/data
+    python -m llama_jax.eval.word_count annotate samples.jsonl prefs.jsonl    # rejection_sample --keep-samples output
     python -m llama_jax.eval.word_count winrate --prompts heldout.jsonl --baseline sft sft=runs/sft dpo=runs/dpo
 
 The judge: a reply's words are its whitespace-separated pieces; its score is ``-|words - N|`` (0 is a reply that
@@ -16,6 +18,10 @@ round of post-training something to fix: the SFT replies obey only ``sft_accurac
 or two words off), preference pairs rank a reply closer to N above one further away (an edited reply, when a
 record has one, is the chosen reply corrected to N words), and prompts for rejection sampling and held-out prompts
 come from separate random streams (held-out prompts are never trained on).
+
+Annotation (``annotate``): the paper's preference data are pairs of the latest models' samples ranked by human
+annotators; here the judge ranks the samples that rejection sampling kept (``--keep-samples``): per prompt, the
+usable sample it likes best (chosen) against the one it likes least (rejected), where it tells them apart.
 
 Win rate of a model against a baseline: over the held-out prompts, the share where the judge prefers the model's
 greedy reply to the baseline's, a tie counting half (50% = as good as the baseline). ``compliance``: the share of
@@ -28,14 +34,14 @@ import argparse
 import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from llama_jax import cli, generate
 from llama_jax.data import read_prompts
-from llama_jax.errors import ConfigError
+from llama_jax.errors import ConfigError, DataError
 
 TOPICS = ("the sea", "a king", "the night", "love", "war", "the moon", "a rose", "the wind", "a sword", "spring",
           "the crown", "a ghost", "the sun", "a storm", "the forest", "a fool")
@@ -131,6 +137,23 @@ def write_datasets(out: str | os.PathLike, *, seed: int = 0, sft: int = 2000, pr
     return paths
 
 
+def annotate(records: Iterable[Mapping]) -> list[dict]:
+    """Preference records from rejection-sampling records that kept their samples: the judge's best usable sample
+    as chosen, its worst as rejected (ties to the earlier sample), for every prompt where the two differ in score."""
+    pairs = []
+    for record in records:
+        if "samples" not in record:
+            raise DataError("a rejection-sampling record without samples: run rejection_sample with --keep-samples")
+        prompt = record["messages"][:-1]
+        usable = list(dict.fromkeys(t for t, ok in zip(record["samples"], record["usable"]) if ok))
+        if len(usable) < 2:
+            continue
+        ranked = sorted(usable, key=lambda text: -judge(prompt, text))  # stable: ties keep sample order
+        if judge(prompt, ranked[0]) > judge(prompt, ranked[-1]):
+            pairs.append({"prompt": prompt, "chosen": ranked[0], "rejected": ranked[-1]})
+    return pairs
+
+
 def replies(checkpoint: str, prompts_path: str, *, max_new_tokens: int = 48, batch_size: int = 64
             ) -> tuple[list[list[dict]], list[str]]:
     """(the prompts of a prompt file as messages, the checkpoint's greedy reply to each), in file order."""
@@ -179,6 +202,9 @@ data_parser.add_argument("--sft", type=int, default=2000, help="SFT records")
 data_parser.add_argument("--preference", type=int, default=2000, help="preference records")
 data_parser.add_argument("--prompts", type=int, default=256, help="prompts for rejection sampling")
 data_parser.add_argument("--heldout", type=int, default=128, help="held-out prompts")
+annotate_parser = commands.add_parser("annotate", help="preference pairs of rejection-sampling samples")
+annotate_parser.add_argument("samples", help="rejection_sample output written with --keep-samples")
+annotate_parser.add_argument("output", help="preference JSONL to write")
 win_parser = commands.add_parser("winrate", help="compliance and win rate of checkpoints on held-out prompts")
 win_parser.add_argument("--prompts", required=True, help="held-out prompt file")
 win_parser.add_argument("--baseline", required=True, help="the NAME the others are compared with")
@@ -190,6 +216,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "data":
         return write_datasets(args.out, seed=args.seed, sft=args.sft, preference=args.preference,
                               prompts=args.prompts, heldout=args.heldout)
+    if args.command == "annotate":
+        with open(args.samples) as f:
+            pairs = annotate(json.loads(line) for line in f if line.strip())
+        Path(args.output).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        return {"output": os.path.abspath(args.output), "pairs": len(pairs)}
     checkpoints = dict(spec.split("=", 1) for spec in args.checkpoints if "=" in spec)
     if len(checkpoints) != len(args.checkpoints):
         raise ConfigError(f"checkpoints are NAME=PATH, got {args.checkpoints}")
