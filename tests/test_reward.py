@@ -176,3 +176,25 @@ def test_score_command(pretrained, tmp_path):
     expected = scorer.score(encode_replies(BYTE, "Hi", ["Hello!"]) + encode_replies(BYTE, "2+2?", ["4", "Four."]))
     assert out[0]["id"] == 1
     np.testing.assert_allclose([out[0]["score"], *out[1]["scores"]], expected, rtol=1e-5)
+
+
+def test_bad_records_are_clear_errors_or_counted_skips(tmp_path):
+    bad = [{"prompt": "Hi", "chosen": " ", "rejected": "No."},  # an empty reply
+           {"prompt": "Hi", "chosen": "Same.", "rejected": "Same."},  # identical replies
+           {"prompt": "x" * 500, "chosen": "A.", "rejected": "B."},  # the prompt fills the row
+           {"prompt": "Hi", "rejected": "No."}]  # no chosen reply
+    path = write_jsonl(tmp_path / "bad.jsonl", RECORDS[:1] + bad)
+    c = reward_config(path, tmp_path / "run")
+    c.data.update(holdout_every=1, batch_size=5)  # the eval pass: records in file order
+    for line, (record, why) in enumerate(zip(bad, ["empty", "identical", "fills the row", '"chosen"']), start=2):
+        only = write_jsonl(tmp_path / f"bad{line}.jsonl", [record])
+        c.data.sources = [dict(format="preference", path=only, weight=1.0)]
+        with pytest.raises(DataError, match=why):
+            next(reward.STAGE.make_batches(c, BYTE, "eval"))
+    c.data.sources = [dict(format="preference", path=path, weight=1.0)]
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        next(reward.STAGE.make_batches(c, BYTE, "eval"))
+    c.data.on_error = "skip"
+    batches = reward.STAGE.make_batches(c, BYTE, "eval")
+    batch = next(batches)
+    assert batch["chosen"]["score_mask"].sum() == 1 and len(batches.skipped) == 4
