@@ -33,14 +33,17 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from llama_jax import checkpoint, cli, generate
+from llama_jax.config import ModelConfig
 from llama_jax.data import PromptRecord, read_prompts
 from llama_jax.data.chat import encode_prompt
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.score import Scorer, encode_replies
+from llama_jax.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +70,11 @@ class Settings:
 
 @dataclasses.dataclass
 class Policy:
-    params: object
-    cfg: object
-    tokenizer: object
+    """A policy as ``generate.load_model`` gives it (per-layer parameters for decoding)."""
+
+    params: Any
+    cfg: ModelConfig
+    tokenizer: Tokenizer
 
 
 def sampled_messages(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -81,7 +86,7 @@ def sampled_messages(messages: list[dict], system_prompt: str | None) -> list[di
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def sample_text(tok, ids: Sequence[int]) -> tuple[str, bool]:
+def sample_text(tok: Tokenizer, ids: Sequence[int]) -> tuple[str, bool]:
     """(the reply text of a sample, whether it is usable: it ends with <|eot_id|>, holds no other special token and
     no id the tokenizer lacks (a model's vocabulary may be larger), and is not blank)."""
     body = list(ids[:-1]) if ids and ids[-1] in tok.stop_ids else list(ids)

@@ -11,8 +11,20 @@ import ml_collections
 import numpy as np
 import pytest
 
-from llama_jax import (chat, checkpoint, cli, config, convert, generate, model, plan, quantize, reference_logps,
-                       rejection_sample, score)
+from llama_jax import (
+    chat,
+    checkpoint,
+    cli,
+    config,
+    convert,
+    generate,
+    model,
+    plan,
+    quantize,
+    reference_logps,
+    rejection_sample,
+    score,
+)
 from llama_jax.errors import ConfigError
 from llama_jax.eval import retrieval, word_count
 from llama_jax.tools import synthetic

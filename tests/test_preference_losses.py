@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax import sharding
 from llama_jax.errors import ConfigError
 from llama_jax.losses import bradley_terry_loss, dpo_loss
-from llama_jax.ops import attention, flash_attention
+from llama_jax.ops import attention, context_parallel, flash_attention
 
 
 def log_sigmoid(x):
@@ -94,3 +95,35 @@ def test_fused_kernels_refuse_shared_prefix_rows():
     under_jit = jax.jit(lambda s: flash_attention.cudnn_attention(q, q, q, pos, s, pos, s, implementation="xla"))
     assert np.isnan(np.asarray(under_jit(seg))).all()
     assert not np.isnan(np.asarray(under_jit(jnp.ones_like(seg)))).any()
+
+
+def reward_rows(rows=4, length=32, seed=0):
+    """Packed reward-model rows: a prompt (segment -1), 2-3 replies at positions from the prompt's end, padding."""
+    rng = np.random.default_rng(seed)
+    seg, pos = np.zeros((rows, length), np.int32), np.zeros((rows, length), np.int32)
+    for row in range(rows):
+        prompt = rng.integers(3, 10)
+        seg[row, :prompt], pos[row, :prompt] = -1, np.arange(prompt)
+        at = prompt
+        for reply in range(1, rng.integers(3, 5)):
+            n = rng.integers(2, 7)
+            seg[row, at:at + n], pos[row, at:at + n] = reply, np.arange(prompt, prompt + n)
+            at += n
+        pos[row, at:] = np.arange(length - at)  # padding: segment 0
+    return pos, seg
+
+
+def test_context_parallel_attention_follows_the_shared_prefix_rule():
+    """Ring attention builds each block's mask with the one rule: on 4 sequence shards it equals dense attention
+    under the mask written out pair by pair."""
+    pos, seg = reward_rows()
+    r = np.random.default_rng(1)
+    q, k, v = (r.standard_normal(shape, np.float32) for shape in ((4, 32, 4, 8), (4, 32, 2, 8), (4, 32, 2, 8)))
+    mask = mask_by_loops(pos, seg, pos, seg)
+    kk, vv = np.repeat(k, 2, axis=2).astype(np.float64), np.repeat(v, 2, axis=2).astype(np.float64)
+    scores = np.where(mask[:, None], np.einsum("btnh,bsnh->bnts", q.astype(np.float64), kk) / np.sqrt(8), -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bnts,bsnh->btnh", probs / probs.sum(-1, keepdims=True), vv)
+    with sharding.activate(sharding.make_mesh("sequence=4,data=2")):
+        ring = jax.jit(lambda *a: context_parallel.attention(*a, impl="ring"))(q, k, v, pos, seg)
+    np.testing.assert_allclose(np.asarray(ring), expected, rtol=1e-5, atol=1e-5)

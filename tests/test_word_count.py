@@ -18,7 +18,8 @@ BYTE = get_tokenizer("byte")
 
 def test_judge():
     assert wc.asked_words("Write 3 words about the sea.") == 3
-    assert wc.asked_words([{"role": "system", "content": "x"}, {"role": "user", "content": "Write 1 word about x."}]) == 1
+    messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "Write 1 word about x."}]
+    assert wc.asked_words(messages) == 1
     assert wc.judge("Write 3 words about the sea.", "Salt and  foam.") == 0
     assert wc.judge("Write 3 words about the sea.", "Salt.") == -2
     assert wc.judge("Write 2 words about love.", "") == -2
