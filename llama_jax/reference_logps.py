@@ -34,7 +34,8 @@ from llama_jax.train import dpo, loop
 
 parser = cli.parser("python -m llama_jax.reference_logps", __doc__.split("\n")[0], config=True)
 cli.add_checkpoint(parser, required=False, help="the reference model (default: the config's init_from)")
-parser.add_argument("--out", required=True, help="JSONL file to write (must not exist)")
+parser.add_argument("--out", help="JSONL file to write (must not exist); required")  # checked in run: --help with
+#                                                                                    --config parses without it
 parser.add_argument("--batch-size", type=int, default=16, help="records per forward pass")
 cli.add_mesh(parser)
 
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> dict:
     config = args.config
     if config is None or config.stage != "dpo":
         raise ConfigError("--config must be a DPO experiment config (configs/dpo/*.py[:data])")
+    if not args.out:
+        raise ConfigError("--out is required: the JSONL file to write")
     reference = args.checkpoint or config.init_from
     if not reference:
         raise ConfigError("no reference model: pass --checkpoint or set the config's init_from")
