@@ -198,3 +198,21 @@ def test_bad_records_are_clear_errors_or_counted_skips(tmp_path):
     batches = reward.STAGE.make_batches(c, BYTE, "eval")
     batch = next(batches)
     assert batch["chosen"]["score_mask"].sum() == 1 and len(batches.skipped) == 4
+
+
+def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_path):
+    """Packed rows through the whole loop, on a preference a program states and a model learns fast from random
+    weights: the same reply in lower case (chosen) or in capitals (rejected); held-out pairs have other prompts."""
+    start, _ = pretrained
+    rng = np.random.default_rng(0)
+    replies = [" ".join(rng.choice(word_count.WORDS, size=rng.integers(1, 6))) + "." for _ in range(400)]
+    path = write_jsonl(tmp_path / "case.jsonl", [{"prompt": f"Say something about {rng.choice(word_count.TOPICS)}.",
+                                                  "chosen": r, "rejected": r.upper()} for r in replies])
+    c = reward_config(path, tmp_path / "run", train=dict(steps=30), reward=dict(packed=True),
+                      schedule=dict(warmup_steps=3, decay_steps=30, total_steps=30),
+                      logging=dict(every=5, eval_every=30, eval_batches=6))
+    c.init_from, c.data.seq_len = str(start), 128
+    summary = loop.run(c)
+    assert summary["loss"] < np.log(2) and summary["chosen_score"] > summary["rejected_score"]
+    # 48 held-out pairs: 0.5 + 3 binomial standard deviations (3 x sqrt(0.25 / 48) = 0.22) is 0.72.
+    assert summary["eval_accuracy"] >= 0.72, summary
