@@ -29,7 +29,8 @@ demo: $(INSTALLED) $(CORPUS)
 # One post-training round (Llama 3, section 4) on a task a program judges ("Write N words about X."), each stage a
 # command on the previous stage's checkpoint: SFT and a reward model from the pretrained model, rejection sampling
 # (best of 8 by the reward model), SFT on the samples, DPO (two runs) on samples the judge ranked, their average;
-# then each model's win rate against the first SFT on held-out prompts. Reruns resume where they stopped.
+# then each model's compliance and win rate against the first SFT on held-out prompts (4 samples per prompt at
+# temperature 1, and greedy). Reruns resume where they stopped.
 PT := runs/posttrain
 TRAIN := $(BIN)/python -m llama_jax.train
 TASK := $(BIN)/python -m llama_jax.eval.word_count

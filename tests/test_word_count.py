@@ -72,14 +72,16 @@ def test_win_rates_of_models_with_known_replies(tmp_path):
                                  dot: BYTE.eot_id})
     tokenizer = {"name": "byte", "sha256": BYTE.sha256}
     for name, params in (("one", one), ("two", two)):
+        params["lm_head"] *= 100.0  # the successor's probability ~1: sampling at temperature 1 is deterministic
         checkpoint.save_params(str(tmp_path / name), params, cfg, stage="sft", tokenizer=tokenizer)
     paths = wc.write_datasets(tmp_path / "data", seed=1, sft=1, preference=1, prompts=1, heldout=40)
     asked = np.array([wc.asked_words(json.loads(line)["prompt"]) for line in open(paths["heldout"])])
     rows = wc.win_rates({"one": str(tmp_path / "one"), "two": str(tmp_path / "two")}, paths["heldout"],
-                        baseline="one", max_new_tokens=8)
+                        baseline="one", samples=3, max_new_tokens=8)
     one_row, two_row = rows
     assert one_row["example"] == "A." and two_row["example"] == "A B."
     assert one_row["compliance"] == np.mean(asked == 1) and two_row["compliance"] == np.mean(asked == 2)
+    assert one_row["greedy_compliance"] == one_row["compliance"]
     assert one_row["words_off"] == np.mean(np.abs(asked - 1)) and one_row["win_rate"] == 0.5
     assert two_row["win_rate"] == np.mean(asked >= 2)  # "A B." is closer for N >= 2, further for N = 1
     assert "| two | " in wc.format_table(rows, "one")

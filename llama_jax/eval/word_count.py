@@ -1,12 +1,11 @@
 """A synthetic instruction task whose preference a program checks: "Write N words about TOPIC."
 
-    task = WordCount(seed=0)
-    record = task.prompt_record(rng)            # {"prompt": "Write 3 words about the sea.", "id": ...}
-    judge(record["prompt"], "Salt and foam.")   # 0: obeys; -k: k words too many or too few
-    prefer(prompt, a, b)                        # 1 if a is better, -1 if b is, 0 on a tie
+    prompt = make_prompt(random.Random(0))       # e.g. "Write 3 words about the sea."
+    judge(prompt, "Salt and foam.")              # 0: obeys; -k: k words too many or too few
+    prefer(prompt, a, b)                         # 1 if a is better, -1 if b is, 0 on a tie
     write_datasets("runs/posttrain/data", seed=0)    # sft, preference, prompt and held-out files
     pairs = annotate(rejection_sampling_records)    # the judge ranks a policy's samples: preference pairs
-    table = win_rates({"sft": "runs/sft", "dpo": "runs/dpo"}, "heldout.jsonl", baseline="sft")
+    rows = win_rates({"sft": "runs/sft", "dpo": "runs/dpo"}, "heldout.jsonl", baseline="sft")
 
     python -m llama_jax.eval.word_count data --out runs/posttrain/data
     python -m llama_jax.eval.word_count annotate samples.jsonl prefs.jsonl    # rejection_sample --keep-samples output
@@ -23,9 +22,11 @@ Annotation (``annotate``): the paper's preference data are pairs of the latest m
 annotators; here the judge ranks the samples that rejection sampling kept (``--keep-samples``): per prompt, the
 usable sample it likes best (chosen) against the one it likes least (rejected), where it tells them apart.
 
-Win rate of a model against a baseline: over the held-out prompts, the share where the judge prefers the model's
-greedy reply to the baseline's, a tie counting half (50% = as good as the baseline). ``compliance``: the share of
-replies that obey.
+Measured on held-out prompts, from ``samples`` replies per prompt sampled at ``temperature`` (the policy as rejection
+sampling sees it: greedy decoding would show only each distribution's mode), with the same seeds for every model:
+``compliance`` is the share of replies that obey, ``words_off`` the mean |words - N|, and the win rate against a
+baseline the share of (prompt, sample index) pairs where the judge prefers the model's reply to the baseline's, a
+tie counting half (50%: as good as the baseline). ``greedy_compliance``: the share of greedy replies that obey.
 """
 
 from __future__ import annotations
@@ -154,42 +155,54 @@ def annotate(records: Iterable[Mapping]) -> list[dict]:
     return pairs
 
 
-def replies(checkpoint: str, prompts_path: str, *, max_new_tokens: int = 48, batch_size: int = 64
-            ) -> tuple[list[list[dict]], list[str]]:
-    """(the prompts of a prompt file as messages, the checkpoint's greedy reply to each), in file order."""
+def replies(checkpoint: str, prompts_path: str, *, samples: int = 1, temperature: float = 0.0, seed: int = 0,
+            max_new_tokens: int = 48, batch_size: int = 64) -> tuple[list[list[dict]], list[list[str]]]:
+    """(the prompts of a prompt file as messages, ``samples`` replies of the checkpoint to each), in file order;
+    batch b of ``batch_size`` prompts samples with seed ``seed + b``."""
     params, cfg, tok = generate.load_model(checkpoint)
     prompts, _ = read_prompts(prompts_path, tok)
     texts = []
-    for start in range(0, len(prompts), batch_size):
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
         ids = [p.ids for p in prompts[start:start + batch_size]]
-        for new in generate.generate(params, cfg, ids, max_new_tokens, stop_ids=tok.stop_ids):
-            texts.append(tok.decode([t for t in new if t < tok.vocab_size and t not in tok.stop_ids]))
+        outputs = generate.generate(params, cfg, ids, max_new_tokens, temperature, seed=seed + b,
+                                    stop_ids=tok.stop_ids, samples_per_prompt=samples)
+        decoded = [tok.decode([t for t in new if t < tok.vocab_size and t not in tok.stop_ids]) for new in outputs]
+        texts += [decoded[i:i + samples] for i in range(0, len(decoded), samples)]
     return [p.messages for p in prompts], texts
 
 
-def win_rates(checkpoints: Mapping[str, str], prompts_path: str, *, baseline: str, max_new_tokens: int = 48
-              ) -> list[dict]:
-    """One row per checkpoint: compliance, mean |words - N|, win rate against ``baseline`` (module docstring)."""
+def win_rates(checkpoints: Mapping[str, str], prompts_path: str, *, baseline: str, samples: int = 4,
+              temperature: float = 1.0, seed: int = 0, max_new_tokens: int = 48) -> list[dict]:
+    """One row per checkpoint: compliance, words off and win rate against ``baseline`` of sampled replies, and
+    the compliance of greedy replies (see the module docstring)."""
     if baseline not in checkpoints:
         raise ConfigError(f"baseline {baseline!r} is not one of the checkpoints {list(checkpoints)}")
-    answers = {}
+    sampled, greedy = {}, {}
     for name, path in cli.progress(checkpoints.items(), desc="models", unit="model"):
-        prompts, answers[name] = replies(path, prompts_path, max_new_tokens=max_new_tokens)
+        prompts, sampled[name] = replies(path, prompts_path, samples=samples, temperature=temperature, seed=seed,
+                                         max_new_tokens=max_new_tokens)
+        _, greedy[name] = replies(path, prompts_path, max_new_tokens=max_new_tokens)
     rows = []
-    for name, texts in answers.items():
-        scores = np.array([judge(p, t) for p, t in zip(prompts, texts)])
-        duels = np.array([prefer(p, a, b) for p, a, b in zip(prompts, texts, answers[baseline])])
-        rows.append({"model": name, "checkpoint": checkpoints[name], "prompts": len(prompts),
-                     "compliance": float(np.mean(scores == 0)), "words_off": float(-scores.mean()),
-                     "win_rate": float(np.mean((duels + 1) / 2)), "example": texts[0]})
+    for name, texts in sampled.items():
+        scores = np.array([[judge(p, t) for t in replies_of] for p, replies_of in zip(prompts, texts)])
+        duels = np.array([[prefer(p, a, b) for a, b in zip(ours, theirs)]
+                          for p, ours, theirs in zip(prompts, texts, sampled[baseline])])
+        rows.append({"model": name, "checkpoint": checkpoints[name], "prompts": len(prompts), "samples": samples,
+                     "temperature": temperature, "compliance": float(np.mean(scores == 0)),
+                     "words_off": float(-scores.mean()), "win_rate": float(np.mean((duels + 1) / 2)),
+                     "greedy_compliance": float(np.mean([judge(p, t[0]) == 0 for p, t in zip(prompts, greedy[name])])),
+                     "example": greedy[name][0][0]})
     return rows
 
 
 def format_table(rows: Sequence[Mapping], baseline: str) -> str:
-    lines = [f"win rate vs {baseline} on {rows[0]['prompts']} held-out prompts (the judge prefers the reply closer "
-             "to N words; a tie counts half)", "", "| model | compliance | mean words off | win rate |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['compliance']:.1%} | {r['words_off']:.2f} | {r['win_rate']:.1%} |" for r in rows]
+    r0 = rows[0]
+    lines = [f"{r0['prompts']} held-out prompts x {r0['samples']} samples at temperature {r0['temperature']}: "
+             f"compliance, mean |words - N|, win rate vs {baseline} (the judge prefers the reply closer to N words; a "
+             "tie counts half); and the compliance of greedy replies", "",
+             "| model | compliance | words off | win rate | greedy compliance |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['compliance']:.1%} | {r['words_off']:.2f} | {r['win_rate']:.1%} | "
+              f"{r['greedy_compliance']:.1%} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -208,6 +221,9 @@ annotate_parser.add_argument("output", help="preference JSONL to write")
 win_parser = commands.add_parser("winrate", help="compliance and win rate of checkpoints on held-out prompts")
 win_parser.add_argument("--prompts", required=True, help="held-out prompt file")
 win_parser.add_argument("--baseline", required=True, help="the NAME the others are compared with")
+win_parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt")
+win_parser.add_argument("--temperature", type=float, default=1.0)
+win_parser.add_argument("--seed", type=int, default=0)
 win_parser.add_argument("--max-new-tokens", type=int, default=48)
 win_parser.add_argument("checkpoints", nargs="+", metavar="NAME=CHECKPOINT")
 
@@ -224,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
     checkpoints = dict(spec.split("=", 1) for spec in args.checkpoints if "=" in spec)
     if len(checkpoints) != len(args.checkpoints):
         raise ConfigError(f"checkpoints are NAME=PATH, got {args.checkpoints}")
-    rows = win_rates(checkpoints, args.prompts, baseline=args.baseline, max_new_tokens=args.max_new_tokens)
+    rows = win_rates(checkpoints, args.prompts, baseline=args.baseline, samples=args.samples,
+                     temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens)
     print(format_table(rows, args.baseline))
     return {"baseline": args.baseline, "rows": rows}
 
