@@ -102,7 +102,7 @@ def best_of_k(policy: Policy, scorer: Scorer, prompts: Sequence[PromptRecord], s
     sampled = [sampled_messages(p.messages, settings.system_prompt) for p in prompts]
     outputs = generate.generate(policy.params, policy.cfg, [encode_prompt(tok, m) for m in sampled],
                                 settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                                seed=seed, stop_ids=tok.stop_ids, samples_per_prompt=k)
+                                seed=seed, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size, samples_per_prompt=k)
     records = []
     for i, prompt in enumerate(prompts):
         texts, usable = zip(*(sample_text(tok, ids) for ids in outputs[i * k:(i + 1) * k]))

@@ -14,7 +14,7 @@ import pytest
 
 from llama_jax import checkpoint, config, data, model
 from llama_jax.checkpoint import CheckpointManager
-from llama_jax.errors import DataError
+from llama_jax.errors import ConfigError, DataError
 from llama_jax.eval import word_count
 from llama_jax.score import Scorer, encode_replies
 from llama_jax.tokenizer import get_tokenizer
@@ -216,3 +216,10 @@ def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_pat
     assert summary["loss"] < np.log(2) and summary["chosen_score"] > summary["rejected_score"]
     # 48 held-out pairs: 0.5 + 3 binomial standard deviations (3 x sqrt(0.25 / 48) = 0.22) is 0.72.
     assert summary["eval_accuracy"] >= 0.72, summary
+
+
+def test_packed_rows_refuse_the_fused_attention(tmp_path):
+    c = reward_config(write_jsonl(tmp_path / "p.jsonl", RECORDS), tmp_path / "run", reward=dict(packed=True))
+    c.model.attention = "flash"
+    with pytest.raises(ConfigError, match="model.attention=dense"):
+        reward.STAGE.make_loss_fn(loop.model_config(c.model), c)

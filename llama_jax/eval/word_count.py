@@ -165,8 +165,8 @@ def replies(checkpoint: str, prompts_path: str, *, samples: int = 1, temperature
     for b, start in enumerate(range(0, len(prompts), batch_size)):
         ids = [p.ids for p in prompts[start:start + batch_size]]
         outputs = generate.generate(params, cfg, ids, max_new_tokens, temperature, seed=seed + b,
-                                    stop_ids=tok.stop_ids, samples_per_prompt=samples)
-        decoded = [tok.decode([t for t in new if t < tok.vocab_size and t not in tok.stop_ids]) for new in outputs]
+                                    stop_ids=tok.stop_ids, vocab_size=tok.vocab_size, samples_per_prompt=samples)
+        decoded = [tok.decode([t for t in new if t not in tok.stop_ids]) for new in outputs]
         texts += [decoded[i:i + samples] for i in range(0, len(decoded), samples)]
     return [p.messages for p in prompts], texts
 

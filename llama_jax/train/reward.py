@@ -19,7 +19,8 @@ Packed rows (``reward.packed``, the paper's efficiency trick): a record is one r
 prompt once (segment -1, positions 0..P-1), then each reply (segments 1, 2, 3, positions from P again), so the
 prompt runs once rather than once per reply. ``ops.attention``'s shared-prefix rule lets each reply see the prompt
 and itself only, so the scores equal those of separate rows. A record whose prompt and replies do not fit in one
-row is a DataError, or with ``data.on_error="skip"`` an empty row counted in the run's skipped records.
+row is a DataError, or with ``data.on_error="skip"`` an empty row counted in the run's skipped records. Packed
+rows need the dense attention (``model.attention`` "dense" or "auto"): the fused kernels refuse the rule.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 
 from llama_jax import data, model
 from llama_jax.config import ModelConfig
-from llama_jax.errors import DataError
+from llama_jax.errors import ConfigError, DataError
 from llama_jax.losses import bradley_terry_loss
 from llama_jax.train.step import LossFn, Stage
 
@@ -162,6 +163,10 @@ class PackedBatches:
 
 
 def _loss_fn(cfg: ModelConfig, config) -> LossFn:
+    if config.reward.packed and model.attention_impl(cfg, cached=False) != "dense":
+        raise ConfigError(f"reward.packed rows share the prompt through ops.attention's shared-prefix rule, which "
+                          f"the fused kernels do not implement; set model.attention=dense (not {cfg.attention!r}) "
+                          "or reward.packed=false")
     return make_loss_fn(cfg, packed=config.reward.packed, edited=config.reward.edited)
 
 
