@@ -568,6 +568,19 @@ def resolve_step_dir(path: str) -> str:
     raise CheckpointError(f"no complete checkpoint in {run_checkpoints}")
 
 
+def identity(path: str) -> dict:
+    """How records made with a checkpoint name it (rejection samples, precomputed reference log-probs): the absolute
+    path and format, and for a llama_jax run or step directory the step directory it resolves to now, with its
+    step, stage and save time (a run that saves a newer step is another identity)."""
+    fmt = detect_format(path)
+    if fmt != "llama_jax":
+        return {"path": os.path.abspath(path), "format": fmt}
+    step_dir = resolve_step_dir(path)
+    metadata = read_metadata(step_dir)
+    return {"path": os.path.abspath(step_dir), "format": fmt, "step": metadata.get("step"),
+            "stage": metadata.get("stage"), "saved_at": metadata.get("saved_at")}
+
+
 def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] = iter
          ) -> tuple[Any, ModelConfig, dict]:
     """(params, config, metadata) from a llama_jax run or step directory, an HF directory or a Meta directory.

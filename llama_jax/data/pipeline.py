@@ -240,12 +240,14 @@ def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int,
 
 def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len: int | None = None,
                  batch_size: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, kind: str | None = None) -> BatchIterator:
+                 process_count: int | None = None, kind: str | None = None,
+                 reference: Mapping | None = None) -> BatchIterator:
     """The batch stream of this process (rows [p B / P, (p + 1) B / P) of every global batch) for ``split``.
 
     Training streams are endless; eval streams end after one pass over the held-out documents. ``kind``
     ("documents", "chat" or "preference"), when given, is the kind of data the caller reads: sources of
-    another kind are a ConfigError.
+    another kind are a ConfigError. ``reference`` (preference data): read precomputed reference log-probs into
+    the batches (``data.preference``).
     """
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
@@ -290,8 +292,9 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
         sources = [ChatSource(_path(s), tokenizer, max_tokens=seq_len + 1, on_error=on_error) for s in specs]
         layout, tokenize = ChatRows(seq_len), _encoded
     else:
-        sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error) for s in specs]
-        layout, tokenize = PairRows(seq_len, tokenizer), _encoded
+        sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error, reference=reference)
+                   for s in specs]
+        layout, tokenize = PairRows(seq_len, tokenizer, reference=reference is not None), _encoded
     names = [f"{i} ({s.get('format', 'text')} {s.get('path') or '(default corpus)'})" for i, s in enumerate(specs)]
     orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed, names=names)
     per_process = batch_size // process_count
