@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import tqdm
 
-from llama_jax import distributed
+from llama_jax import data, distributed
 from llama_jax.errors import ConfigError, LlamaJaxError
 
 if TYPE_CHECKING:
@@ -70,6 +70,18 @@ def add_checkpoint(p: argparse.ArgumentParser, *, required: bool = True, help: s
 def add_mesh(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="", metavar="SPEC",
                    help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=-1' (default: every device on fsdp)")
+
+
+def add_data(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--data", action="append", metavar="PATH[:FORMAT]", help=help or (
+        "a data source (file, directory or glob; repeat for a mixture of equal weights). FORMAT: text, jsonl, "
+        "tokens, chat, preference; default from the extension: .txt/.md text (a document per blank-line-separated "
+        "paragraph), .npy tokens, .jsonl chat / preference / jsonl by the keys of its first record"))
+
+
+def data_sources(specs: Sequence[str]) -> list[dict]:
+    """``--data`` values as ``data.sources`` entries (``llama_jax.data.source_spec``)."""
+    return [data.source_spec(spec) for spec in specs]
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
