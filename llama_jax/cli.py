@@ -142,10 +142,13 @@ def main(p: ArgumentParser, run: Callable[[argparse.Namespace], dict | None], ar
 
 def _list_config_keys(p: ArgumentParser, argv: list[str]) -> None:
     """With ``--config`` given, ``--help`` ends with every key of that config and its default."""
-    known, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    if known.config:
-        lines = describe_config(load_config(known.config))
-        p.epilog = f"keys of {known.config} (override any with --config.<key>=<value>):\n" + "\n".join(lines)
+    # Read --config alone: the command's required flags need not be given with --help.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config")
+    spec = config.parse_known_args(argv)[0].config
+    if spec:
+        lines = describe_config(load_config(spec))
+        p.epilog = f"keys of {spec} (override any with --config.<key>=<value>):\n" + "\n".join(lines)
 
 
 def progress(iterable: Iterable | None = None, **kwargs) -> tqdm.tqdm:

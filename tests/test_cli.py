@@ -13,17 +13,17 @@ import pytest
 
 from llama_jax import chat, checkpoint, cli, config, convert, generate, model, plan, quantize
 from llama_jax.errors import ConfigError
-from llama_jax.eval import retrieval
+from llama_jax.eval import perplexity, retrieval
 from llama_jax.tools import synthetic
 from llama_jax.train import __main__ as train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.py")
 COMMANDS = {"train": train, "convert": convert, "generate": generate, "chat": chat, "quantize": quantize,
-            "plan": plan, "eval.retrieval": retrieval, "tools.synthetic": synthetic}
+            "plan": plan, "eval.retrieval": retrieval, "tools.synthetic": synthetic, "eval": perplexity}
 WITH_CHECKPOINT = {"convert": ["--to", "hf", "--out", "OUT"], "generate": ["--prompt", "x"], "chat": [],
-                   "quantize": ["--out", "OUT"], "eval.retrieval": []}
-WITH_MESH = {"generate": ["--prompt", "x"], "chat": []}
+                   "quantize": ["--out", "OUT"], "eval.retrieval": [], "eval": ["--data", "x.txt"]}
+WITH_MESH = {"generate": ["--prompt", "x"], "chat": [], "eval": ["--data", "x.txt"]}
 
 
 def _run(*argv):

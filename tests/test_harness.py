@@ -191,6 +191,7 @@ def _write_tasks(folder: Path):
         """))
 
 
+@pytest.mark.slow  # lm-eval's command in a subprocess: ~35 s of CPU
 def test_lm_eval_runs_two_local_tasks_end_to_end(tiny, tmp_path):
     path, params, cfg = tiny
     _write_tasks(tmp_path / "tasks")
