@@ -55,7 +55,9 @@ class LlamaJaxLM(LM):
     """lm-eval's ``LM`` over a llama_jax checkpoint (see the module docstring for the arguments)."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, mesh: str = "", batch_size: int | str = 8,
-                 max_length: int | None = None, max_gen_toks: int = 256, add_bos: bool | str = True, **unused):
+                 max_length: int | None = None, max_gen_toks: int = 256, add_bos: bool | str = True,
+                 **harness_options):
+        del harness_options  # lm-eval's device / max_batch_size: the mesh places the work here
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise ConfigError("batch_size 'auto' is not supported by the llama_jax model; give a number")
@@ -78,19 +80,23 @@ class LlamaJaxLM(LM):
         hidden = model.Llama(self.cfg).apply({"params": params}, batch["tokens"], batch["positions"],
                                              batch["segment_ids"], output="hidden")  # [B, T, D]
         head = model.lm_head_kernel(params, self.cfg).astype(jnp.dtype(self.cfg.dtype))  # [D, V]
-        nll, _ = chunked_cross_entropy(hidden, head, batch["targets"])  # [B, T]
-        last = jnp.einsum("BWD,DV->BWV", hidden[:, -window:], head, preferred_element_type=jnp.float32)
+        precision = self.cfg.resolved_matmul_precision
+        nll, _ = chunked_cross_entropy(hidden, head, batch["targets"], precision=precision)  # [B, T]
+        last = jnp.einsum("BWD,DV->BWV", hidden[:, -window:], head, preferred_element_type=jnp.float32,
+                          precision=precision)
         return -nll, jnp.argmax(last, axis=-1) == batch["targets"][:, -window:]
 
     def _score_requests(self, pairs: Sequence[tuple[list[int], list[int]]], with_greedy: bool
                         ) -> list[tuple[float, bool]]:
         """(context ids, continuation ids) -> (summed log probability of the continuation, all of it greedy?).
 
-        Rows are left-padded (segment 0, never attended to) so that every row ends at the batch's last position
-        and every continuation occupies its row's last positions."""
-        results: list[tuple[float, bool]] = []
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start:start + self.batch_size]
+        Requests are batched longest first (less padding), rows left-padded (segment 0, never attended to) so that
+        every row ends at the batch's last position and every continuation occupies its row's last positions."""
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        results: dict[int, tuple[float, bool]] = {}
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start:start + self.batch_size]
+            chunk = [pairs[i] for i in indices]
             rows = [(context + continuation)[-(self.max_length + 1):] for context, continuation in chunk]
             scored = [min(len(continuation), len(row) - 1) for row, (_, continuation) in zip(rows, chunk)]
             length = -(-max(len(row) - 1 for row in rows) // _LENGTH_BUCKET) * _LENGTH_BUCKET
@@ -101,14 +107,14 @@ class LlamaJaxLM(LM):
                 batch["tokens"][i, length - n:], batch["targets"][i, length - n:] = row[:-1], row[1:]
                 batch["positions"][i, length - n:] = np.arange(n)
                 batch["segment_ids"][i, length - n:] = 1
-            window = max(max(scored), 1) if with_greedy else 1
+            window = max(min(-(-max(scored) // 8) * 8, length), 1) if with_greedy else 1  # few shapes to compile
             with sharding.activate(self.mesh):
                 log_probs, greedy = self._score(self.params, sharding.shard_batch(batch, self.mesh), window=window)
             log_probs, greedy = np.asarray(log_probs, np.float64), np.asarray(greedy)
-            for i, n in enumerate(scored):
-                total = float(log_probs[i, length - n:].sum())
-                results.append((total, bool(greedy[i, window - n:].all()) if with_greedy else False))
-        return results
+            for row, (index, n) in enumerate(zip(indices, scored)):
+                total = float(log_probs[row, length - n:].sum())
+                results[index] = (total, bool(greedy[row, window - n:].all()) if with_greedy else False)
+        return [results[i] for i in range(len(pairs))]
 
     # --- lm-eval's interface ---------------------------------------------------------------------------
 

@@ -94,7 +94,8 @@ def make_scorer(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, chunk_size: int | 
         hidden = network.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
                                output="hidden")  # [B, T, D]
         head = model.lm_head_kernel(params, cfg).astype(jnp.dtype(cfg.dtype))  # [D, V]
-        nll, _ = chunked_cross_entropy(hidden, head, batch["targets"], chunk_size)  # [B, T]
+        nll, _ = chunked_cross_entropy(hidden, head, batch["targets"], chunk_size,
+                                       precision=cfg.resolved_matmul_precision)  # [B, T], as the training loss
         mask = batch["loss_mask"].astype(jnp.float32)
         return {"nll": (nll * mask).sum(), "tokens": mask.sum(), "bytes": (lengths[batch["targets"]] * mask).sum()}
 
