@@ -691,8 +691,8 @@ def export(path: str, fmt: str, params, cfg: ModelConfig, *, tokenizer: Tokenize
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown weight format {fmt!r}; known: {FORMATS}")
     if fmt != "llama_jax" and quantized.mode_of(params) is not None:
-        raise CheckpointError(f"a checkpoint quantized to {quantized.mode_of(params)} cannot be exported to {fmt} (its "
-                              "files hold unquantized weights): export the unquantized checkpoint instead")
+        raise CheckpointError(f"a {quantized.mode_of(params)}-quantized checkpoint cannot be exported to {fmt}: "
+                              "export the unquantized checkpoint instead")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids; the model's vocabulary "
                               f"only {cfg.vocab_size}: it is not this model's tokenizer")

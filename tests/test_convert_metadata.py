@@ -168,5 +168,5 @@ def test_quantized_export_is_a_clear_error(tmp_path, capsys):
     for fmt in ("hf", "meta"):
         assert convert_main(["--checkpoint", str(tmp_path / "int8"), "--to", fmt, "--out", str(tmp_path / fmt)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and "quantized to int8 cannot be exported" in err
+        assert err.startswith("error: ") and "int8-quantized checkpoint cannot be exported to" in err
         assert not (tmp_path / fmt).exists()

@@ -23,7 +23,6 @@ SMOKE = textwrap.dedent("""
     import json, subprocess, sys
     import jax, numpy, llama_jax
     from matplotlib.figure import Figure
-    from llama_jax import checkpoint, generate
     from llama_jax.tokenizer import get_tokenizer
 
     def command(*argv):
@@ -37,14 +36,12 @@ SMOKE = textwrap.dedent("""
     first = command(*train, "--config.train.steps=2")
     resumed = command(*train, "--config.train.steps=3")
     scored = command("llama_jax.eval", "--checkpoint", run, "--data", corpus, "--max-batches", "2")
-    params, cfg, _ = checkpoint.load(run)
-    sample = generate.generate(params, cfg, [[116, 104, 101]], 4, stop_ids=())  # ids: a barely trained model may
-    # pick ids of its 512-row vocabulary that the byte tokenizer cannot decode
+    sample = command("llama_jax.generate", "--checkpoint", run, "--prompt", "the", "--max-new-tokens", "4")
     command("llama_jax.convert", "--checkpoint", run, "--to", "hf", "--out", run + "-hf")
     figure = Figure(); figure.add_subplot().plot([1, 2]); figure.savefig(run + ".png")
     print(json.dumps({"jax": jax.__version__, "numpy": numpy.__version__, "llama_jax": llama_jax.__file__,
                       "steps": [first["step"], resumed["step"]], "eval_loss": first["eval_loss"],
-                      "scored_tokens": scored["tokens"], "sample_tokens": len(sample[0]),
+                      "scored_tokens": scored["tokens"], "sample_tokens": sample["tokens"][0],
                       "llama3_ids": get_tokenizer("llama3").encode("Hello world! This is a test.")}))
 """)
 
@@ -115,6 +112,6 @@ def test_wheel_installs_with_the_lowest_allowed_versions(tmp_path):
     print(result)
     assert (result["jax"], result["numpy"]) == (by_name["jax"], by_name["numpy"])
     assert result["llama_jax"].startswith(str(tmp_path / "venv"))  # the wheel, not this checkout
-    assert result["steps"] == [2, 3] and 0 < result["eval_loss"] < 7 and result["sample_tokens"] == 4
+    assert result["steps"] == [2, 3] and 0 < result["eval_loss"] < 7 and 1 <= result["sample_tokens"] <= 4
     assert result["scored_tokens"] > 500
     assert result["llama3_ids"] == [9906, 1917, 0, 1115, 374, 264, 1296, 13]

@@ -165,7 +165,8 @@ class LlamaJaxLM(LM):
             prompts = [(self._prefix() + self.tokenizer.encode(request.args[0]))[-room:] for request in chunk]
             filler = prompts[:1] * (-len(prompts) % self.data_parallel)  # rows the mesh splits evenly, dropped after
             outputs = generate.generate(self.params, self.cfg, prompts + filler, new_tokens, temperature=temperature,
-                                        stop_ids=self.tokenizer.stop_ids, mesh=self.mesh)
+                                        stop_ids=self.tokenizer.stop_ids, mesh=self.mesh,
+                                        vocab_size=self.tokenizer.vocab_size)
             for request, ids in zip(chunk, outputs):
                 ids = [i for i in ids if i not in self.tokenizer.stop_ids]
                 text = self.tokenizer.decode(ids)
