@@ -47,7 +47,12 @@ params, ``sharding.abstract_params(cfg, mesh)``); orbax reads only each device's
     manager.save(step, params=params, cfg=cfg, stage="pretrain", opt_state=opt_state, data_state=it_state)
     restored = manager.restore(params_target=abstract_params, opt_state_target=abstract_opt_state)
     params, cfg, metadata = load("Meta-Llama-3.1-8B/")    # llama_jax run/step dir, HF dir or Meta dir
-    export("out-hf/", "hf", params, cfg)                      # hf | meta | llama_jax, atomically
+    export("out-hf/", "hf", params, cfg, tokenizer=tok)       # hf | meta | llama_jax, atomically
+
+Every format keeps the tokenizer's identity and ``max_seq_len``: llama_jax metadata records them, HF and Meta
+directories carry them in ``llama_jax.json`` (``formats.provenance``), and an HF export adds the tokenizer's own
+files. ``load`` reports the tokenizer as ``metadata["tokenizer"]`` ({"name", "sha256"} or None when unknown) for
+every format.
 """
 
 from __future__ import annotations
@@ -76,7 +81,9 @@ from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from llama_jax.formats import hf as hf_format
 from llama_jax.formats import meta as meta_format
+from llama_jax.formats import provenance
 from llama_jax.ops import quantized
+from llama_jax.tokenizer import Tokenizer
 
 FORMAT_VERSION = 2
 FORMATS = ("hf", "meta", "llama_jax")
@@ -568,19 +575,33 @@ def resolve_step_dir(path: str) -> str:
     raise CheckpointError(f"no complete checkpoint in {run_checkpoints}")
 
 
+def identity(path: str) -> dict:
+    """How records made with a checkpoint name it (rejection samples, precomputed reference log-probs): the absolute
+    path and format, and for a llama_jax run or step directory the step directory it resolves to now, with its
+    step, stage and save time (a run that saves a newer step is another identity)."""
+    fmt = detect_format(path)
+    if fmt != "llama_jax":
+        return {"path": os.path.abspath(path), "format": fmt}
+    step_dir = resolve_step_dir(path)
+    metadata = read_metadata(step_dir)
+    return {"path": os.path.abspath(step_dir), "format": fmt, "step": metadata.get("step"),
+            "stage": metadata.get("stage"), "saved_at": metadata.get("saved_at")}
+
+
 def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] = iter
          ) -> tuple[Any, ModelConfig, dict]:
     """(params, config, metadata) from a llama_jax run or step directory, an HF directory or a Meta directory.
 
     shardings: None (default device), a ``jax.sharding.Mesh`` (parameters laid out by the logical-axis rules) or
     a tree of shardings matching the parameters. The config's ``scan_layers`` matches the tree's layout. For HF /
-    Meta directories metadata is {"format", "path"}. ``progress`` wraps the list of weight files read.
+    Meta directories metadata is {"format", "path", "tokenizer"}. ``progress`` wraps the list of weight files read.
     """
     fmt = detect_format(path)
     if fmt != "llama_jax":
         params, cfg = (hf_format if fmt == "hf" else meta_format).read(path, progress=progress)
         placement = None if shardings is None else _param_shardings(shardings, params, cfg)
-        return jax.device_put(params, placement), cfg, {"format": fmt, "path": os.path.abspath(path)}
+        metadata = {"format": fmt, "path": os.path.abspath(path), "tokenizer": provenance.tokenizer_identity(path, cfg)}
+        return jax.device_put(params, placement), cfg, metadata
     if is_checkpoint_dir(path):
         return _load_step(os.path.abspath(path), shardings)
     run_checkpoints = os.path.join(os.path.abspath(path), CHECKPOINTS_DIR)
@@ -671,27 +692,31 @@ def atomic_directory(dst: str) -> Iterator[str]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export(path: str, fmt: str, params, cfg: ModelConfig, *, tokenizer: dict | None = None, num_shards: int = 1,
+def export(path: str, fmt: str, params, cfg: ModelConfig, *, tokenizer: Tokenizer | None = None, num_shards: int = 1,
            max_shard_bytes: int = hf_format.DEFAULT_SHARD_BYTES, progress: Callable[[Iterable], Iterable] = iter,
            ) -> None:
     """Writes ``params`` in format ``fmt`` (one of FORMATS) to the new directory ``path``, atomically.
 
     ``num_shards``: Meta model-parallel ranks. ``max_shard_bytes``: size of HF safetensors shards. ``tokenizer``:
-    identity recorded in a llama_jax checkpoint.
+    the model's tokenizer, recorded in every format (and written as tokenizer files for HF); None: unknown.
+    A quantized checkpoint only exports to llama_jax: HF and Meta directories hold unquantized weights.
     """
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown weight format {fmt!r}; known: {FORMATS}")
     if fmt != "llama_jax" and quantized.mode_of(params) is not None:
         raise CheckpointError(f"a {quantized.mode_of(params)}-quantized checkpoint cannot be exported to {fmt}: "
                               "export the unquantized checkpoint instead")
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids; the model's vocabulary "
+                              f"only {cfg.vocab_size}: it is not this model's tokenizer")
     with atomic_directory(path) as tmp:
         if fmt == "llama_jax":
-            save_params(tmp, params, cfg, tokenizer=tokenizer)
+            save_params(tmp, params, cfg, tokenizer=provenance.identity(tokenizer))
             return
         if not cfg.scan_layers:
             params, cfg = model.stack_layers(params, cfg.num_layers), cfg.replace(scan_layers=True)
         os.makedirs(tmp)
         if fmt == "hf":
-            hf_format.write(tmp, params, cfg, max_shard_bytes=max_shard_bytes, progress=progress)
+            hf_format.write(tmp, params, cfg, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes, progress=progress)
         else:
-            meta_format.write(tmp, params, cfg, num_shards=num_shards, progress=progress)
+            meta_format.write(tmp, params, cfg, num_shards=num_shards, tokenizer=tokenizer, progress=progress)

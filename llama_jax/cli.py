@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import tqdm
 
-from llama_jax import distributed
+from llama_jax import data, distributed
 from llama_jax.errors import ConfigError, LlamaJaxError
 
 if TYPE_CHECKING:
@@ -70,6 +70,18 @@ def add_checkpoint(p: argparse.ArgumentParser, *, required: bool = True, help: s
 def add_mesh(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="", metavar="SPEC",
                    help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=-1' (default: every device on fsdp)")
+
+
+def add_data(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--data", action="append", metavar="PATH[:FORMAT]", help=help or (
+        "a data source (file, directory or glob; repeat for a mixture of equal weights). FORMAT: text, jsonl, "
+        "tokens, chat, preference; default from the extension: .txt/.md text (a document per blank-line-separated "
+        "paragraph), .npy tokens, .jsonl chat / preference / jsonl by the keys of its first record"))
+
+
+def data_sources(specs: Sequence[str]) -> list[dict]:
+    """``--data`` values as ``data.sources`` entries (``llama_jax.data.source_spec``)."""
+    return [data.source_spec(spec) for spec in specs]
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
@@ -130,10 +142,13 @@ def main(p: ArgumentParser, run: Callable[[argparse.Namespace], dict | None], ar
 
 def _list_config_keys(p: ArgumentParser, argv: list[str]) -> None:
     """With ``--config`` given, ``--help`` ends with every key of that config and its default."""
-    known, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    if known.config:
-        lines = describe_config(load_config(known.config))
-        p.epilog = f"keys of {known.config} (override any with --config.<key>=<value>):\n" + "\n".join(lines)
+    # Read --config alone: the command's required flags need not be given with --help.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config")
+    spec = config.parse_known_args(argv)[0].config
+    if spec:
+        lines = describe_config(load_config(spec))
+        p.epilog = f"keys of {spec} (override any with --config.<key>=<value>):\n" + "\n".join(lines)
 
 
 def progress(iterable: Iterable | None = None, **kwargs) -> tqdm.tqdm:

@@ -266,7 +266,8 @@ def from_hf(d: dict[str, Any], **overrides: Any) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict for ``cfg`` (transformers' LlamaForCausalLM)."""
+    """The Hugging Face ``config.json`` dict for ``cfg`` (transformers' LlamaForCausalLM); token ids such as
+    ``bos_token_id`` belong to the tokenizer, so ``formats.hf`` adds them."""
     d: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -274,7 +275,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "head_dim": cfg.resolved_head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": cfg.param_dtype, "bos_token_id": 128_000, "eos_token_id": 128_001,
+        "torch_dtype": cfg.param_dtype,
     }
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling

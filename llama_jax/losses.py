@@ -1,4 +1,5 @@
-"""Losses on final hidden states. Next-token cross-entropy is computed over vocabulary chunks.
+"""Losses: next-token cross-entropy on final hidden states (over vocabulary chunks), and the preference losses of
+post-training (DPO, Bradley-Terry).
 
 A [B, T, 128256] float32 logits tensor is 0.5 GiB per 1K tokens, and its gradient as much again. Here the
 LM head is applied one vocabulary chunk at a time inside a ``lax.scan`` with an online logsumexp; each
@@ -86,3 +87,20 @@ def next_token_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, loss
         loss = loss + z_loss * z
         metrics["z_loss"] = z
     return loss, metrics
+
+
+def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, reference_chosen_logps: jax.Array,
+             reference_rejected_logps: jax.Array, beta: float = 0.1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Direct preference optimisation (Rafailov et al. 2023) on per-pair log-probs of whole replies, each [B].
+
+    Returns (losses, chosen_rewards, rejected_rewards), each [B]: a reward is ``beta * (policy - reference)``, the
+    log-ratio DPO treats as an implicit reward, and the loss ``-log sigmoid(chosen_reward - rejected_reward)``.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)
+    return -jax.nn.log_sigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
+
+
+def bradley_terry_loss(better_scores: jax.Array, worse_scores: jax.Array) -> jax.Array:
+    """Reward-model loss [B]: ``-log sigmoid(better - worse)``, without Llama 2's margin term (Llama 3 removed it)."""
+    return -jax.nn.log_sigmoid(better_scores - worse_scores)

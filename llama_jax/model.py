@@ -30,7 +30,8 @@ RoPE uses the rotate-half convention of Hugging Face (pairs are (i, i + H/2) wit
 weights load unchanged; Meta's checkpoints pair (2i, 2i+1) and `convert` permutes their q/k rows.
 
 Attention mask: key s is visible to query t when both carry the same segment id and s's position is
-not after t's (``attention_mask``); ``segment_ids`` 0 marks padding. Causality by position rather than
+not after t's (``ops.attention.attention_mask``; a negative segment id is a prefix shared by the row's
+real segments, the reward model's packed row); ``segment_ids`` 0 marks padding. Causality by position rather than
 by index lets a packed row be stored in any order (context parallelism's zig-zag layout), and the mask
 is built per block from [B, T] vectors, never carried as a [B, T, S] array. The KV cache keeps each
 slot's position and segment id (0: empty).

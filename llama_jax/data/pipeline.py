@@ -44,7 +44,9 @@ The data config (``config.data``; see configs/pretrain/tiny.py):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -69,6 +71,60 @@ DEFAULTS = dict(
     holdout_every=1000,  # every n-th record of each source is the eval split (0: none)
 )
 KINDS = {"documents": FORMATS, "chat": ("chat",), "preference": ("preference",)}
+# ``PATH[:FORMAT]`` without a format: by file extension; .jsonl by the shape of its first record (see source_spec).
+EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".npy": "tokens"}
+
+
+def source_spec(text: str) -> dict:
+    """One ``data.sources`` entry from ``PATH[:FORMAT]`` (a file, directory or glob), as ``--data`` takes it.
+
+    FORMAT is one of ``text``, ``jsonl``, ``tokens``, ``chat``, ``preference``; without it the extension decides
+    (.txt / .md: text, one document per blank-line-separated paragraph; .npy: tokens; .jsonl: chat when the first
+    record has "messages" or "prompt" + "completion", preference when it has "chosen" + "rejected", else jsonl
+    documents with their "text" field).
+
+        source_spec("corpus/*.txt")     # {"format": "text", "path": "corpus/*.txt", "split": "paragraphs", ...}
+        source_spec("chats.jsonl")      # {"format": "chat", "path": "chats.jsonl", "weight": 1.0}
+    """
+    path, _, fmt = text.rpartition(":")
+    known = [f for fs in KINDS.values() for f in fs if f != "shakespeare"]
+    if not path or fmt not in known:
+        path, fmt = text, ""
+    if not path:
+        raise ConfigError("--data needs a path: PATH[:FORMAT]")
+    fmt = fmt or _infer_format(path)
+    spec = {"format": fmt, "path": path, "weight": 1.0}
+    if fmt == "text":
+        spec["split"] = "paragraphs"
+    if fmt == "jsonl":
+        spec["text_key"] = "text"
+    return spec
+
+
+def _infer_format(path: str) -> str:
+    files = sources_lib.expand_paths(path)
+    suffixes = sorted({f.suffix.lower() for f in files})
+    formats = sorted({EXTENSIONS.get(s, "?") for s in suffixes})
+    if len(formats) != 1 or formats[0] == "?":
+        raise ConfigError(f"cannot tell the data format of {path!r} from its file extension(s) {suffixes}; "
+                          f"name it: {path}:FORMAT with FORMAT one of text, jsonl, tokens, chat, preference")
+    return _jsonl_kind(files[0]) if formats[0] == "jsonl" else formats[0]
+
+
+def _jsonl_kind(file: Path) -> str:
+    """"chat", "preference" or "jsonl" from the keys of the file's first record."""
+    with open(file, "rb") as f:
+        first = next((line for line in f if line.strip()), None)
+    try:
+        record = json.loads(first) if first is not None else {}
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}: the first record is not JSON ({e})") from None
+    keys = set(record) if isinstance(record, dict) else set()
+    if "messages" in keys or {"prompt", "completion"} <= keys:
+        return "chat"
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    return "jsonl"
 
 
 def make_source(spec: Mapping, *, vocab_size: int, eos_id: int, on_error: str = "raise") -> Sequence:
@@ -242,12 +298,14 @@ def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int,
 
 def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len: int | None = None,
                  batch_size: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, kind: str | None = None) -> BatchIterator:
+                 process_count: int | None = None, kind: str | None = None,
+                 reference: Mapping | None = None) -> BatchIterator:
     """The batch stream of this process (rows [p B / P, (p + 1) B / P) of every global batch) for ``split``.
 
     Training streams are endless; eval streams end after one pass over the held-out documents. ``kind``
     ("documents", "chat" or "preference"), when given, is the kind of data the caller reads: sources of
-    another kind are a ConfigError.
+    another kind are a ConfigError. ``reference`` (preference data): read precomputed reference log-probs into
+    the batches (``data.preference``).
     """
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
@@ -293,8 +351,9 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
         sources = [ChatSource(_path(s), tokenizer, max_tokens=seq_len + 1, on_error=on_error) for s in specs]
         layout, tokenize = ChatRows(seq_len), _encoded
     else:
-        sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error) for s in specs]
-        layout, tokenize = PairRows(seq_len, tokenizer), _encoded
+        sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error, reference=reference)
+                   for s in specs]
+        layout, tokenize = PairRows(seq_len, tokenizer, reference=reference is not None), _encoded
     names = [f"{i} ({s.get('format', 'text')} {s.get('path') or '(default corpus)'})" for i, s in enumerate(specs)]
     orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed, names=names)
     per_process = batch_size // process_count

@@ -32,13 +32,24 @@ Batch layout (``PairRows.batch``; what the stages read):
                    <|eot_id|>, by the tokenizer's special ids) switched off: the paper's DPO log-prob mask
       score_mask   1 at exactly one input position per row: the reply's last token (its closing <|eot_id|>, or
                    the last token kept when truncation cut it), whose hidden state a reward model scores
+      reference_logps   (float32; only when the batches are made with ``reference``) the reference model's
+                   log-prob of the reply at the row's score position, 0 elsewhere: a sum over T reads it
     The prompt part (tokens before the first target with loss_mask 1) is identical in the three sub-batches.
     "edited" rows of records without an edited reply, and every row of a padding row (the end of an eval pass),
     are all zeros: every mask 0.
+
+Precomputed reference log-probs (DPO without a reference model in memory): a record may carry the column
+    "reference_logps": {"checkpoint": {...}, "tokenizer": sha256, "seq_len": int,
+                        "chosen": {"dpo_mask": float, "loss_mask": float}, "rejected": {...}, "edited": {...}}
+the sums of the reference model's log-probs over each reply's dpo_mask and loss_mask targets, computed from these
+rows (so with this tokenizer and seq_len) by the checkpoint named (``checkpoint.identity``); ``reference_column``
+writes it. Sources made with ``reference`` ({"mask": "dpo_mask" | "loss_mask", "checkpoint": identity}) require it
+on every record, with that tokenizer, seq_len and checkpoint, else the record is malformed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +65,8 @@ from llama_jax.tokenizer import Tokenizer
 REPLIES = ("chosen", "rejected", "edited")
 PAIR_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "dpo_mask", "score_mask")
 FORMATTING_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>")
+REFERENCE_COLUMN = "reference_logps"
+REFERENCE_MASKS = ("dpo_mask", "loss_mask")
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class EncodedPair:
 
     replies: dict[str, tuple[np.ndarray, np.ndarray]]
     prompt_len: int  # tokens of the (possibly truncated) prompt, shared by every reply
+    reference_logps: dict[str, float] | None = None  # per reply: the precomputed reference log-prob, if read
 
     def __len__(self) -> int:
         return max(len(ids) for ids, _ in self.replies.values())
@@ -116,25 +130,59 @@ def _refuse_identical(replies: Mapping[str, tuple[list[int], list[int]]], when: 
                 raise DataError(f"replies {a!r} and {b!r} are identical{when}: the pair carries no preference")
 
 
+def reference_column(checkpoint: Mapping, tokenizer: Tokenizer, seq_len: int,
+                     logps: Mapping[str, Mapping[str, float]]) -> dict:
+    """The ``reference_logps`` column of one record: ``logps[reply][mask]`` for each encoded reply and mask."""
+    return {"checkpoint": dict(checkpoint), "tokenizer": tokenizer.sha256, "seq_len": seq_len,
+            **{name: {mask: float(sums[mask]) for mask in REFERENCE_MASKS} for name, sums in logps.items()}}
+
+
+def read_reference(record: Mapping, pair: EncodedPair, reference: Mapping, tokenizer: Tokenizer,
+                   seq_len: int) -> dict[str, float]:
+    """Each reply's reference log-prob over ``reference["mask"]``, from a record's column, checked against how
+    these rows are made (tokenizer, seq_len) and the reference checkpoint expected."""
+    column = record.get(REFERENCE_COLUMN)
+    if not isinstance(column, Mapping):
+        raise DataError(f'the record has no "{REFERENCE_COLUMN}" column; precompute it with python -m '
+                        "llama_jax.reference_logps")
+    expected = {"tokenizer": tokenizer.sha256, "seq_len": seq_len, "checkpoint": dict(reference["checkpoint"])}
+    for key, value in expected.items():
+        if column.get(key) != value:
+            raise DataError(f"{REFERENCE_COLUMN} was computed with {key}={column.get(key)!r}; these rows need "
+                            f"{value!r}: compute the column again")
+    try:
+        return {name: float(column[name][reference["mask"]]) for name in pair.replies}
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{REFERENCE_COLUMN} lacks a {reference['mask']} log-prob for a reply of "
+                        f"{sorted(pair.replies)}") from None
+
+
 class PreferenceSource(JsonlSource):
     """Preference records of JSON Lines files, encoded for rows of ``seq_len`` tokens (see the module docstring).
     Records that cannot be used raise DataError naming file and line, or are counted in ``skipped``
-    (``on_error="skip"``)."""
+    (``on_error="skip"``). ``reference``: read the precomputed reference log-probs too (module docstring)."""
 
-    def __init__(self, paths: str | Sequence[str], tokenizer: Tokenizer, *, seq_len: int, on_error: str = "raise"):
+    def __init__(self, paths: str | Sequence[str], tokenizer: Tokenizer, *, seq_len: int, on_error: str = "raise",
+                 reference: Mapping | None = None):
         super().__init__(paths, on_error=on_error)
-        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.tokenizer, self.seq_len, self.reference = tokenizer, seq_len, reference
+        if reference is not None and reference.get("mask") not in REFERENCE_MASKS:
+            raise DataError(f"reference mask must be one of {REFERENCE_MASKS}, got {reference.get('mask')!r}")
 
     def parse(self, record, where: str) -> EncodedPair:
         del where  # every unusable record is an error or a skip, as on_error says
-        return encode_pair(self.tokenizer, record, seq_len=self.seq_len)
+        pair = encode_pair(self.tokenizer, record, seq_len=self.seq_len)
+        if self.reference is None:
+            return pair
+        logps = read_reference(record, pair, self.reference, self.tokenizer, self.seq_len)
+        return dataclasses.replace(pair, reference_logps=logps)
 
 
 class PairRows:
     """Preference rows: one record per row of every sub-batch (see the module docstring for the layout)."""
 
-    def __init__(self, seq_len: int, tokenizer: Tokenizer):
-        self.seq_len = seq_len
+    def __init__(self, seq_len: int, tokenizer: Tokenizer, *, reference: bool = False):
+        self.seq_len, self.reference = seq_len, reference
         self.formatting = np.array([tokenizer.special_id(t) for t in FORMATTING_TOKENS], np.int32)
 
     def take(self, stream: RowStream) -> list[EncodedPair]:
@@ -153,5 +201,8 @@ class PairRows:
             for i, s in enumerate(sequences):
                 if s:
                     batch["score_mask"][i, len(s[0][0]) - 1] = 1
+            if self.reference:
+                logps = [row[0].reference_logps[name] if row and name in row[0].replies else 0.0 for row in rows]
+                batch["reference_logps"] = batch["score_mask"] * np.asarray(logps, np.float32)[:, None]
             out[name] = batch
         return out

@@ -10,6 +10,11 @@ causality by position rather than by index lets a row be stored in any order (co
 layout) and lets a KV cache hold its slots' positions. The mask is built per call from these [B, T] vectors, never
 carried through the network as a [B, T, S] array.
 
+Shared prefix: a key whose segment id is negative is also visible to every real query (segment id > 0) of its row,
+causally by position. That is the reward model's packed row (the paper's): one prompt (segment -1) and its replies
+(segments 1, 2, 3, positions continuing from the prompt's end), each reply seeing the prompt and itself only, as if
+it were its own row. Data rows never carry negative ids, so they are unchanged by this rule.
+
 ``precision`` is the ``precision=`` of the kernel's matmuls (``ModelConfig.resolved_matmul_precision``: "highest",
 "high" or None for the backend's default); every implementation takes it, so a float32 model gets float32
 attention on GPUs and TPUs too.
@@ -33,7 +38,8 @@ IMPLS = ("dense", "flash")
 def attention_mask(q_positions, q_segment_ids, k_positions, k_segment_ids) -> jax.Array:
     """[B, T, S] bool from [B, T] query and [B, S] key positions / segment ids."""
     same_document = q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
-    return same_document & (k_positions[:, None, :] <= q_positions[:, :, None])
+    shared_prefix = (k_segment_ids[:, None, :] < 0) & (q_segment_ids[:, :, None] > 0)
+    return (same_document | shared_prefix) & (k_positions[:, None, :] <= q_positions[:, :, None])
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

@@ -12,7 +12,9 @@ reads key/value head n // (N // K); scale 1/sqrt(H); key s is visible to query t
 and k_positions[s] <= q_positions[t] (causal by position, so a row may be stored in any order). Softmax in float32,
 output in v's dtype. One difference, shared with ring attention: a query that sees no key at all gets a zero output
 (dense softmax gives it the mean of every value) and a log-sum-exp of float32's most negative finite number, so
-merging per-block results never computes inf - inf; its gradients are zero.
+merging per-block results never computes inf - inf; its gradients are zero. Shared-prefix rows (negative segment
+ids: ``ops.attention``'s rule for the reward model's packed rows) are not implemented by these kernels: refused
+with ConfigError when the ids are concrete, their rows' outputs NaN under ``jit``.
 
 ``flash_attention`` (Pallas; Triton lowering on GPU, ``interpret=True`` anywhere): grid (query block, batch, query
 head); each program folds key blocks into a float32 online softmax, so no [T, S] array exists. Key/value heads are
@@ -332,6 +334,15 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ---------------------------------------------------------------------------------------------- public API
 
 
+def _shared_prefix_rows(q_segment_ids, k_segment_ids) -> jax.Array:
+    """[B] bool: rows with a negative segment id (a shared prefix, see ``ops.attention``), which no kernel here does."""
+    return jnp.any(q_segment_ids < 0, axis=1) | jnp.any(k_segment_ids < 0, axis=1)
+
+
+def _nan_if_shared_prefix(out, q_segment_ids, k_segment_ids):
+    return jnp.where(_shared_prefix_rows(q_segment_ids, k_segment_ids)[:, None, None, None], jnp.nan, out)
+
+
 def _check_inputs(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise ConfigError(f"attention wants q [B, T, N, H] and k/v [B, S, K, H]; got q {q.shape}, k {k.shape}, "
@@ -345,6 +356,11 @@ def _check_inputs(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_id
                                 ("k_positions", k_positions, (b, s)), ("k_segment_ids", k_segment_ids, (b, s))):
         if vector.shape != shape:
             raise ConfigError(f"{name} has shape {vector.shape}; expected {shape} for q {q.shape}, k {k.shape}")
+    shared = _shared_prefix_rows(q_segment_ids, k_segment_ids)
+    if not isinstance(shared, jax.core.Tracer) and bool(shared.any()):
+        raise ConfigError(f"rows {np.flatnonzero(np.asarray(shared)).tolist()} have negative segment ids (a shared "
+                          "prefix, ops.attention's rule for packed reward rows), which the fused kernels do not "
+                          "implement; use the dense attention")
 
 
 def _block_size(name: str, block: int, length: int) -> int:
@@ -379,7 +395,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     k_seg = _pad_to(k_segment_ids.astype(jnp.int32), 1, s_pad, _PAD_K_SEGMENT)
     plan = _Plan(block_q=bq, block_k=bk, scale=1 / math.sqrt(h), interpret=interpret, precision=precision)
     out, lse = _flash(plan, q, k, v, q_pos, q_seg, k_pos, k_seg)
-    out = out[:, :t, :, :h]
+    out = _nan_if_shared_prefix(out[:, :t, :, :h], q_segment_ids, k_segment_ids)
     if return_lse:
         return out, lse[:, :, :t].transpose(0, 2, 1)
     return out
@@ -426,6 +442,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     segments = _pad_to(q_segment_ids.astype(jnp.int32), 1, length, _PAD_Q_SEGMENT)  # pads: one segment of their own
     out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=splash.SegmentIds(seg, seg)))(q, k, v, segments)
     out = out.transpose(0, 2, 1, 3)[:, :t].astype(v.dtype)
+    ok &= ~_shared_prefix_rows(q_segment_ids, k_segment_ids)
     return jnp.where(ok[:, None, None, None], out, jnp.nan).astype(v.dtype)
 
 
@@ -441,7 +458,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     visible = jax.vmap(_visible)(q_positions, q_segment_ids, k_positions, k_segment_ids)  # [B, T, S]
     causal = natural_order and q.shape[1] == k.shape[1]
     out = jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], is_causal=causal, implementation=implementation)
-    return out.astype(v.dtype)
+    return _nan_if_shared_prefix(out, q_segment_ids, k_segment_ids).astype(v.dtype)
 
 
 def select_impl(impl: str = "auto", *, natural_order: bool = False, backend: str | None = None) -> str:

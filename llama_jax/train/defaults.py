@@ -18,7 +18,7 @@ from llama_jax.errors import ConfigError
 
 def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "pretrain"  # which stage's loss and batches: pretrain (llama_jax.train.loop.STAGES)
+    c.stage = "pretrain"  # which stage's loss and batches: pretrain, sft, reward, dpo (llama_jax.train.loop.STAGES)
     c.run_dir = ""  # where checkpoints/, metrics.jsonl and tb/ go (required)
     c.init_from = ""  # start from these weights (llama_jax run/step dir, HF dir, Meta dir) unless run_dir resumes
     c.seed = 0  # parameter init and the step RNG
@@ -90,6 +90,44 @@ def sft_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def reward_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
+    """Reward model (Llama 3, section 4.1.2): a pretrained checkpoint (init_from) plus a scalar head, Bradley-Terry on
+    preference pairs. Llama 3 gives no hyperparameters; these are Llama 2's (section 3.2.2): learning rate 1e-5,
+    cosine down to 10%, warmup 3% of the steps, 512 pairs per batch, one epoch."""
+    c = pretrain_config(preset, **model_overrides)
+    c.stage = "reward"
+    c.data.sources = [dict(format="preference", path="", weight=1.0)]  # JSONL pairs (llama_jax.data.preference)
+    c.data.update(seq_len=4096, batch_size=512, holdout_every=100)
+    c.schedule.update(peak_lr=1e-5, warmup_steps=30, decay_steps=1000, total_steps=1000, min_lr_ratio=0.1)
+    c.checkpoint.update(every=200)
+    c.logging.update(eval_every=200)
+    with c.unlocked():  # the stage's own section, declared here once
+        c.reward = dict(
+            packed=False,  # the prompt and all its replies in one row of data.seq_len tokens (the paper's trick)
+            edited=True,  # rank edited > chosen > rejected where a record has an edited reply
+        )
+    return c
+
+
+def dpo_config(preset: str, **model_overrides) -> ml_collections.ConfigDict:
+    """DPO (Llama 3, section 4.1.4): from the SFT checkpoint (init_from), which is also the frozen reference."""
+    c = pretrain_config(preset, **model_overrides)
+    c.stage = "dpo"
+    c.data.sources = [dict(format="preference", path="", weight=1.0)]
+    c.data.update(seq_len=4096, batch_size=64, holdout_every=100)
+    c.schedule.update(peak_lr=1e-5, warmup_steps=50, decay_steps=2000, total_steps=2000)  # the paper's lr
+    c.checkpoint.update(every=500)
+    c.logging.update(eval_every=500)
+    with c.unlocked():  # the stage's own section, declared here once
+        c.dpo = dict(
+            beta=0.1,  # the paper's
+            nll_coef=0.2,  # + coef x the chosen reply's per-token NLL (the paper's 0.2; 0: off)
+            mask_formatting=True,  # formatting tokens out of the DPO term's log-probs (the paper's)
+            reference="model",  # "model": a frozen copy of init_from; "precomputed": log-probs in the data
+        )
+    return c
+
+
 def _int_at_least(low: int) -> tuple[type, Callable[[Any], bool], str]:
     return int, lambda v: v >= low, f"an integer >= {low}"
 
@@ -132,6 +170,8 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "logging.eval_every": _int_at_least(0),
     "logging.eval_batches": _int_at_least(1),
     "logging.peak_tflops": _real(lambda v: v >= 0, ">= 0 (0: measure)"),
+    "dpo.beta": _real(lambda v: v > 0, "> 0"),
+    "dpo.nll_coef": _real(lambda v: v >= 0, ">= 0 (0: off)"),
 }
 
 

@@ -53,11 +53,11 @@ from llama_jax.config import ModelConfig
 from llama_jax.data import concat_batches, merge_states, split_rows
 from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
 from llama_jax.tokenizer import Tokenizer, get_tokenizer
-from llama_jax.train import defaults, long_context, pretrain, sft
+from llama_jax.train import defaults, dpo, long_context, pretrain, reward, sft
 from llama_jax.train.lock import RunLock
 from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE)}
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE, reward.STAGE, dpo.STAGE)}
 
 
 def model_config(section: Mapping) -> ModelConfig:
@@ -203,7 +203,7 @@ class Run:
             self.lock.release()
 
 
-def _start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, dict]:
+def start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, dict]:
     """A Llama tree to start a stage from (any format), checked against the architecture the config names."""
     params, source_cfg, metadata = checkpoint.load(path, shardings=mesh if _is_stacked(path) else None)
     if not source_cfg.scan_layers:
@@ -240,6 +240,8 @@ def build(config) -> Run:
     if config.train.on_nonfinite not in ("skip", "halt"):
         raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
     stage = STAGES[config.stage]
+    if stage.configure is not None:
+        stage = stage.configure(config)
     cfg = model_config(config.model)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -322,7 +324,7 @@ def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainStat
         cli.log(f"removed what interrupted saves left in {checkpoints.directory}: {', '.join(leftovers)}")
     if not checkpoints.present_steps():
         if config.init_from:
-            start, _, init_from = _start_from(config.init_from, cfg, mesh)
+            start, _, init_from = start_from(config.init_from, cfg, mesh)
             return create_state(cfg, tx, mesh, config.seed, stage=stage, params=start), None, init_from, []
         return create_state(cfg, tx, mesh, config.seed, stage=stage), None, None, []
     restored = checkpoints.restore(params_target=abstract.params, opt_state_target=abstract.opt_state)
@@ -337,7 +339,7 @@ def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainStat
         if not init_from:
             raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
                                   "from the run's init_from on resume, but its checkpoint records none")
-        start, _, _ = _start_from(init_from["path"], cfg, mesh)
+        start, _, _ = start_from(init_from["path"], cfg, mesh)
         frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
     state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
                        opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)

@@ -41,6 +41,8 @@ class Stage:
     #                                                                        their logical axes (a reward head)
     frozen: Callable[[dict], Any] | None = None  # what the stage reads but never trains, from the starting
     #                                              parameters (DPO's reference: a copy of the policy's)
+    configure: Callable[[Any], Stage] | None = None  # the stage as an experiment config sets it up (DPO keeps no
+    #                                                  reference copy when its log-probs come precomputed)
 
 
 @struct.dataclass
