@@ -24,7 +24,7 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) 
 
 
 def tiny_config(stages, *, start_step=0, mesh="", **data):
-    c = runpy.run_path(str(ROOT / "configs" / "pretrain" / "tiny.py"))["get_config"]("unused.txt")
+    c = runpy.run_path(str(ROOT / "configs" / "pretrain" / "tiny.py"))["get_config"]()
     c.mesh = mesh
     c.data.update(data)
     c.long_context.start_step = start_step
