@@ -233,7 +233,7 @@ def long_context_rows(c, *, aot: bool = False) -> list[dict]:
     cfg = ModelConfig.from_dict(c.model.to_dict())
     plan = long_context.parse(c, cfg)
     devices = _mesh_product(c.mesh) if c.mesh and "-1" not in c.mesh else jax.device_count()
-    rows = []
+    rows, compiled_steps = [], {}
     for s in plan.stages:
         sizes = plan.mesh_sizes(s.index, devices)
         fused = sizes["sequence"] == 1 or cfg.context_parallel == "all_gather"
@@ -245,8 +245,12 @@ def long_context_rows(c, *, aot: bool = False) -> list[dict]:
                "grads_opt_gb": (b.grads + b.opt_state) / GB, "activations_gb": b.activations / GB,
                "total_gb": b.total / GB, "fits_80gb": b.total <= H100_BYTES}
         if aot:
-            cli.log(f"compiling stage {s.index}'s step ({microbatch} x {s.seq_len} tokens on {sizes}) ...")
-            compiled = aot_train_step(cfg, ",".join(f"{k}={v}" for k, v in sizes.items()), s.seq_len, microbatch)
+            shape = (s.seq_len, microbatch, tuple(sizes.items()))
+            if shape not in compiled_steps:  # stages of one shape (the annealing) share one compile
+                cli.log(f"compiling stage {s.index}'s step ({microbatch} x {s.seq_len} tokens on {sizes}) ...")
+                compiled_steps[shape] = aot_train_step(cfg, ",".join(f"{k}={v}" for k, v in sizes.items()),
+                                                       s.seq_len, microbatch)
+            compiled = compiled_steps[shape]
             row.update(aot_gb=compiled["bytes_per_device"] / GB, aot_argument_gb=compiled["argument_bytes"] / GB,
                        aot_devices=compiled["devices"], aot_backend=compiled["backend"])
         rows.append(row)

@@ -2,7 +2,10 @@
 zig-zag batch under context parallelism, the forward-pass greedy decoder and the gates."""
 
 import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -229,3 +232,49 @@ def test_gate_passes_and_fails_on_stub_models():
     assert "retrieval at 503 tokens: 0.00" in bad.failures[0] and "above 1.0500" in bad.failures[1]
     assert bad.metrics()["gate_passed"] == 0.0
     assert len(retrieval.make_grid(TOK, task, [503], list(plan.gate.depths), 2)) == 10  # what the gate asked
+
+
+LONG_8B = str(ROOT / "configs" / "pretrain" / "llama3_8b_long_context.py")
+
+
+def run_plan(*args: str, devices: int | None = None) -> tuple[dict, str]:
+    """The real ``python -m llama_jax.plan`` command; its JSON result and its console table."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices else ""
+    out = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--config", LONG_8B, *args], env=env,
+                         capture_output=True, text=True, timeout=3000)
+    assert out.returncode == 0, out.stderr[-3000:]
+    *table, last = out.stdout.strip().splitlines()
+    return json.loads(last), "\n".join(table)
+
+
+def test_planner_prints_each_stage_of_the_8b_long_context_config():
+    """Per-device memory of every stage on the config's 512 GPUs; parameters: 8B bf16 values over 512 (CP off) or
+    256 (CP 2: the sequence axis replicates them) shards, counted from the model config, not the planner."""
+    result, table = run_plan("--config.mesh=tensor=8,fsdp=64")
+    rows = result["long_context_stages"]
+    assert [(r["seq_len"], r["mesh"]["sequence"]) for r in rows] == [
+        (16_384, 1), (32_768, 1), (65_536, 1), (98_304, 2), (131_072, 2), (131_072, 2)]
+    params = config.get("llama3.1-8b").num_params() * 2
+    for r in rows:
+        assert r["params_gb"] * 1e9 == pytest.approx(params / (512 // r["mesh"]["sequence"]), rel=1e-3)  # + norms
+        assert r["fits_80gb"] and r["params_gb"] < r["total_gb"] < 80
+    lines = table.splitlines()
+    assert lines[0].startswith("long-context stages: GB per device") and len(lines) == 2 + len(rows)
+    assert lines[2].split(" | ")[:2] == ["0", "16384"] and lines[-1].split(" | ")[:2] == ["5", "131072"]
+
+
+@pytest.mark.slow  # ~6 minutes on 2 busy cores: five compiles of the 8B step
+def test_8b_long_context_stages_compile_aot_on_a_simulated_mesh():
+    """Each stage's real train step (its length, a microbatch of its rows, its mesh with the CP degree) lowered and
+    compiled for 64 simulated CPU devices (tensor=8, fsdp=8), nothing allocated. XLA's argument bytes are the sharded
+    state: bf16 parameters and two bf16 Adam moments (from the model config) over the devices that hold shards."""
+    result, table = run_plan("--config.mesh=tensor=8,fsdp=8", "--aot", devices=64)
+    rows = result["long_context_stages"]
+    state = config.get("llama3.1-8b").num_params() * 2 * 3
+    for r in rows:
+        assert r["aot_backend"] == "cpu" and r["aot_devices"] == 64
+        assert r["aot_argument_gb"] * 1e9 == pytest.approx(state / (64 // r["mesh"]["sequence"]), rel=0.02), r
+        assert r["aot_gb"] > r["aot_argument_gb"]
+    assert [r["seq_len"] for r in rows] == [16_384, 32_768, 65_536, 98_304, 131_072, 131_072]
+    assert all(line.split(" | ")[-1] != "-" for line in table.splitlines()[2:])  # the compiled column is filled

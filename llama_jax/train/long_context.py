@@ -2,10 +2,10 @@
 
     config.long_context.start_step = 100_000    # before it: data.seq_len, the ramp and the base schedule
     config.long_context.stages = [dict(seq_len=16384, tokens=50e9, context_parallel=2), ...]
-    plan = long_context.parse(config)           # None without stages; every key checked before anything is built
+    plan = long_context.parse(config, cfg)      # None without stages; every key checked before anything is built
     plan.stage_at(step)                         # the stage a step belongs to (-1: before start_step)
     schedule = plan.schedule(base_schedule)     # the learning rate of every step (jitted inside the optimizer)
-    sizes = plan.mesh_sizes(config.mesh, k)     # stage k's mesh: ``sequence`` = its context-parallel degree
+    sizes = plan.mesh_sizes(k)                  # stage k's mesh: ``sequence`` = its context-parallel degree
     data = StagedBatches(base, lambda k: make_batches(plan.data_config(config.data, k), tok))
 
 A stage (one dict of ``long_context.stages``):
@@ -55,12 +55,14 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import model, sharding
+from llama_jax import cli, model, sharding
 from llama_jax.config import ModelConfig
-from llama_jax.errors import ConfigError, DataError
+from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.eval import retrieval
 from llama_jax.ops.context_parallel import zigzag_order
 from llama_jax.tokenizer import Tokenizer
+from llama_jax.train.step import Stage as TrainingStage
+from llama_jax.train.step import abstract_state, make_eval_step, make_train_step
 
 STAGE_KEYS = ("seq_len", "steps", "tokens", "batch_tokens", "batch_size", "lr", "end_lr", "warmup_steps",
               "context_parallel", "grad_accum", "weights")
@@ -272,6 +274,27 @@ def _number(entry: dict, name: str, key: str, *, low: float) -> float:
     return float(value)
 
 
+def stage_config(config, plan: Plan, index: int):
+    """The experiment config with ``data`` as stage ``index`` reads it (its training stream)."""
+    staged = config.copy_and_resolve_references()
+    staged.data.update(plan.data_config(config.data.to_dict(), index))
+    return staged
+
+
+def check_layouts(plan: Plan, cfg: ModelConfig, tx: optax.GradientTransformation, stage: TrainingStage,
+                  eval_rows: int) -> None:
+    """ConfigError before step 1 for a stage whose mesh cannot hold the train state or split its batches (its rows,
+    and the eval batches' ``eval_rows``, evaluated on its mesh)."""
+    for s in plan.stages:
+        sizes = plan.mesh_sizes(s.index)
+        abstract_state(cfg, tx, sharding.make_mesh(sizes), stage)  # the state's dimensions divide on this mesh
+        data_parallel = sizes["data"] * sizes["fsdp"]
+        for what, rows in (("rows per step", s.rows), ("eval rows (data.batch_size)", eval_rows)):
+            if rows % data_parallel or rows % jax.process_count():
+                raise ConfigError(f"long_context.stages[{s.index}]: {what} {rows} do not divide over its mesh's data x "
+                                  f"fsdp = {data_parallel} ({sizes}) and {jax.process_count()} process(es)")
+
+
 def zigzag(batch: dict[str, np.ndarray], context_parallel: int) -> dict[str, np.ndarray]:
     """Each row in the zig-zag order of ``context_parallel`` shards (unchanged for 1): equal ring work per device."""
     if context_parallel == 1:
@@ -456,3 +479,68 @@ def describe(plan: Plan, sizes: Sequence[Mapping[str, int]]) -> str:
         lines.append(f"  stage {s.index}: steps {s.start_step} -> {s.end_step}, {s.rows} x {s.seq_len} tokens, "
                      f"grad_accum {s.grad_accum}, mesh {mesh_text}, {lr}")
     return "\n".join(lines)
+
+
+# --- In the training loop ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Events:
+    """What the loop lends the stage changes: its held-out evaluation and its metrics log (at the current step)."""
+
+    evaluate: Callable[[], dict[str, float]]  # the eval batches' mean metrics for the loop's current state
+    log: Callable[[dict[str, float]], None]
+
+
+def enter_stage(run, state, index: int, step: int, events: Events):
+    """Moves ``run`` (a ``train.loop.Run`` whose data is ``StagedBatches``) into stage ``index`` at ``step``: the gate
+    of the stage its data was in, the short-context loss before the first longer stage, then the stage's mesh (the
+    state re-sharded onto it: exact), its train step and its stream. Returns the state on the stage's mesh."""
+    plan, data = run.long_context, run.data
+    finished = data.stage
+    if finished != index and plan.gated(finished):
+        run_stage_gate(run, state, finished, step, events)
+    if data.reference_loss is None and plan.needs_reference(index) and run.eval_batches:
+        data.reference_loss = events.evaluate()["loss"]
+        events.log({"eval_loss_before_extension": data.reference_loss})
+        cli.log(f"step {step}: held-out loss at {plan.short_seq_len} tokens before the extension "
+                f"{data.reference_loss:.4f}")
+    s, sizes = plan.stages[index], plan.mesh_sizes(index)
+    moved = sizes != dict(run.mesh.shape)
+    if moved:
+        run.mesh = sharding.make_mesh(sizes)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state(run.cfg, run.tx, run.mesh, run.stage))
+    run.train_step = make_train_step(run.loss_fn, run.tx, run.mesh, shardings, schedule=run.schedule,
+                                     microbatch_tokens=s.batch_tokens // s.grad_accum)
+    if moved:  # on an unchanged mesh the eval step (and its compiled program) stays
+        run.eval_step = make_eval_step(run.loss_fn, run.mesh, shardings)
+        state = jax.device_put(state, shardings)
+    if finished != index:
+        data.enter(index)
+    cli.log(f"step {step}: long-context stage {index}: {s.rows} x {s.seq_len} tokens per step until step "
+            f"{s.end_step}, mesh {dict(run.mesh.shape)}")
+    return state
+
+
+def run_stage_gate(run, state, index: int, step: int, events: Events) -> None:
+    """Stage ``index``'s gate (``run_gate``) on ``state``, logged; a failure warns or, with action "stop", raises
+    (the loop has checkpointed the step)."""
+    plan, tok = run.long_context, run.tokenizer
+    s = plan.stages[index]
+    task = retrieval_task(plan.gate, bool(run.config.data.add_bos))
+    generate_fn = greedy_generate_fn(state.params, run.cfg, tok, run.mesh,
+                                     jax.tree.map(lambda a: a.sharding, state.params), length=s.seq_len,
+                                     rows=s.rows // s.grad_accum, max_new_tokens=answer_room(tok, task))
+    result = run_gate(plan, index, eval_loss=events.evaluate()["loss"] if run.eval_batches else None,
+                      reference_loss=run.data.reference_loss, generate_fn=generate_fn, tok=tok, task=task)
+    events.log(result.metrics())
+    loss = "" if result.eval_loss is None else f", held-out loss {result.eval_loss:.4f} at {plan.short_seq_len}"
+    cli.log(f"step {step}: gate of long-context stage {index}: {task.kind} retrieval "
+            f"{result.retrieval_accuracy:.2f} at {result.retrieval_length} tokens{loss}")
+    if result.failures:
+        message = f"the gate of long-context stage {index} ({s.seq_len} tokens) failed:\n  " + "\n  ".join(
+            result.failures)
+        if plan.gate.action == "stop":
+            raise LlamaJaxError(f"{message}\nTo go on training this stage, lengthen it (long_context.stages"
+                                f"[{index}].steps or tokens) and rerun; or set long_context.gate.action='warn'")
+        cli.log(f"warning: {message}")

@@ -267,7 +267,7 @@ def build(config) -> Run:
     data = stage.make_batches(config, tokenizer, "train")
     if plan is not None:
         data = long_context.StagedBatches(
-            data, lambda k: stage.make_batches(_long_context_config(config, plan, k), tokenizer, "train"))
+            data, lambda k: stage.make_batches(long_context.stage_config(config, plan, k), tokenizer, "train"))
     eval_batches = []
     gates = plan is not None and plan.gate.action != "off"
     if config.logging.eval_every or gates:  # read now: an eval split too small for one batch fails before step 1
@@ -278,7 +278,7 @@ def build(config) -> Run:
                             f"too few records for one batch of data.batch_size={config.data.batch_size} rows; lower "
                             "data.holdout_every, or set logging.eval_every=0")
     if plan is not None:
-        _check_stage_layouts(plan, cfg, tx, stage, config)
+        long_context.check_layouts(plan, cfg, tx, stage, int(config.data.batch_size))
         long_context.check_gates(plan, tokenizer, long_context.retrieval_task(plan.gate, bool(config.data.add_bos)))
 
     lock = RunLock.acquire(config.run_dir)  # before the first write
@@ -294,25 +294,6 @@ def build(config) -> Run:
                state=state, train_step=train_step, eval_step=eval_step, data=data, eval_batches=eval_batches,
                checkpoints=checkpoints, lock=lock, resumed_from=latest, init_from=init_from, changed=changed,
                tx=tx, loss_fn=loss_fn, long_context=plan)
-
-
-def _long_context_config(config, plan: long_context.Plan, index: int):
-    """The experiment config with ``data`` as long-context stage ``index`` reads it."""
-    staged = config.copy_and_resolve_references()
-    staged.data.update(plan.data_config(config.data.to_dict(), index))
-    return staged
-
-
-def _check_stage_layouts(plan: long_context.Plan, cfg: ModelConfig, tx, stage: Stage, config) -> None:
-    """ConfigError before step 1 for a long-context stage whose mesh cannot hold the state or split its batches."""
-    for s in plan.stages:
-        sizes = plan.mesh_sizes(s.index)
-        abstract_state(cfg, tx, sharding.make_mesh(sizes), stage)  # the state's dimensions divide on this mesh
-        data_parallel = sizes["data"] * sizes["fsdp"]
-        for what, rows in (("rows per step", s.rows), ("eval rows (data.batch_size)", int(config.data.batch_size))):
-            if rows % data_parallel or rows % jax.process_count():
-                raise ConfigError(f"long_context.stages[{s.index}]: {what} {rows} do not divide over its mesh's data x "
-                                  f"fsdp = {data_parallel} ({sizes}) and {jax.process_count()} process(es)")
 
 
 def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainState, checkpoints: CheckpointManager,
@@ -443,56 +424,7 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
         return {k: float(np.mean([r[k] for r in jax.device_get(results)])) for k in results[0]}
 
     active = -1  # the long-context stage whose mesh and step run.mesh and run.train_step are (-1: the base run's)
-
-    def enter(index: int) -> None:
-        """Moves the run into long-context stage ``index``: the gate of the stage the data was in, the short-context
-        loss before the first longer stage, then the stage's mesh (the state re-sharded onto it), step and stream."""
-        nonlocal state, active
-        finished = data.stage
-        if finished != index and plan.gated(finished):
-            gate(finished)
-        if data.reference_loss is None and plan.needs_reference(index) and run.eval_batches:
-            data.reference_loss = evaluate()["loss"]
-            logger.write(step, {"eval_loss_before_extension": data.reference_loss})
-            cli.log(f"step {step}: held-out loss at {plan.short_seq_len} tokens before the extension "
-                    f"{data.reference_loss:.4f}")
-        s, sizes = plan.stages[index], plan.mesh_sizes(index)
-        moved = sizes != dict(run.mesh.shape)
-        if moved:
-            run.mesh = sharding.make_mesh(sizes)
-        shardings = jax.tree.map(lambda a: a.sharding, abstract_state(cfg, run.tx, run.mesh, run.stage))
-        run.train_step = make_train_step(run.loss_fn, run.tx, run.mesh, shardings, schedule=run.schedule,
-                                         microbatch_tokens=s.batch_tokens // s.grad_accum)
-        if moved:  # on an unchanged mesh the eval step (and its compiled program) stays
-            run.eval_step = make_eval_step(run.loss_fn, run.mesh, shardings)
-            state = jax.device_put(state, shardings)
-        if finished != index:
-            data.enter(index)
-        active = index
-        cli.log(f"step {step}: long-context stage {index}: {s.rows} x {s.seq_len} tokens per step until step "
-                f"{s.end_step}, mesh {dict(run.mesh.shape)}")
-
-    def gate(index: int) -> None:
-        """Stage ``index``'s gate (long_context.run_gate), logged; a failure warns or stops the run."""
-        s, tok = plan.stages[index], run.tokenizer
-        task = long_context.retrieval_task(plan.gate, bool(config.data.add_bos))
-        generate_fn = long_context.greedy_generate_fn(
-            state.params, cfg, tok, run.mesh, jax.tree.map(lambda a: a.sharding, state.params), length=s.seq_len,
-            rows=s.rows // s.grad_accum, max_new_tokens=long_context.answer_room(tok, task))
-        result = long_context.run_gate(plan, index, eval_loss=evaluate()["loss"] if run.eval_batches else None,
-                                       reference_loss=data.reference_loss, generate_fn=generate_fn, tok=tok,
-                                       task=task)
-        logger.write(step, result.metrics())
-        loss = "" if result.eval_loss is None else f", held-out loss {result.eval_loss:.4f} at {plan.short_seq_len}"
-        cli.log(f"step {step}: gate of long-context stage {index}: {task.kind} retrieval "
-                f"{result.retrieval_accuracy:.2f} at {result.retrieval_length} tokens{loss}")
-        if result.failures:
-            message = (f"the gate of long-context stage {index} ({s.seq_len} tokens) failed:\n  "
-                       + "\n  ".join(result.failures))
-            if plan.gate.action == "stop":
-                raise LlamaJaxError(f"{message}\nTo go on training this stage, lengthen it (long_context.stages"
-                                    f"[{index}].steps or tokens) and rerun; or set long_context.gate.action='warn'")
-            cli.log(f"warning: {message}")
+    events = long_context.Events(evaluate=evaluate, log=lambda metrics: logger.write(step, metrics))
 
     progress = cli.progress(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
                             desc=run.stage.name, unit="step")
@@ -501,7 +433,8 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
         try:
             while step < stop_step and not preemption.requested:
                 if plan is not None and plan.stage_at(step) != active:
-                    enter(plan.stage_at(step))
+                    active = plan.stage_at(step)
+                    state = long_context.enter_stage(run, state, active, step, events)
                 position = data.get_state()
                 if active >= 0:  # a long-context stage: its own stream, rows in zig-zag order under CP
                     with preemption.interruptible():
@@ -549,7 +482,7 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
                     save(None)
                 progress.update(1)
             if plan is not None and step == plan.end_step > first_step and plan.gated(data.stage):
-                gate(data.stage)  # the last stage's end
+                long_context.run_stage_gate(run, state, data.stage, step, events)  # the last stage's end
         except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
             pass
         settle()
