@@ -47,7 +47,7 @@ def get_config(data_dir: str = "runs/passkey-data"):
                       min_lr_ratio=0.1)
     c.long_context.start_step = BASE_STEPS
     c.long_context.stages = [dict(seq_len=n, steps=steps, lr=1e-3, end_lr=3e-4, warmup_steps=5, weights=[0.25, 0.5, 1])
-                             for n, steps in ((512, 60), (1024, 60), (2048, 100))]
+                             for n, steps in ((512, 40), (1024, 40), (2048, 80))]
     c.long_context.gate.update(action="warn", min_retrieval=0.8, max_loss_increase=0.05, samples=2)
     c.train.steps = 0  # 0: to the end of the last stage
     c.checkpoint.update(every=100, keep_last=2)
