@@ -274,7 +274,8 @@ def test_8b_long_context_stages_compile_aot_on_a_simulated_mesh():
     state = config.get("llama3.1-8b").num_params() * 2 * 3
     for r in rows:
         assert r["aot_backend"] == "cpu" and r["aot_devices"] == 64
-        assert r["aot_argument_gb"] * 1e9 == pytest.approx(state / (64 // r["mesh"]["sequence"]), rel=0.02), r
+        sharded_state = state / (64 // r["mesh"]["sequence"])  # + the batch's int32 arrays: < 2% here
+        assert sharded_state < r["aot_argument_gb"] * 1e9 < sharded_state * 1.02, r
         assert r["aot_gb"] > r["aot_argument_gb"]
     assert [r["seq_len"] for r in rows] == [16_384, 32_768, 65_536, 98_304, 131_072, 131_072]
     assert all(line.split(" | ")[-1] != "-" for line in table.splitlines()[2:])  # the compiled column is filled
