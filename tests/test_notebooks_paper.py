@@ -1,4 +1,4 @@
-"""The paper's findings at laptop scale (notebooks 04) execute headless from top to bottom in their fast versions
+"""The paper's findings at laptop scale (notebooks 04, 05) execute headless from top to bottom in their fast versions
 (LLAMA_JAX_NOTEBOOK_FAST=1: fewer sizes, seeds and steps), report the backend, state their finding, save their
 figures and print nothing on stderr. The full versions' assertions (the findings) run with `make notebooks`."""
 
@@ -24,3 +24,10 @@ def test_document_mask_notebook(tmp_path):
     text = _execute_fast("04_document_mask.ipynb", tmp_path)
     assert "Without the document mask, the held-out loss on the first 16 bytes" in text
     assert (tmp_path / "figures" / "04_document_mask.png").is_file()
+
+
+@pytest.mark.slow  # two training runs: ~2 min on 2 shared cores
+def test_rope_and_context_notebook(tmp_path):
+    text = _execute_fast("05_rope_and_context.ipynb", tmp_path)
+    assert "Past the 64-byte training length the held-out loss rises by" in text
+    assert (tmp_path / "figures" / "05_rope_and_context.png").is_file()
