@@ -114,7 +114,7 @@ def make_scorer(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, chunk_size: int | 
         nll, _ = chunked_cross_entropy(hidden, head, batch["targets"], chunk_size,
                                        precision=cfg.resolved_matmul_precision)  # [B, T], as the training loss
         mask = batch["loss_mask"].astype(jnp.float32)
-        length = batch["positions"].shape[1]  # positions restart per document, so every one is < T
+        length = batch["positions"].shape[1]  # pipeline positions restart per document and row: all < T
         per_position = [jax.ops.segment_sum(x.ravel(), batch["positions"].ravel(), num_segments=length)
                         for x in (nll * mask, mask)]  # 2 x [T]
         return {"nll": (nll * mask).sum(), "tokens": mask.sum(), "bytes": (lengths[batch["targets"]] * mask).sum(),
