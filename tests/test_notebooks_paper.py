@@ -1,4 +1,4 @@
-"""The paper's findings at laptop scale (notebooks 04, 05) execute headless from top to bottom in their fast versions
+"""The paper's findings at laptop scale (notebooks 03-05) execute headless from top to bottom in their fast versions
 (LLAMA_JAX_NOTEBOOK_FAST=1: fewer sizes, seeds and steps), report the backend, state their finding, save their
 figures and print nothing on stderr. The full versions' assertions (the findings) run with `make notebooks`."""
 
@@ -17,6 +17,13 @@ def _execute_fast(name: str, tmp_path: Path) -> str:
     text = "".join(stdout)
     assert "backend cpu" in text
     return text
+
+
+@pytest.mark.slow  # three training runs of three sizes, each compiled, and 15 checkpoints scored: ~3 min on 2 shared
+def test_scaling_law_notebook(tmp_path):  # cores, ~60 s of CPU
+    text = _execute_fast("03_scaling_law.ipynb", tmp_path)
+    assert "The compute-optimal size grows as N* ~ C^" in text
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {"03_isoflop.png", "03_two_step_prediction.png"}
 
 
 @pytest.mark.slow  # four training runs: ~2 min on 2 shared cores
