@@ -17,7 +17,7 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
     c.seed = 0  # parameter init and the step RNG
     # Every ModelConfig field, from the preset, so each can be overridden (rope_scaling is a dict or None).
     c.model = config_lib.get(preset, **model_overrides).to_dict()
-    c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8"; "" puts every device on fsdp
+    c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8" or "stage=4,fsdp=-1" (with pipeline.schedule); "": all on fsdp
     c.data = dict(
         tokenizer="llama3",  # "llama3" | "byte" | path of a tokenizer.model
         # Each: format (text | jsonl | tokens | shakespeare), path (file, dir or glob), weight (mixture),
@@ -29,6 +29,11 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
         add_bos=True,  # <|begin_of_text|> before each document (EOS always ends one)
         on_error="raise",  # malformed jsonl records: "raise" (file:line) or "skip" (counted)
         holdout_every=1000,  # every n-th document of each source is the eval split (0: none)
+    )
+    c.pipeline = dict(  # how the mesh's `stage` axis runs the layers (llama_jax.pipeline)
+        schedule="none",  # "none" (needs stage=1) | "gpipe" | "circular"
+        microbatches=1,  # per forward/backward (each grad_accum microbatch is split again into this many)
+        circular_repeats=2,  # circular: rounds of the stage ring per microbatch (blocks of L / (stages x this))
     )
     c.optimizer = dict(
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,

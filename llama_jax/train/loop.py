@@ -26,7 +26,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from llama_jax import optim, sharding
+from llama_jax import optim, pipeline, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.config import ModelConfig
 from llama_jax.data import concat_batches, make_batches, split_rows
@@ -157,7 +157,8 @@ def run(config) -> dict:
     if config.train.on_nonfinite not in ("skip", "halt"):
         raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
 
-    loss_fn = pretrain.make_loss_fn(cfg, chunk_size=opt.loss_chunk or None, z_loss=opt.z_loss)
+    run_layers = pipeline.make_run_layers(cfg, mesh, **config.pipeline)
+    loss_fn = pretrain.make_loss_fn(cfg, chunk_size=opt.loss_chunk or None, z_loss=opt.z_loss, run_layers=run_layers)
     abstract = abstract_state(cfg, tx, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     train_step = make_train_step(loss_fn, tx, mesh, shardings, schedule=sched,

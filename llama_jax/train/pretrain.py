@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from llama_jax import model
+from llama_jax import model, pipeline
 from llama_jax.config import ModelConfig
 from llama_jax.data.packing import BATCH_KEYS
 from llama_jax.losses import next_token_loss
@@ -17,14 +17,16 @@ from llama_jax.losses import next_token_loss
 __all__ = ["BATCH_KEYS", "make_loss_fn"]
 
 
-def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: float = 0.0):
-    """``loss_fn(params, batch, rng) -> (loss, metrics)``; the LM head runs in vocabulary chunks of ``chunk_size``."""
+def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: float = 0.0,
+                 run_layers: pipeline.RunLayers | None = None):
+    """``loss_fn(params, batch, rng) -> (loss, metrics)``; the LM head runs in vocabulary chunks of ``chunk_size``.
+    ``run_layers``: a pipeline schedule for the block stack (``pipeline.make_run_layers``; None: the plain scan)."""
     network = model.Llama(cfg)
 
     def loss_fn(params, batch, rng):
         del rng  # pretraining uses no dropout
         hidden = network.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                               output="hidden")  # [B, T, D]
+                               output="hidden", run_layers=run_layers)  # [B, T, D]
         head = model.lm_head_kernel(params, cfg).astype(jnp.dtype(cfg.dtype))  # [D, V]
         return next_token_loss(hidden, head, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
                                z_loss=z_loss)
