@@ -22,8 +22,9 @@ The backward pass is ``jax.grad`` of this forward loop: every stage keeps what i
 model's remat policy) for all M R of its items until the backward pass, like GPipe. A 1F1B schedule, which
 interleaves backward steps to keep only S microbatches in flight, is not implemented.
 
-Embedding, final norm and loss run outside the pipeline, on every stage's devices alike; the parameter tree and
-checkpoints are the unpipelined ones (``layers`` sharded over ``stage`` by the rules table), so a checkpoint
+Embedding, final norm and loss run outside the pipeline: the embedding on every stage alike (stage 0 uses it), the
+final norm and loss on 1 / S of the rows per stage (when the rows divide). The parameter tree and checkpoints are
+the unpipelined ones (``layers`` sharded over ``stage`` by the rules table), so a checkpoint
 restores onto any mesh, pipelined or not.
 """
 
@@ -33,13 +34,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import model
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 
 SCHEDULES = ("none", "gpipe", "circular")
+TICKS_SCOPE = "pipeline_ticks"
 RunLayers = Callable[[model.Params, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -125,7 +127,8 @@ def _pipeline(cfg, mesh, layers, x, positions, segment_ids, *, microbatches: int
             keep = jnp.where((stage == 0) & (done >= 0), incoming, slots[slot])
             return (jax.lax.dynamic_update_index_in_dim(slots, keep, slot, 0), incoming), None
 
-        (slots, _), _ = jax.lax.scan(tick, (inputs, jnp.zeros_like(inputs[0])), jnp.arange(ticks))
+        with jax.named_scope(TICKS_SCOPE):  # names the loop in the compiled program (aot reads its trip count)
+            (slots, _), _ = jax.lax.scan(tick, (inputs, jnp.zeros_like(inputs[0])), jnp.arange(ticks))
         return slots[None]
 
     per_stage = jax.shard_map(
@@ -133,5 +136,11 @@ def _pipeline(cfg, mesh, layers, x, positions, segment_ids, *, microbatches: int
         in_specs=(PartitionSpec(None, "stage"), PartitionSpec(), PartitionSpec(), PartitionSpec()),
         out_specs=PartitionSpec("stage"),
     )
-    outputs = per_stage(blocks, inputs, positions, segment_ids)[0]  # stage 0 holds every microbatch's output
-    return _from_microbatches(outputs)
+    outputs = _from_microbatches(per_stage(blocks, inputs, positions, segment_ids)[0])  # on stage 0's devices
+    # Leave split over the stages along the batch (when it divides), so that the final norm and the loss run once
+    # on 1 / S of the rows per device rather than S times on all of them.
+    rows = outputs.shape[0] // (mesh.shape["data"] * mesh.shape["fsdp"])
+    if rows % stages == 0:
+        spread = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "stage"), "sequence"))
+        outputs = jax.lax.with_sharding_constraint(outputs, spread)
+    return outputs

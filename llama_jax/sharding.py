@@ -122,10 +122,11 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
     if num_granules > 1:
         dcn = _dcn_shape(shape, num_granules)
         ici = [size // span for size, span in zip(shape.values(), dcn)]
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice,
+                                                    allow_split_physical_axes=True)
     else:
-        try:
-            grid = mesh_utils.create_device_mesh(list(shape.values()), devices)
+        try:  # allow_split_physical_axes: e.g. tensor=8 on a 16x16x16 torus takes half of one of its rings
+            grid = mesh_utils.create_device_mesh(list(shape.values()), devices, allow_split_physical_axes=True)
         except (ValueError, NotImplementedError):  # topology-unaware fallback (e.g. odd device subsets)
             grid = np.asarray(devices).reshape(list(shape.values()))
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -1,0 +1,161 @@
+"""Compile the real train step for devices you do not have, and read what the compiler allocates.
+
+    devices = aot.tpu_devices("v5p:4x4x4")          # 64 compile-only v5p chips; needs libtpu (pip install ".[tpu]")
+    report = aot.compile_train_step(cfg, sharding.make_mesh("fsdp=64", devices), seq=8192, batch=64)
+    report.total_bytes, report.capacity_bytes, report.compile_seconds
+
+``tpu_devices`` asks libtpu for a topology's compile-only devices (``jax.experimental.topologies``): nothing
+runs, no TPU is needed, and XLA's TPU compiler lays out the program exactly as on the pod, so its
+``memory_analysis`` is the TPU's own. Without a topology the step compiles for the devices jax has (a simulated
+CPU mesh: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), whose XLA:CPU figures differ from an
+accelerator's (other fusion; bfloat16 computed in float32).
+
+GPUs: jax 0.10.2's CUDA plugin (``jax-cuda12-plugin``) offers no compile-only topology to a machine without a GPU
+(``make_pjrt_topology("cuda")`` needs an initialised CUDA client), so there is no H100 equivalent of this.
+
+FLOPs: ``cost_analysis`` counts the body of a loop once, and the step has loops (the scanned layers, the
+vocabulary chunks of the loss, the pipeline's ticks), so ``flops`` is far below the step's work; use
+``ModelConfig.flops_per_token`` for model FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from llama_jax import optim, pipeline, sharding
+from llama_jax.config import ModelConfig
+from llama_jax.data.packing import BATCH_KEYS
+from llama_jax.errors import ConfigError
+from llama_jax.train import pretrain, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_bytes: float  # per chip, from the Cloud TPU documentation
+    chip_config: str  # libtpu's: "megacore" makes a v4 / v5p chip's two TensorCores one device
+    dims: int  # 2D or 3D torus: how many numbers a topology names
+
+
+CHIPS = {
+    "v4": Chip(32 * 2**30, "megacore", 3),  # 32 GiB HBM2
+    "v5e": Chip(16e9, "default", 2),  # 16 GB HBM2
+    "v5p": Chip(95e9, "megacore", 3),  # 95 GB HBM2e
+    "v6e": Chip(32e9, "default", 2),  # 32 GB HBM
+}
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+    """``"v5p:4x4x4"`` -> ("v5p", (4, 4, 4)); raises ConfigError naming the accepted chips."""
+    match = re.fullmatch(r"(v\w+):(\d+(?:x\d+)+)", topology.strip())
+    if not match or match[1] not in CHIPS:
+        raise ConfigError(f"topology {topology!r}: expected <chip>:<AxB[xC]> with chip one of {sorted(CHIPS)}, "
+                          "e.g. v5p:4x4x4 or v6e:8x8")
+    shape = tuple(int(d) for d in match[2].split("x"))
+    if len(shape) != CHIPS[match[1]].dims:
+        raise ConfigError(f"topology {topology!r}: {match[1]} chips form a {CHIPS[match[1]].dims}D torus")
+    return match[1], shape
+
+
+def tpu_devices(topology: str, slices: int = 1) -> list:
+    """Compile-only devices of ``slices`` TPU slices of ``topology`` (one device per chip). Needs libtpu."""
+    chip, _ = parse_topology(topology)
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"compiling for {topology} needs libtpu: pip install 'jax[tpu]==0.10.2' (or the "
+                          "llama_jax[tpu] extra)")
+    # libtpu takes a machine-wide lock meant for real TPU chips; compile-only devices use none, so several
+    # planners (or test processes) may run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                        chip_config_name=CHIPS[chip].chip_config, chips_per_host_bounds=(2, 2, 1),
+                                        num_slices=slices)
+    return list(desc.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Per-device figures of one compiled train step."""
+
+    argument_bytes: float  # train state shard + batch shard
+    output_bytes: float
+    alias_bytes: float  # outputs written in place of donated arguments (the new state)
+    temp_bytes: float  # the compiler's peak of everything else (activations, gradients, collectives' buffers)
+    flops: float  # cost_analysis: loop bodies counted once (see the module docstring)
+    compile_seconds: float
+    platform: str
+    device_kind: str
+    devices: int
+    capacity_bytes: float | None  # the chip's HBM (TPU topologies); None when unknown
+    pipeline_ticks: int | None  # trip count of the compiled pipeline loop (None without one)
+
+    @property
+    def total_bytes(self) -> float:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes}
+
+
+def _capacity(device) -> float | None:
+    kind = device.device_kind.lower()
+    names = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5": "v5p", "tpu v6 lite": "v6e"}
+    return CHIPS[names[kind]].hbm_bytes if kind in names else None
+
+
+def _pipeline_ticks(hlo: str) -> int | None:
+    """The trip count of the compiled pipeline loop (the forward one; the backward runs as many): the bound its
+    condition compares the counter with (a scan counts from 0 in steps of 1)."""
+    computations = {block.split(" ", 1)[0].lstrip("%"): block for block in hlo.split("\n\n")}
+    counts = []
+    for condition in re.findall(rf'condition=%?([\w.\-]+)[^\n]*op_name="[^"]*{pipeline.TICKS_SCOPE}/while"', hlo):
+        bound = re.search(r"s32\[\][^\n]* constant\((\d+)\)", computations.get(condition, ""))
+        if bound:
+            counts.append(int(bound[1]))
+    return max(counts) if counts else None
+
+
+def compile_train_step(cfg: ModelConfig, mesh, seq: int, batch: int, *, grad_accum: int = 1, schedule: str = "none",
+                       microbatches: int = 1, circular_repeats: int = 2, loss_chunk: int | None = 8192) -> Report:
+    """Lowers and compiles ``llama_jax.train``'s pretraining step (AdamW with clipping, the chunked loss, gradient
+    accumulation over ``grad_accum`` passes, the pipeline schedule) for ``mesh``'s devices with abstract inputs;
+    nothing is allocated."""
+    tx = optim.adamw(1e-4, clip_norm=1.0)
+    run_layers = pipeline.make_run_layers(cfg, mesh, schedule=schedule, microbatches=microbatches,
+                                          circular_repeats=circular_repeats)
+    loss_fn = pretrain.make_loss_fn(cfg, chunk_size=loss_chunk, run_layers=run_layers)
+    state = step.abstract_state(cfg, tx, mesh)
+    train_step = step.make_train_step(loss_fn, tx, mesh, jax.tree.map(lambda a: a.sharding, state),
+                                      microbatch_tokens=batch * seq // grad_accum)
+    token = jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding.batch_sharding(mesh))
+    if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) or seq % mesh.shape["sequence"]:
+        raise ConfigError(f"batch {batch} / seq {seq} do not divide over data x fsdp = "
+                          f"{mesh.shape['data'] * mesh.shape['fsdp']}, sequence = {mesh.shape['sequence']}")
+    start = time.perf_counter()
+    with sharding.activate(mesh):
+        compiled = train_step.jitted.lower(state, {k: token for k in BATCH_KEYS}).compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # None from some backends
+    device = mesh.devices.flat[0]
+    return Report(argument_bytes=float(mem.argument_size_in_bytes), output_bytes=float(mem.output_size_in_bytes),
+                  alias_bytes=float(mem.alias_size_in_bytes), temp_bytes=float(mem.temp_size_in_bytes),
+                  flops=float(cost.get("flops", 0.0)), compile_seconds=seconds, platform=device.platform,
+                  device_kind=device.device_kind, devices=math.prod(mesh.devices.shape),
+                  capacity_bytes=_capacity(device),
+                  pipeline_ticks=_pipeline_ticks(compiled.as_text()) if schedule != "none" else None)
+
+
+def mesh_for(spec: str | Mapping[str, int], topology: str | None = None, slices: int = 1):
+    """The mesh ``spec`` over a TPU topology's compile-only devices, or over jax's own devices without one."""
+    devices = tpu_devices(topology, slices) if topology else jax.devices()
+    return sharding.make_mesh(spec, devices)
