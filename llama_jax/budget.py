@@ -203,7 +203,7 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
         bubble = pipeline.bubble_fraction(stages, microbatches, repeats)
         tokens = rows // microbatches * length  # one microbatch
         layers_saved = ticks * cfg.num_layers // (stages * repeats)
-        loss_tokens = rows * length // (stages if rows % stages == 0 else 1)
+        loss_tokens = rows * length // (stages if length % stages == 0 else 1)
         pipeline_buffers = 2 * rows * length * cfg.dim * a  # stage 0's slots, and the embedding's output
     vocab_chunk = min(cfg.vocab_size, loss_chunk or cfg.vocab_size) / sizes["tensor"]
     # Logits of one vocabulary chunk and their gradient (float32), the final hidden states (float32), and the

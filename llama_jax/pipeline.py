@@ -23,7 +23,7 @@ model's remat policy) for all M R of its items until the backward pass, like GPi
 interleaves backward steps to keep only S microbatches in flight, is not implemented.
 
 Embedding, final norm and loss run outside the pipeline: the embedding on every stage alike (stage 0 uses it), the
-final norm and loss on 1 / S of the rows per stage (when the rows divide). The parameter tree and checkpoints are
+final norm and loss on 1 / S of the tokens per stage (when the length divides). The parameter tree and checkpoints are
 the unpipelined ones (``layers`` sharded over ``stage`` by the rules table), so a checkpoint
 restores onto any mesh, pipelined or not.
 """
@@ -137,10 +137,9 @@ def _pipeline(cfg, mesh, layers, x, positions, segment_ids, *, microbatches: int
         out_specs=PartitionSpec("stage"),
     )
     outputs = _from_microbatches(per_stage(blocks, inputs, positions, segment_ids)[0])  # on stage 0's devices
-    # Leave split over the stages along the batch (when it divides), so that the final norm and the loss run once
-    # on 1 / S of the rows per device rather than S times on all of them.
-    rows = outputs.shape[0] // (mesh.shape["data"] * mesh.shape["fsdp"])
-    if rows % stages == 0:
-        spread = NamedSharding(mesh, PartitionSpec(("data", "fsdp", "stage"), "sequence"))
+    # Leave split over the stages along the length (when it divides), so that the final norm and the loss run
+    # once, on 1 / S of the tokens per device, rather than S times on all of them.
+    if outputs.shape[1] % (mesh.shape["sequence"] * stages) == 0:
+        spread = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), ("sequence", "stage")))
         outputs = jax.lax.with_sharding_constraint(outputs, spread)
     return outputs

@@ -87,16 +87,18 @@ def _accumulate(grad_fn, params, microbatches: dict, rng: jax.Array, count: int)
         index, micro = xs
         (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index))
         weight = aux.get(LOSS_WEIGHT, jnp.float32(1.0))
-        weighted = jax.tree.map(lambda x: x * weight, (loss, {k: v for k, v in aux.items() if k != LOSS_WEIGHT},
-                                                       grads))
+        weighted = jax.tree.map(lambda x: x.astype(jnp.float32) * weight,
+                                (loss, {k: v for k, v in aux.items() if k != LOSS_WEIGHT}, grads))
         return jax.tree.map(jnp.add, carry, (weighted, weight)), None
 
     first = jax.tree.map(lambda x: x[0], microbatches)
     (loss, aux), grads = jax.eval_shape(grad_fn, params, first, rng)
     weighted_aux = {k: v for k, v in aux.items() if k != LOSS_WEIGHT}
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, weighted_aux, grads))
+    # Sums in float32 (bfloat16 gradients would lose the small microbatches' share); the result in grads' dtype.
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, weighted_aux, grads))
     (total, weight), _ = jax.lax.scan(step, (zeros, jnp.float32(0.0)), (jnp.arange(count), microbatches))
-    loss, aux_mean, grads = jax.tree.map(lambda x: x / jnp.maximum(weight, 1e-30), total)
+    mean = jax.tree.map(lambda x: x / jnp.maximum(weight, 1e-30), total)
+    loss, aux_mean, grads = jax.tree.map(lambda x, like: x.astype(like.dtype), mean, (loss, weighted_aux, grads))
     if LOSS_WEIGHT in aux:
         aux_mean[LOSS_WEIGHT] = weight
     return loss, aux_mean, grads
