@@ -22,6 +22,9 @@ setup(
     ],
     extras_require={
         "tokenizer": ["llama-models==0.3.0"],
+        # Compile-only devices for `python -m llama_jax.plan --aot --topology ...` (no accelerator needed):
+        "tpu": ["jax[tpu]==0.10.2"],  # TPU slices, through libtpu
+        "cuda-aot": ["jax-cuda12-plugin==0.10.2"],  # H100s, through jax's CUDA plugin
         "test": [
             "pytest==9.0.3",
             "torch==2.13.0",

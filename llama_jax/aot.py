@@ -1,17 +1,18 @@
 """Compile the real train step for devices you do not have, and read what the compiler allocates.
 
-    devices = aot.tpu_devices("v5p:4x4x4")          # 64 compile-only v5p chips; needs libtpu (pip install ".[tpu]")
+    devices = aot.topology_devices("v5p:4x4x4")     # 64 compile-only v5p chips; needs libtpu (pip install ".[tpu]")
     report = aot.compile_train_step(cfg, sharding.make_mesh("fsdp=64", devices), seq=8192, batch=64)
     report.total_bytes, report.capacity_bytes, report.compile_seconds
 
-``tpu_devices`` asks libtpu for a topology's compile-only devices (``jax.experimental.topologies``): nothing
+``topology_devices`` asks libtpu for a topology's compile-only devices (``jax.experimental.topologies``): nothing
 runs, no TPU is needed, and XLA's TPU compiler lays out the program exactly as on the pod, so its
 ``memory_analysis`` is the TPU's own. Without a topology the step compiles for the devices jax has (a simulated
 CPU mesh: ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), whose XLA:CPU figures differ from an
 accelerator's (other fusion; bfloat16 computed in float32).
 
-GPUs: jax 0.10.2's CUDA plugin (``jax-cuda12-plugin``) offers no compile-only topology to a machine without a GPU
-(``make_pjrt_topology("cuda")`` needs an initialised CUDA client), so there is no H100 equivalent of this.
+GPUs: ``topology_devices("h100:8", slices=hosts)`` gives compile-only H100s from jax's CUDA plugin
+(``jax-cuda12-plugin``, which needs neither a GPU nor a CUDA driver to compile), described to XLA by
+``H100_TARGET``; the figures are XLA:GPU's buffer assignment, compiled without autotuning.
 
 FLOPs: ``cost_analysis`` counts the body of a loop once, and the step has loops (the scanned layers, the
 vocabulary chunks of the loss, the pipeline's ticks), so ``flops`` is far below the step's work; use
@@ -41,34 +42,66 @@ from llama_jax.train import pretrain, step
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    hbm_bytes: float  # per chip, from the Cloud TPU documentation
-    chip_config: str  # libtpu's: "megacore" makes a v4 / v5p chip's two TensorCores one device
-    dims: int  # 2D or 3D torus: how many numbers a topology names
+    hbm_bytes: float  # per chip, from the vendor's documentation
+    platform: str  # "tpu" or "gpu"
+    dims: int  # TPU: how many numbers its torus has; GPU: 1 (GPUs per host)
+    chip_config: str = "default"  # libtpu's: "megacore" makes a v4 / v5p chip's two TensorCores one device
 
 
 CHIPS = {
-    "v4": Chip(32 * 2**30, "megacore", 3),  # 32 GiB HBM2
-    "v5e": Chip(16e9, "default", 2),  # 16 GB HBM2
-    "v5p": Chip(95e9, "megacore", 3),  # 95 GB HBM2e
-    "v6e": Chip(32e9, "default", 2),  # 32 GB HBM
+    "v4": Chip(32 * 2**30, "tpu", 3, "megacore"),  # 32 GiB HBM2
+    "v5e": Chip(16e9, "tpu", 2),  # 16 GB HBM2
+    "v5p": Chip(95e9, "tpu", 3, "megacore"),  # 95 GB HBM2e
+    "v6e": Chip(32e9, "tpu", 2),  # 32 GB HBM
+    "h100": Chip(80e9, "gpu", 1),  # H100 SXM, 80 GB HBM3
 }
+
+# XLA:GPU's description of an H100 SXM (the CUDA device properties it would query from the chip): 132 SMs of
+# compute capability 9.0, 228 KiB shared memory per SM (227 KiB per block opt-in), 50 MiB L2, 80 GB HBM3 at
+# 3.35 TB/s, 1.98 GHz boost clock; CUDA 12.8 and cuDNN 9 as jax-cuda12-plugin 0.10.2 is built against.
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024  threads_per_warp: 32  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472  threads_per_core_limit: 2048  core_count: 132  fpus_per_core: 128
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000  l2_cache_size: 52428800  clock_rate_ghz: 1.98
+  device_memory_size: 80000000000  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
 
 
 def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
-    """``"v5p:4x4x4"`` -> ("v5p", (4, 4, 4)); raises ConfigError naming the accepted chips."""
-    match = re.fullmatch(r"(v\w+):(\d+(?:x\d+)+)", topology.strip())
+    """``"v5p:4x4x4"`` -> ("v5p", (4, 4, 4)); ``"h100:8"`` (GPUs per host) -> ("h100", (8,)). Raises ConfigError
+    naming the accepted chips."""
+    match = re.fullmatch(r"(\w+):(\d+(?:x\d+)*)", topology.strip())
     if not match or match[1] not in CHIPS:
         raise ConfigError(f"topology {topology!r}: expected <chip>:<AxB[xC]> with chip one of {sorted(CHIPS)}, "
-                          "e.g. v5p:4x4x4 or v6e:8x8")
+                          "e.g. v5p:4x4x4, v6e:8x8 or h100:8 (GPUs per host)")
     shape = tuple(int(d) for d in match[2].split("x"))
-    if len(shape) != CHIPS[match[1]].dims:
-        raise ConfigError(f"topology {topology!r}: {match[1]} chips form a {CHIPS[match[1]].dims}D torus")
+    chip = CHIPS[match[1]]
+    if len(shape) != chip.dims:
+        raise ConfigError(f"topology {topology!r}: " + (f"{match[1]} chips form a {chip.dims}D torus"
+                                                         if chip.platform == "tpu" else "give the GPUs per host"))
     return match[1], shape
 
 
-def tpu_devices(topology: str, slices: int = 1) -> list:
-    """Compile-only devices of ``slices`` TPU slices of ``topology`` (one device per chip). Needs libtpu."""
-    chip, _ = parse_topology(topology)
+def topology_devices(topology: str, slices: int = 1) -> list:
+    """Compile-only devices of ``slices`` TPU slices (or GPU hosts) of ``topology``, one per chip. TPUs need
+    libtpu; GPUs jax's CUDA plugin (no GPU, no CUDA driver)."""
+    name, shape = parse_topology(topology)
+    if CHIPS[name].platform == "gpu":
+        if importlib.util.find_spec("jax_cuda12_plugin") is None:
+            raise ConfigError(f"compiling for {topology} needs jax's CUDA plugin: pip install "
+                              "'jax-cuda12-plugin==0.10.2' (no GPU needed)")
+        desc = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
+                                            topology=f"1x{slices}x{shape[0]}")
+        return list(desc.devices)
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(f"compiling for {topology} needs libtpu: pip install 'jax[tpu]==0.10.2' (or the "
                           "llama_jax[tpu] extra)")
@@ -76,7 +109,7 @@ def tpu_devices(topology: str, slices: int = 1) -> list:
     # planners (or test processes) may run at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                        chip_config_name=CHIPS[chip].chip_config, chips_per_host_bounds=(2, 2, 1),
+                                        chip_config_name=CHIPS[name].chip_config, chips_per_host_bounds=(2, 2, 1),
                                         num_slices=slices)
     return list(desc.devices)
 
@@ -107,7 +140,8 @@ class Report:
 
 def _capacity(device) -> float | None:
     kind = device.device_kind.lower()
-    names = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5": "v5p", "tpu v6 lite": "v6e"}
+    names = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5": "v5p", "tpu v6 lite": "v6e",
+             "nvidia h100 80gb hbm3": "h100"}
     return CHIPS[names[kind]].hbm_bytes if kind in names else None
 
 
@@ -156,6 +190,6 @@ def compile_train_step(cfg: ModelConfig, mesh, seq: int, batch: int, *, grad_acc
 
 
 def mesh_for(spec: str | Mapping[str, int], topology: str | None = None, slices: int = 1):
-    """The mesh ``spec`` over a TPU topology's compile-only devices, or over jax's own devices without one."""
-    devices = tpu_devices(topology, slices) if topology else jax.devices()
+    """The mesh ``spec`` over a topology's compile-only devices, or over jax's own devices without one."""
+    devices = topology_devices(topology, slices) if topology else jax.devices()
     return sharding.make_mesh(spec, devices)

@@ -73,6 +73,12 @@ BACKENDS = {
     "tpu": Backend(score_saved=8.0, score_backward=6.0, ring_score_saved=15.0, ffn_saved=6, ffn_backward=2,
                    ffn_rematted=4, embed_saved=24, embed_backward=8, embed_rematted=12, float32_activations=False,
                    table_copies=0.0, overhead=1.12),
+    # XLA:GPU (jax-cuda12-plugin 0.10.2, H100, compiled without a GPU), from the 8B step's buffer assignment: the
+    # same live buffers as the TPU's, but the arena keeps separate slots for two float32 and two bfloat16 score
+    # buffers of the rematerialised layer (12 bytes per pair). Remat "none" counts as XLA:CPU's, not checked.
+    "gpu": Backend(score_saved=8.0, score_backward=12.0, ring_score_saved=15.0, ffn_saved=6, ffn_backward=2,
+                   ffn_rematted=4, embed_saved=24, embed_backward=8, embed_rematted=12, float32_activations=False,
+                   table_copies=0.0, overhead=1.0),
 }
 
 

@@ -10,7 +10,8 @@ compiled for the real chips.
 The analytic figure is ``llama_jax.budget``'s term by term (``--json`` names every one). ``--aot`` lowers and
 compiles the real train step (``llama_jax.aot``) and adds the compiler's own per-device figures: with
 ``--topology`` for that TPU slice (``--slices`` for multi-slice) through libtpu's compile-only devices, without one
-for simulated CPU devices (one per mesh position). Pipelines: a ``stage`` axis in ``--mesh`` and ``--pipeline
+for simulated CPU devices (one per mesh position); ``--topology h100:8 --slices 8`` compiles for 64 H100s the same
+way (jax's CUDA plugin, no GPU). Pipelines: a ``stage`` axis in ``--mesh`` and ``--pipeline
 gpipe|circular --microbatches M [--repeats R]``; the compiled report gives the pipeline loop's trip count and
 the bubble it implies, and its per-device memory is every stage's (one SPMD program).
 """
@@ -119,6 +120,7 @@ def table4_rows(topology: str | None = None) -> list[dict]:
     compiled step."""
     cfg = config.get("llama3.1-405b", remat="full", num_layers=TABLE4_LAYERS)
     chips = None if topology is None else math.prod(aot.parse_topology(topology)[1])
+    backend = "gpu" if topology is None else _backend_of(topology)  # the paper's chips are H100s
     rows = []
     for row in TABLE4:
         spec = f"stage={row['pp']},fsdp={row['dp']},tensor={row['tp']},sequence={row['cp']}"
@@ -126,13 +128,17 @@ def table4_rows(topology: str | None = None) -> list[dict]:
         if chips is not None and row["gpus"] % chips:
             raise ConfigError(f"{row['gpus']} chips are not a whole number of {topology} slices")
         compile_on = None if chips is None else (topology, row["gpus"] // chips)
-        planned = plan_train(cfg, spec, row["seq"], batch, backend="tpu", grad_accum=row["grad_accum"],
+        planned = plan_train(cfg, spec, row["seq"], batch, backend=backend, grad_accum=row["grad_accum"],
                              pipeline=TABLE4_PIPELINE, compile_on=compile_on)
-        flash = budget.train_budget(cfg, spec, row["seq"], batch, attention="flash", grad_accum=row["grad_accum"],
-                                    **TABLE4_PIPELINE)
+        flash = budget.train_budget(cfg, spec, row["seq"], batch, backend=backend, attention="flash",
+                                    grad_accum=row["grad_accum"], **TABLE4_PIPELINE)
         rows.append({**row, "num_layers": TABLE4_LAYERS, "tokens_per_batch": batch * row["seq"], **planned,
                      "fits_80gb": planned["analytic_gb"] * GB <= H100_BYTES, "flash_gb": flash.total / GB})
     return rows
+
+
+def _backend_of(topology: str) -> str:
+    return aot.CHIPS[aot.parse_topology(topology)[0]].platform
 
 
 def _print_table4(rows: list[dict]) -> None:
@@ -171,11 +177,13 @@ parser.add_argument("--repeats", type=int, default=None, help="circular: rounds 
 parser.add_argument("--attention", default="dense", choices=("dense", "flash"),
                     help="analytic attention memory: this model's dense scores, or a fused kernel's for comparison")
 parser.add_argument("--backend", default=None, choices=sorted(budget.BACKENDS),
-                    help="compiler the analytic model assumes (default: the --aot target's, else tpu)")
+                    help="compiler the analytic model assumes (default: the --topology's or --aot's, else gpu)")
 parser.add_argument("--aot", action="store_true", help="also compile the real train step (nothing runs)")
-parser.add_argument("--topology", default=None, help="compile for this TPU slice, e.g. v5p:4x4x4, v4:4x4x8, "
-                                                     "v5e:16x16, v6e:8x8 (needs libtpu: pip install '.[tpu]')")
-parser.add_argument("--slices", type=int, default=1, help="TPU slices joined over the data-center network")
+parser.add_argument("--topology", default=None,
+                    help="compile for this TPU slice, e.g. v5p:4x4x4, v4:4x4x8, v5e:16x16, v6e:8x8 (needs libtpu: "
+                         "pip install '.[tpu]'), or H100 hosts of N GPUs, h100:8 (needs jax-cuda12-plugin)")
+parser.add_argument("--slices", type=int, default=1, help="TPU slices (or GPU hosts) joined over the data-center "
+                                                          "network")
 parser.add_argument("--table4", action="store_true", help="the paper's 405B layouts")
 parser.add_argument("--inference", action="store_true", help="serving memory instead of training")
 parser.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
@@ -233,7 +241,8 @@ def run(args: argparse.Namespace) -> dict:
         sizes = sharding.parse_mesh(mesh_spec, _devices(args, mesh_spec))
         spec = ",".join(f"{k}={v}" for k, v in sizes.items())
         batch = batch or sizes["data"] * sizes["fsdp"] * accum
-        backend = args.backend or ("tpu" if args.topology or not args.aot else jax.default_backend())
+        backend = args.backend or (_backend_of(args.topology) if args.topology
+                                   else jax.default_backend() if args.aot else "gpu")
         result = {"model": args.model if args.config is None else cfg.to_dict(),
                   **plan_train(cfg, spec, seq, batch, backend=backend, attention=args.attention, grad_accum=accum,
                                pipeline=pipe, compile_on=(args.topology, args.slices) if args.aot else None)}

@@ -16,6 +16,9 @@ from llama_jax.errors import ConfigError
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="needs libtpu for TPU compile-only devices: pip install 'jax[tpu]==0.10.2'")
+needs_cuda_plugin = pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                                       reason="needs jax's CUDA plugin for compile-only H100s: pip install "
+                                              "'jax-cuda12-plugin==0.10.2'")
 # The tiny model in float32 with an 8K vocabulary: the loss is as large as the layers, so both must be right.
 TINY = config.get("tiny", vocab_size=8192)
 
@@ -82,13 +85,24 @@ def test_8b_on_64_v5p_chips_at_8k_within_10_percent_of_the_planner():
     assert 0.9 <= result["analytic_over_compiled"] <= 1.1, result
 
 
+@needs_cuda_plugin
+def test_compiles_for_h100s_without_a_gpu():
+    mesh = aot.mesh_for("fsdp=2,tensor=2", "h100:2", slices=2)  # two hosts of two GPUs
+    report = aot.compile_train_step(config.get("tiny"), mesh, 64, 4, loss_chunk=None)
+    assert report.platform == "gpu" and report.device_kind == "NVIDIA H100 80GB HBM3" and report.devices == 4
+    assert report.capacity_bytes == 80e9 and report.total_bytes > report.argument_bytes > 0
+
+
 def test_topology_names():
     assert aot.parse_topology("v5p:4x4x4") == ("v5p", (4, 4, 4))
     assert aot.parse_topology("v6e:8x16") == ("v6e", (8, 16))
+    assert aot.parse_topology("h100:8") == ("h100", (8,))
     with pytest.raises(ConfigError, match="2D torus"):
         aot.parse_topology("v5e:4x4x4")
+    with pytest.raises(ConfigError, match="GPUs per host"):
+        aot.parse_topology("h100:2x8")
     with pytest.raises(ConfigError, match="chip one of"):
-        aot.parse_topology("h100:8")
+        aot.parse_topology("a100:8")
 
 
 def test_table4_layouts():
