@@ -146,14 +146,17 @@ def _capacity(device) -> float | None:
 
 
 def _pipeline_ticks(hlo: str) -> int | None:
-    """The trip count of the compiled pipeline loop (the forward one; the backward runs as many): the bound its
-    condition compares the counter with (a scan counts from 0 in steps of 1)."""
+    """The trip count of the compiled pipeline loop (the forward one; the backward runs as many): the compiler's
+    ``known_trip_count`` where it records one (XLA:CPU, XLA:GPU), else the bound its condition compares the
+    counter with (TPU; a scan counts from 0 in steps of 1)."""
     computations = {block.split(" ", 1)[0].lstrip("%"): block for block in hlo.split("\n\n")}
     counts = []
-    for condition in re.findall(rf'condition=%?([\w.\-]+)[^\n]*op_name="[^"]*{pipeline.TICKS_SCOPE}/while"', hlo):
-        bound = re.search(r"s32\[\][^\n]* constant\((\d+)\)", computations.get(condition, ""))
-        if bound:
-            counts.append(int(bound[1]))
+    for line in re.findall(rf'[^\n]* while\([^\n]*op_name="[^"]*{pipeline.TICKS_SCOPE}/while"[^\n]*', hlo):
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        condition = re.search(r"condition=%?([\w.\-]+)", line)
+        bound = re.search(r"s32\[\][^\n]* constant\((\d+)\)", computations.get(condition[1], "")) if condition else None
+        if known or bound:
+            counts.append(int((known or bound)[1]))
     return max(counts) if counts else None
 
 

@@ -15,7 +15,7 @@ schedules) on the mesh's shards. Every term is what that step holds at its peak,
   * ``gathered_weights``: a layer's weights gathered over fsdp and its gradient before the reduce-scatter;
   * ``pipeline_buffers``: the microbatches' inputs / outputs that stage 0 keeps, and the embedding's output;
   * ``table_copies``: copies of the embedding / LM head shards some backends hold at the peak;
-  * ``compiler_overhead``: the backend's arena beyond the live buffers (alignment and packing: ``Backend``).
+  * ``stack_copy``, ``compiler_overhead``: the backend's arena beyond the live buffers (``Backend``).
 
 Backends differ in which attention intermediates they materialise (``Backend``); each profile's numbers come
 from that compiler's own buffer assignment (``XLA_FLAGS=--xla_dump_to``) of this step, and tests/test_plan.py
@@ -54,6 +54,7 @@ class Backend:
     embed_rematted: float
     float32_activations: bool  # keeps bfloat16 activations as float32 (XLA:CPU computes bfloat16 in float32)
     table_copies: float  # copies of the embedding and LM head shards alive at the peak (update temporaries)
+    stack_copy: float  # share of the saved activations the arena holds again (the scans' stacked outputs)
     overhead: float  # arena size / modelled live bytes (alignment, packing)
 
 
@@ -65,20 +66,23 @@ BACKENDS = {
     # float32 input and output. A rematerialised layer holds all of them again plus the gradients.
     "cpu": Backend(score_saved=8.0, score_backward=8.0, ring_score_saved=15.0, ffn_saved=6, ffn_backward=2,
                    ffn_rematted=8, embed_saved=24, embed_backward=8, embed_rematted=32, float32_activations=True,
-                   table_copies=2.5, overhead=1.0),
+                   table_copies=2.5, stack_copy=0.0, overhead=1.0),
     # TPU (libtpu 0.0.42), from the buffer assignment of the 8B step on v5p (remat "full", seq 8,192): a
     # rematerialised layer's backward holds one float32 score buffer and the compute-dtype probabilities, SwiGLU's
-    # gate and up and their gradients, and about six model-dim vectors; the arena runs ~12% above the live
-    # buffers. The remat "none" counts are XLA:CPU's, not checked against a TPU compile.
+    # gate and up and their gradients, and about six model-dim vectors. memory_analysis then reports 14-33% more
+    # than that buffer assignment's live peak; the last two numbers are fitted to three compiles (8B fsdp=64, 70B
+    # tensor=8 x fsdp=32, 405B 16-stage circular pipeline; all seq 8,192), which they match within 5%: more the
+    # larger the stacked activations (a scan's output stack and its initial copy can both be live). The remat
+    # "none" counts are XLA:CPU's, not checked against a TPU compile.
     "tpu": Backend(score_saved=8.0, score_backward=6.0, ring_score_saved=15.0, ffn_saved=6, ffn_backward=2,
                    ffn_rematted=4, embed_saved=24, embed_backward=8, embed_rematted=12, float32_activations=False,
-                   table_copies=0.0, overhead=1.12),
+                   table_copies=0.0, stack_copy=0.35, overhead=1.08),
     # XLA:GPU (jax-cuda12-plugin 0.10.2, H100, compiled without a GPU), from the 8B step's buffer assignment: the
     # same live buffers as the TPU's, but the arena keeps separate slots for two float32 and two bfloat16 score
     # buffers of the rematerialised layer (12 bytes per pair). Remat "none" counts as XLA:CPU's, not checked.
     "gpu": Backend(score_saved=8.0, score_backward=12.0, ring_score_saved=15.0, ffn_saved=6, ffn_backward=2,
                    ffn_rematted=4, embed_saved=24, embed_backward=8, embed_rematted=12, float32_activations=False,
-                   table_copies=0.0, overhead=1.0),
+                   table_copies=0.0, stack_copy=0.0, overhead=1.0),
 }
 
 
@@ -226,6 +230,7 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
     # The layers' and the loss's backward run one after the other: only the larger is alive at the peak.
     terms["layer_backward"], terms["loss_backward"] = ((terms["layer_backward"], 0.0) if tokens * backward >= loss
                                                        else (0.0, loss))
+    terms["stack_copy"] = prof.stack_copy * terms["saved_activations"]
     terms["compiler_overhead"] = (prof.overhead - 1) * sum(terms.values())
     devices = math.prod(sizes.values())
     per_token = cfg.flops_per_token(seq)

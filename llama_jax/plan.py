@@ -154,7 +154,7 @@ def _print_table4(rows: list[dict]) -> None:
         if "compiled" in r:
             c = r["compiled"]
             cells += [f"{c['total_gb']:.1f}", f"{r['analytic_over_compiled']:.2f}", "yes" if c["fits"] else "NO",
-                      f"{c['compile_seconds']:.0f}", f"{c['bubble']:.2f}"]
+                      f"{c['compile_seconds']:.0f}", "?" if c["bubble"] is None else f"{c['bubble']:.2f}"]
         print(" | ".join(cells))
 
 

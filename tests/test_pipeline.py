@@ -66,6 +66,16 @@ def test_pipelined_equals_unpipelined(reference, mesh_spec, schedule, microbatch
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("stages, repeats", [(4, 2), (16, 8), (4, 8), (3, 2), (8, 3)])
+def test_circular_blocks_reach_their_stages_in_permutation_rounds(stages, repeats):
+    placed = {}
+    for moves in pipeline.circular_rounds(stages, repeats):
+        assert sorted(m[0] for m in moves) == sorted(m[2] for m in moves) == list(range(stages))  # one ppermute
+        for source, block, target, slot in moves:
+            placed[target, slot] = source * repeats + block  # the block's index in the stored layer order
+    assert placed == {(t, r): r * stages + t for t in range(stages) for r in range(repeats)}
+
+
 def test_bad_schedules_are_config_errors():
     mesh = sharding.make_mesh("stage=4,fsdp=2")
     with pytest.raises(ConfigError, match="stage=4: set pipeline.schedule"):
