@@ -129,6 +129,7 @@ class Report:
     devices: int
     capacity_bytes: float | None  # the chip's HBM (TPU topologies); None when unknown
     pipeline_ticks: int | None  # trip count of the compiled pipeline loop (None without one)
+    refused: bool  # the compiler refused: its temporaries exceed the chip (temp_bytes is what it said it needs)
 
     @property
     def total_bytes(self) -> float:
@@ -176,20 +177,32 @@ def compile_train_step(cfg: ModelConfig, mesh, seq: int, batch: int, *, grad_acc
     if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) or seq % mesh.shape["sequence"]:
         raise ConfigError(f"batch {batch} / seq {seq} do not divide over data x fsdp = "
                           f"{mesh.shape['data'] * mesh.shape['fsdp']}, sequence = {mesh.shape['sequence']}")
+    batch_arrays = {k: token for k in BATCH_KEYS}
+    device = mesh.devices.flat[0]
+    common = dict(compile_seconds=0.0, platform=device.platform, device_kind=device.device_kind,
+                  devices=math.prod(mesh.devices.shape), capacity_bytes=_capacity(device))
     start = time.perf_counter()
-    with sharding.activate(mesh):
-        compiled = train_step.jitted.lower(state, {k: token for k in BATCH_KEYS}).compile()
-    seconds = time.perf_counter() - start
+    try:
+        with sharding.activate(mesh):
+            compiled = train_step.jitted.lower(state, batch_arrays).compile()
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program whose temporaries exceed the chip's HBM, and says how much it needs.
+        needed = re.search(r"memory required for HLO temporaries \(([\d.]+)G\)", str(e))
+        if needed is None:
+            raise
+        common["compile_seconds"] = time.perf_counter() - start
+        arguments = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                        for x in jax.tree.leaves((state, batch_arrays)))
+        return Report(argument_bytes=float(arguments), output_bytes=0.0, alias_bytes=0.0,
+                      temp_bytes=float(needed[1]) * 2**30, flops=0.0, pipeline_ticks=None, refused=True, **common)
+    common["compile_seconds"] = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # None from some backends
-    device = mesh.devices.flat[0]
     return Report(argument_bytes=float(mem.argument_size_in_bytes), output_bytes=float(mem.output_size_in_bytes),
                   alias_bytes=float(mem.alias_size_in_bytes), temp_bytes=float(mem.temp_size_in_bytes),
-                  flops=float(cost.get("flops", 0.0)), compile_seconds=seconds, platform=device.platform,
-                  device_kind=device.device_kind, devices=math.prod(mesh.devices.shape),
-                  capacity_bytes=_capacity(device),
-                  pipeline_ticks=_pipeline_ticks(compiled.as_text()) if schedule != "none" else None)
+                  flops=float(cost.get("flops", 0.0)), refused=False,
+                  pipeline_ticks=_pipeline_ticks(compiled.as_text()) if schedule != "none" else None, **common)
 
 
 def mesh_for(spec: str | Mapping[str, int], topology: str | None = None, slices: int = 1):

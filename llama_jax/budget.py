@@ -6,7 +6,8 @@
 It models ``llama_jax.train``'s pretraining step (AdamW, the chunked loss, dense attention, the pipeline
 schedules) on the mesh's shards. Every term is what that step holds at its peak, per device:
   * ``params``: each leaf's shard under the rules table (``stage`` splits the layers; embedding and LM head are
-    on every stage); ``opt_state``: AdamW's two moments (param dtype); ``grads``: one more copy of the params;
+    on every stage); ``opt_state``: AdamW's two moments (param dtype); ``grads``: one more copy of the params,
+    and with gradient accumulation their float32 running sum (``grad_accumulator``);
   * ``saved_activations``: what the backward pass keeps of each layer's forward (all of a block's intermediates
     with remat "none", its input with "full"), for every local layer and every microbatch in flight (a pipeline
     keeps them for all its ticks, bubble included);
@@ -226,6 +227,8 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
         "layer_backward": tokens * backward, "loss_backward": loss,
         "gathered_weights": gathered, "pipeline_buffers": pipeline_buffers,
         "table_copies": prof.table_copies * outer_params,
+        # With accumulation, the gradients' running sum (float32) beside each pass's gradients.
+        "grad_accumulator": params * 4 / _itemsize(cfg.param_dtype) if grad_accum > 1 else 0.0,
     }
     # The layers' and the loss's backward run one after the other: only the larger is alive at the peak.
     terms["layer_backward"], terms["loss_backward"] = ((terms["layer_backward"], 0.0) if tokens * backward >= loss

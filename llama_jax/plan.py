@@ -103,6 +103,7 @@ def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backen
             "capacity_gb": None if capacity is None else capacity / GB,
             "fits": None if capacity is None else report.total_bytes <= capacity,
             "compile_seconds": report.compile_seconds, "pipeline_ticks": report.pipeline_ticks,
+            "refused_by_compiler": report.refused,
             "bubble": None if report.pipeline_ticks is None else (sizes["stage"] - 1) / report.pipeline_ticks,
             # cost_analysis counts each loop body (scanned layers, loss chunks, pipeline ticks) once.
             "flops_loop_bodies_once": report.flops,
