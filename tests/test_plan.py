@@ -75,6 +75,13 @@ def test_compiles_for_a_tpu_topology_without_a_tpu():
 
 
 @needs_libtpu
+def test_a_layout_the_tpu_compiler_refuses_reports_what_it_needs():
+    # One 32K-token row per v5e chip: dense attention scores alone are ~17 GB, beyond its 16 GB.
+    report = aot.compile_train_step(config.get("tiny"), aot.mesh_for("fsdp=4", "v5e:2x2"), 32768, 4, loss_chunk=None)
+    assert report.refused and report.total_bytes > report.capacity_bytes == 16e9
+
+
+@needs_libtpu
 @pytest.mark.slow
 def test_8b_on_64_v5p_chips_at_8k_within_10_percent_of_the_planner():
     cfg = config.get("llama3.1-8b", remat="full")
