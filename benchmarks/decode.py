@@ -1,14 +1,22 @@
-"""Prefill and decode tokens/s of llama_jax.generate against transformers' PyTorch ``generate`` (KV cache),
-same weights, same configs, measured in one run.
+"""Prefill and decode tokens/s of ``llama_jax.generate`` against transformers' ``generate`` on the same device, each
+side in its own process, the sides alternated.
 
-    python benchmarks/decode.py                      # tiny and ~125M configs, batch 1 and 8
-    python benchmarks/decode.py --configs tiny --batches 1 --repeats 2
+    python benchmarks/decode.py                          # CPU: ~125M params, float32, batch 1, 8, 32
+    python benchmarks/decode.py --preset tiny --batches 1,8 --alternations 1 --repeats 2      # seconds
+    python benchmarks/decode.py --preset llama3.2-1b --dtype bfloat16 --prompt 128 --new-tokens 128 \\
+        --alternations 1                                 # one GPU
 
-Both libraries are timed the same way, through their public generate: t(1) = generate 1 new token
-(prefill + first sample), t(N) = generate N new tokens; prefill tokens/s = B * prompt / t(1), decode
-tokens/s = B * (N - 1) / (t(N) - t(1)). Greedy, float32, no early stop; best of ``--repeats`` after one
-warm-up round (which compiles our steps), the runs interleaved. The last line is one JSON object:
-batch-1 decode on the last config.
+Sides: ``ours`` (``generate.generate`` on the per-layer inference tree, KV cache donated to a jitted step),
+``static`` (transformers' ``generate`` with a ``StaticCache`` sized prompt + new tokens, reset between calls; on
+CUDA transformers compiles its decoding step with torch.compile, as it does by default for a static cache) and
+``dynamic`` (its default ``DynamicCache``, eager). Weights are each library's own random initialisation of the same
+config (the speed does not depend on their values); greedy, no early stop, ``--dtype`` weights and compute.
+
+Both libraries are timed the same way, through their public generate: t(1) = generate 1 new token (prefill + first
+sample), t(N) = generate N new tokens; prefill tokens/s = B * prompt / t(1), decode tokens/s = B * (N - 1) /
+(t(N) - t(1)). Per process: one warm-up round (compiles), then the best of ``--repeats``; across the processes of a
+side the best t(1) and t(N) are reported, with the spread of the processes' decode tokens/s. The last line of stdout
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -16,92 +24,173 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
+import statistics
+import sys
 
-import jax
+import harness
 import numpy as np
-import torch
-import transformers
 
-from llama_jax import config, model
+from llama_jax import config
 from llama_jax.config import ModelConfig
-from llama_jax.formats.hf import params_to_hf
-from llama_jax.generate import generate, inference_layout
 
-CONFIGS = {
-    "tiny": config.get("tiny"),
-    "125m": ModelConfig(vocab_size=32_000, dim=768, num_layers=12, num_heads=12, num_kv_heads=4, ffn_dim=2048,
-                        rope_theta=10_000.0, max_seq_len=2048),
-}
+SIDES = ("ours", "static", "dynamic")
 
 
-def measure(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def prompts(cfg: ModelConfig, batch: int, length: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length))
+
+
+def best_times(run, batches: list[int], new_tokens: int, repeats: int) -> dict[str, dict[str, float]]:
+    """{batch: {"t1": s, "tn": s}}: ``run(batch, n)`` generates n tokens; a warm-up round, then best of repeats."""
+    times = {}
+    for batch in batches:
+        for n in (1, new_tokens):
+            run(batch, n)  # warm-up: compiles this shape
+        best = {"t1": float("inf"), "tn": float("inf")}
+        for _ in range(repeats):
+            for key, n in (("t1", 1), ("tn", new_tokens)):
+                best[key] = min(best[key], harness.timed(lambda b=batch, n=n: run(b, n)))
+        times[str(batch)] = best
+    return times
+
+
+def ours(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+    # Imported here, not at the top: the torch sides' processes must not load jax (see harness.py).
+    import jax
+
+    from llama_jax import model
+    from llama_jax.generate import generate, inference_layout
+
     params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
-    fast, fast_cfg = inference_layout(params, cfg)  # the per-layer tree load_model gives for inference
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf(cfg))).float().eval()
-    hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params_to_hf(params, cfg).items()})
-    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
+    params, cfg = inference_layout(params, cfg)
 
-    def ours(n):
-        return lambda: generate(fast, fast_cfg, prompts.tolist(), n, stop_ids=())
+    def run(batch: int, n: int) -> None:
+        generate(params, cfg, prompts(cfg, batch, args.prompt).tolist(), n, stop_ids=())
 
-    def theirs(n):
-        ids = torch.from_numpy(prompts)
-
-        def run():
-            with torch.no_grad():
-                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
-        return run
-
-    # Interleaved repeats (ours and theirs, short and long) so load from other processes hits both alike.
-    runs = {(lib, n): make(n) for lib, make in (("llama_jax", ours), ("transformers", theirs))
-            for n in (1, new_tokens)}
-    best = dict.fromkeys(runs, float("inf"))
-    for repeat in range(repeats + 1):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if repeat:  # the first round warms up (compiles our steps)
-                best[key] = min(best[key], time.perf_counter() - start)
-    result = {}
-    for lib in ("llama_jax", "transformers"):
-        t1, tn = best[lib, 1], best[lib, new_tokens]
-        result[lib] = {"prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": batch * (new_tokens - 1) / (tn - t1)}
-    return result
+    times = best_times(run, args.batch_list, args.new_tokens, args.repeats)
+    return {"side": "ours", "times": times, "device": harness.jax_device(),
+            "peak_memory_gb": harness.jax_peak_memory_gb()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", default="tiny,125m")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def transformers_side(args: argparse.Namespace, cfg: ModelConfig, cache: str) -> dict:
+    # Imported here, not at the top: the jax side's process must not load torch (see harness.py).
+    import torch
+    import transformers
+
+    where, device = harness.torch_device()
     torch.manual_seed(0)
-    machine = f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} {jax.default_backend()}, " \
-              f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
-    print(machine)
-    print(f"{'config':>6} {'batch':>5} | {'prefill tok/s ours':>18} {'hf':>8} {'ratio':>6} | "
-          f"{'decode tok/s ours':>17} {'hf':>8} {'ratio':>6}")
-    headline = None
-    for name in args.configs.split(","):
-        cfg = CONFIGS[name]
-        for batch in (int(b) for b in args.batches.split(",")):
-            r = measure(cfg, batch, args.prompt, args.new_tokens, args.repeats)
-            ours, hf = r["llama_jax"], r["transformers"]
-            print(f"{name:>6} {batch:>5} | {ours['prefill_tok_s']:>18.0f} {hf['prefill_tok_s']:>8.0f} "
-                  f"{ours['prefill_tok_s'] / hf['prefill_tok_s']:>6.2f} | {ours['decode_tok_s']:>17.0f} "
-                  f"{hf['decode_tok_s']:>8.0f} {ours['decode_tok_s'] / hf['decode_tok_s']:>6.2f}", flush=True)
-            if batch == 1:
-                headline = {"ours": round(ours["decode_tok_s"], 1), "baseline": round(hf["decode_tok_s"], 1),
-                            "ratio": round(ours["decode_tok_s"] / hf["decode_tok_s"], 2),
-                            "config": f"{name}, batch 1, prompt {args.prompt}, {args.new_tokens} new tokens, "
-                                      "decode tokens/s, float32, greedy",
-                            "machine": machine}
-    print(json.dumps(headline))
+    # No special-token ids: generation never stops early, and a small vocabulary would not hold Llama 3's.
+    hf_config = transformers.LlamaConfig(**{**config.to_hf(cfg), "bos_token_id": None, "eos_token_id": None})
+    with torch.device(where):
+        net = transformers.LlamaForCausalLM(hf_config).to(getattr(torch, cfg.dtype)).eval()
+    static_caches = {}
+
+    def run(batch: int, n: int) -> None:
+        ids = torch.from_numpy(prompts(cfg, batch, args.prompt)).to(where)
+        kwargs = {}
+        if cache == "static":  # one cache per batch size, as long as the longest call: t(1) and t(N) share shapes
+            if batch not in static_caches:
+                static_caches[batch] = transformers.StaticCache(config=net.config,
+                                                                max_cache_len=args.prompt + args.new_tokens)
+            # transformers 5.24 renames this argument `cache` (with a warning); the old name works in 5.17 and 5.24
+            kwargs["past_key_values"] = static_caches[batch]
+            static_caches[batch].reset()
+        with torch.no_grad():
+            net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True, **kwargs)
+        harness.torch_sync(where)
+
+    times = best_times(run, args.batch_list, args.new_tokens, args.repeats)
+    return {"side": cache, "times": times, "device": {**device, "transformers": transformers.__version__},
+            "peak_memory_gb": harness.torch_peak_memory_gb(where)}
+
+
+def rates(t1: float, tn: float, batch: int, args: argparse.Namespace) -> dict[str, float]:
+    return {"prefill_tok_s": batch * args.prompt / t1, "decode_tok_s": batch * (args.new_tokens - 1) / (tn - t1)}
+
+
+def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
+    """One side's figures over its processes that did not fail (``failed`` counts the others)."""
+    ok = harness.succeeded(runs)
+    if not ok:
+        return {"error": [r["error"] for r in runs]}
+    failed, runs = len(runs) - len(ok), ok
+    out = {}
+    for batch in args.batch_list:
+        key = str(batch)
+        best = rates(min(r["times"][key]["t1"] for r in runs), min(r["times"][key]["tn"] for r in runs), batch, args)
+        per_process = [rates(r["times"][key]["t1"], r["times"][key]["tn"], batch, args)["decode_tok_s"] for r in runs]
+        out[key] = {**{k: round(v, 1) for k, v in best.items()},
+                    "decode_tok_s_per_process": harness.spread([round(x, 1) for x in per_process])}
+    return {"batches": out, "device": runs[0]["device"], "load_before": [r["load_before"] for r in runs],
+            "peak_memory_gb": round(max(r["peak_memory_gb"] for r in runs), 2), "failed": failed}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="125m", help=harness.preset_help())
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute")
+    p.add_argument("--precision", default="auto", choices=config.MATMUL_PRECISIONS,
+                   help="ours' ModelConfig.matmul_precision")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=33)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per process (after a warm-up round)")
+    p.add_argument("--baselines", default="static,dynamic", help="comma-separated, of static, dynamic")
+    p.add_argument("--alternations", type=int, default=2, help="processes per side, the sides alternated")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for all processes together; a process past it is stopped and reported as failed")
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a side's own process
+    args = p.parse_args(argv)
+    args.batch_list = [int(b) for b in args.batches.split(",")]
+    unknown = set(filter(None, args.baselines.split(","))) - set(SIDES[1:])
+    if unknown or args.new_tokens < 2:
+        p.error(f"unknown baseline(s) {sorted(unknown)}" if unknown else "--new-tokens must be >= 2")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = harness.model_config(args.preset, args.layers, args.prompt + args.new_tokens, param_dtype=args.dtype,
+                               dtype=args.dtype, matmul_precision=args.precision)
+    if args.side:  # one side's process: its result on the last line
+        result = ours(args, cfg) if args.side == "ours" else transformers_side(args, cfg, args.side)
+        print(json.dumps(result))
+        return
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = ["ours", *filter(None, args.baselines.split(","))]
+    machine_start = harness.machine()
+    runs = harness.alternate(__file__, {name: [*argv, "--side", name] for name in names}, args.alternations,
+                             args.time_limit)
+    sides = {name: summarize(r, args) for name, r in runs.items()}
+    measured = [n for n in names if "error" not in sides[n]]
+    print(f"{args.preset} ({cfg.num_params() / 1e6:.0f}M params), {cfg.dtype}, matmul precision "
+          f"{cfg.resolved_matmul_precision or 'default'}, prompt {args.prompt}, {args.new_tokens} new tokens, greedy")
+    for name in set(names) - set(measured):
+        print(f"{name}: failed: {sides[name]['error']}")
+    print(f"{'batch':>5} | {'prefill tok/s: ' + ' / '.join(measured):>40} | "
+          f"{'decode tok/s: ' + ' / '.join(measured):>40}")
+    ratios = {}
+    for batch in map(str, args.batch_list):
+        prefill = " / ".join(f"{sides[n]['batches'][batch]['prefill_tok_s']:.0f}" for n in measured)
+        decode = " / ".join(f"{sides[n]['batches'][batch]['decode_tok_s']:.1f}" for n in measured)
+        if "ours" in measured:
+            ours_rate = sides["ours"]["batches"][batch]["decode_tok_s"]
+            ratios[batch] = {n: round(ours_rate / sides[n]["batches"][batch]["decode_tok_s"], 2)
+                             for n in measured if n != "ours"}
+        print(f"{batch:>5} | {prefill:>40} | {decode:>40}   decode ratio {ratios.get(batch)}")
+    print(json.dumps({
+        "benchmark": "decode", "decode_ratio": ratios, "sides": sides,
+        "config": {"preset": args.preset, "layers": cfg.num_layers, "params": cfg.num_params(), "dtype": cfg.dtype,
+                   "matmul_precision": cfg.matmul_precision,
+                   "resolved_matmul_precision": cfg.resolved_matmul_precision or "default", "prompt": args.prompt,
+                   "new_tokens": args.new_tokens, "repeats": args.repeats, "alternations": args.alternations},
+        "machine": {"start": machine_start, "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+                    "median_load_before": statistics.median(r["load_before"] for v in runs.values() for r in v)},
+    }))
 
 
 if __name__ == "__main__":

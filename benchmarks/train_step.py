@@ -1,16 +1,28 @@
-"""Train-step throughput: our jitted step against transformers' PyTorch Llama step, same machine, same run.
+"""Train-step throughput of llama_jax against transformers' PyTorch Llama on the same device, each side in its own
+process, the sides alternated.
 
-    python benchmarks/train_step.py            # ~125M params, batch 4 x 512, float32 (several minutes on CPU)
-    python benchmarks/train_step.py --quick    # a tiny model: a smoke run in seconds
+    python benchmarks/train_step.py                      # CPU: ~125M params, batch 4 x 512, float32 (~8 min on 2 cores)
+    python benchmarks/train_step.py --preset quick --steps 2 --alternations 1        # a smoke run in seconds
+    python benchmarks/train_step.py --preset llama3.2-1b --batch 4 --seq 2048 --dtype bfloat16 \\
+        --remat dots_no_batch --baselines torch,torch-ckpt --alternations 1          # one GPU
+    python benchmarks/train_step.py --preset llama3.1-8b --layers 4 --batch 2 --seq 4096 --dtype bfloat16 \\
+        --remat full --baselines torch,torch-ckpt --alternations 1
 
-Both sides do the same work per step: forward, backward, global-norm clip 1.0, AdamW (0.9, 0.95, eps 1e-8,
-decay 0.1) on float32 parameters. Steps alternate between the two in rounds. Each side's fastest step is
-the headline (tokens/s, ratio, fraction of peak): load from other processes only ever adds time, and it does
-not hit both alike (torch's OpenMP threads suffer more from oversubscription than XLA's pool), so medians
-on a shared machine measure the load. Medians are printed too. The machine's float32 peak is the best of
-five [2048, 2048] matmuls in jax and in torch (the better of the two is "peak"), and each step's GFLOP/s
-(``ModelConfig.flops_per_token``, attention included) is reported as a fraction of it. Our bfloat16-compute
-step (float32 master weights) is timed too. Last line: one JSON object.
+Both sides do the same work per step: forward, backward, global-norm clip 1.0, AdamW (0.9, 0.95, eps 1e-8, decay
+0.1) on float32 parameters, one document per row. ``--dtype bfloat16`` computes in bfloat16 (ours:
+``ModelConfig.dtype``; torch: autocast). Torch runs transformers' ``LlamaForCausalLM`` built from the same config
+(``config.to_hf``) with ``sdpa`` attention, fused AdamW on CUDA and no torch.compile; ``torch-ckpt`` adds gradient
+checkpointing to every layer. ``--precision`` is ours' ``ModelConfig.matmul_precision`` (auto: full float32 for a
+float32 run, the fast default for bfloat16); torch keeps its own default (full float32 matmuls: TF32 off).
+
+Each side's process (``--side``) builds its model, compiles / warms up, times ``--steps`` steps, and times a square
+matmul in the run's dtype (jax: at the run's matmul precision; 2048 on a CPU, 8192 on an accelerator). The parent
+runs ``--alternations`` rounds, the order of the sides reversed every other round (see harness.py for why).
+Reported per side: tokens/s of the best and of the median step over all its processes, the spread of step times,
+MFU (``ModelConfig.flops_per_token``, attention included) against the chip's published dense bf16 peak and against
+the fastest matmul measured in the run (either framework), peak device memory (on a CPU: the process's peak RSS),
+compile time (ours: lowering + XLA; torch: its first step). ``ratio``: ours / the first baseline, best steps and
+median steps. The last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -18,156 +30,215 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+import harness
 import numpy as np
 
-from llama_jax import optim, sharding
+from llama_jax import config
 from llama_jax.config import ModelConfig
-from llama_jax.train import create_state, make_train_step, state_shardings
-from llama_jax.train.pretrain import make_loss_fn
 
-DEFAULT = dict(vocab_size=32_000, dim=768, num_layers=12, num_heads=12, num_kv_heads=4, ffn_dim=2048)
-QUICK = dict(vocab_size=512, dim=128, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=256)
+BASELINES = ("torch", "torch-ckpt")
 
 
-def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best-of-n float32 matmul FLOP/s in jax and torch."""
-    import torch
-
-    x = jnp.ones((size, size), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    t = torch.ones(size, size)
-    torch.mm(t, t)
-    best = {"jax": float("inf"), "torch": float("inf")}
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(x).block_until_ready()
-        best["jax"] = min(best["jax"], time.perf_counter() - start)
-        start = time.perf_counter()
-        torch.mm(t, t)
-        best["torch"] = min(best["torch"], time.perf_counter() - start)
-    return {k: 2 * size**3 / v for k, v in best.items()}
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return harness.model_config(args.preset, args.layers, args.seq, param_dtype="float32", dtype=args.dtype,
+                                remat=args.remat, attention=args.attention, matmul_precision=args.precision,
+                                scan_layers=not args.no_scan)
 
 
-def ours(cfg: ModelConfig, batch: dict, loss_chunk: int | None):
-    """A step closure on one device; returns a function running one step and blocking on its result."""
+def token_rows(cfg: ModelConfig, args: argparse.Namespace) -> np.ndarray:
+    """[B, T + 1] random ids: inputs are [:, :-1], targets [:, 1:]."""
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+
+
+def time_steps(step, args: argparse.Namespace) -> tuple[float, list[float]]:
+    """(loss of the first warm-up step, seconds of each timed step); ``step()`` returns the loss as a float."""
+    first_loss = step()
+    for _ in range(args.warmup - 1):
+        step()
+    return first_loss, [harness.timed(step) for _ in range(args.steps)]
+
+
+def ours(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+    # Imported here, not at the top: the torch side's process must not load jax (see harness.py).
+    import jax
+
+    from llama_jax import optim, sharding
+    from llama_jax.train import create_state, make_train_step, state_shardings
+    from llama_jax.train.pretrain import make_loss_fn
+
+    device = harness.jax_device()
+    matmul_size = 2048 if device["backend"] == "cpu" else 8192
+    matmul_peak = harness.jax_matmul_peak(cfg.dtype, cfg.resolved_matmul_precision, matmul_size)
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     tx = optim.adamw(1e-4)
     state = create_state(cfg, tx, mesh, seed=0)
-    step = make_train_step(make_loss_fn(cfg, chunk_size=loss_chunk), tx, mesh, state_shardings(cfg, tx, mesh))
+    train_step = make_train_step(make_loss_fn(cfg, chunk_size=args.loss_chunk or None), tx, mesh,
+                                 state_shardings(cfg, tx, mesh))
+    rows = token_rows(cfg, args)
+    batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": np.ones_like(rows[:, 1:]),
+             "segment_ids": np.ones_like(rows[:, 1:]),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()}
     batch = sharding.shard_batch(batch, mesh)
+    start = time.perf_counter()
+    with sharding.activate(mesh):
+        compiled = train_step.jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
     holder = {"state": state}
 
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
+    def step() -> float:
+        holder["state"], metrics = compiled(holder["state"], batch)
         return float(metrics["loss"])
 
-    return run
+    first_loss, step_s = time_steps(step, args)
+    return {"side": "ours", "step_s": step_s, "compile_s": compile_s, "first_loss": first_loss,
+            "matmul_peak_flops": matmul_peak, "matmul": f"{matmul_size}^3 {cfg.dtype} precision "
+                                                       f"{cfg.resolved_matmul_precision or 'default'}",
+            "peak_memory_gb": harness.jax_peak_memory_gb(), "device": device}
 
 
-def pytorch(cfg: ModelConfig, tokens: np.ndarray):
+def pytorch(args: argparse.Namespace, cfg: ModelConfig, checkpointing: bool) -> dict:
+    # Imported here, not at the top: the jax side's process must not load torch (see harness.py).
     import torch
     import transformers
 
+    where, device = harness.torch_device()
+    matmul_peak = harness.torch_matmul_peak(where, cfg.dtype, 2048 if where == "cpu" else 8192)
     torch.manual_seed(0)
-    hf = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.ffn_dim,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=False, attn_implementation="sdpa")
-    net = transformers.LlamaForCausalLM(hf).float().train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ids = torch.from_numpy(tokens.astype(np.int64))
+    # No special-token ids: the benchmark never stops on one, and a small vocabulary would not hold Llama 3's.
+    hf_config = transformers.LlamaConfig(**{**config.to_hf(cfg), "bos_token_id": None, "eos_token_id": None},
+                                         attn_implementation="sdpa")
+    with torch.device(where):
+        net = transformers.LlamaForCausalLM(hf_config).float().train()
+    if checkpointing:  # the method's newer name where transformers has it
+        getattr(net, "activation_checkpointing_enable", net.gradient_checkpointing_enable)()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            fused=where == "cuda")
+    ids = torch.from_numpy(token_rows(cfg, args)[:, :-1].astype(np.int64)).to(where)
 
-    def run():
+    def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = net(input_ids=ids, labels=ids).loss
+        with torch.autocast(where, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            loss = net(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        return float(loss.detach())
+        return float(loss.detach())  # waits for the device
 
-    return run
-
-
-def timed(run) -> float:
     start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+    first_loss, step_s = time_steps(step, args)
+    warmup_s = time.perf_counter() - start - sum(step_s)
+    return {"side": "torch-ckpt" if checkpointing else "torch", "step_s": step_s,
+            "compile_s": warmup_s / args.warmup, "first_loss": first_loss, "matmul_peak_flops": matmul_peak,
+            "matmul": f"{2048 if where == 'cpu' else 8192}^3 {cfg.dtype}",
+            "peak_memory_gb": harness.torch_peak_memory_gb(where), "device": {**device,
+                                                                             "transformers": transformers.__version__}}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke run")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None, help="timed steps per side (default 5)")
-    parser.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
-    parser.add_argument("--no-scan", action="store_true", help="unroll the layers instead of nn.scan")
-    parser.add_argument("--loss-chunk", type=int, default=0, help="vocab chunk of the loss (0: whole vocab)")
-    parser.add_argument("--skip-bf16", action="store_true")
-    args = parser.parse_args()
+def summarize(runs: list[dict], tokens: int, flops: float, published: float | None, measured: float) -> dict:
+    """One side's figures over its processes (``runs``: the ones that did not fail; ``failed`` counts the others)."""
+    ok = harness.succeeded(runs)
+    if not ok:
+        return {"error": [r["error"] for r in runs]}
+    s = harness.spread([t for r in ok for t in r["step_s"]])
+    best = s["best"]
+    return {
+        "tokens_per_s": round(tokens / best, 1), "median_tokens_per_s": round(tokens / s["median"], 1),
+        "step_s": {k: round(v, 4) for k, v in s.items()},
+        "process_best_step_s": [round(min(r["step_s"]), 4) for r in ok], "failed": len(runs) - len(ok),
+        "load_before": [r["load_before"] for r in ok],
+        "mfu_published_peak": round(flops / best / published, 4) if published else None,
+        "mfu_measured_matmul": round(flops / best / measured, 4),
+        "peak_memory_gb": round(max(r["peak_memory_gb"] for r in ok), 2),
+        "compile_s": round(statistics.median(r["compile_s"] for r in ok), 1),
+        "first_loss": round(ok[0]["first_loss"], 4), "device": ok[0]["device"],
+        "matmul": ok[0]["matmul"], "matmul_peak_tflops": round(max(r["matmul_peak_flops"] for r in ok) / 1e12, 4),
+    }
 
-    import torch
 
-    torch.set_num_threads(os.cpu_count())
-    shape = QUICK if args.quick else DEFAULT
-    batch_size, seq = args.batch or (2 if args.quick else 4), args.seq or (64 if args.quick else 512)
-    rounds = args.rounds or 5
-    cfg = ModelConfig(**shape, rope_theta=10_000.0, max_seq_len=max(seq, 2048), remat=args.remat,
-                      scan_layers=not args.no_scan)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, size=(batch_size, seq + 1)).astype(np.int32)
-    # Same work as the PyTorch side, which predicts tokens[1:] from tokens[:-1] of a [B, T] input.
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch_size, seq), np.int32),
-             "segment_ids": np.ones((batch_size, seq), np.int32),
-             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch_size, seq)).copy()}
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="125m", help=harness.preset_help())
+    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count (fit one chip)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (parameters and AdamW stay float32)")
+    p.add_argument("--remat", default="none", choices=config.REMAT_POLICIES)
+    p.add_argument("--attention", default="auto", choices=config.ATTENTION_IMPLS, help="ModelConfig.attention")
+    p.add_argument("--precision", default="auto", choices=config.MATMUL_PRECISIONS,
+                   help="ModelConfig.matmul_precision")
+    p.add_argument("--no-scan", action="store_true", help="unrolled layers instead of nn.scan")
+    p.add_argument("--loss-chunk", type=int, default=0, help="vocabulary chunk of the loss (0: whole vocabulary)")
+    p.add_argument("--baselines", default="torch", help=f"comma-separated, of {', '.join(BASELINES)}; '' for none")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per process (after ours' compile)")
+    p.add_argument("--alternations", type=int, default=3, help="processes per side, the sides alternated")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for all processes together; a process past it is stopped and reported as failed")
+    p.add_argument("--side", choices=("ours", *BASELINES), help=argparse.SUPPRESS)  # a side's own process
+    args = p.parse_args(argv)
+    unknown = set(filter(None, args.baselines.split(","))) - set(BASELINES)
+    if unknown or args.warmup < 1 or args.steps < 1 or args.alternations < 1:
+        p.error(f"unknown baseline(s) {sorted(unknown)}" if unknown else "--warmup, --steps, --alternations >= 1")
+    return args
 
-    peak = matmul_peak()
-    sides = {"ours_f32": ours(cfg, batch, args.loss_chunk or None), "torch_f32": pytorch(cfg, tokens[:, :-1])}
-    if not args.skip_bf16:
-        sides["ours_bf16"] = ours(cfg.replace(dtype="bfloat16"), batch, args.loss_chunk or None)
-    first_loss = {name: run() for name, run in sides.items()}  # compile / warm up
-    times = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, run in sides.items():
-            times[name].append(timed(run))
 
-    flops_per_step = cfg.flops_per_token(seq) * batch_size * seq
-    machine_peak = max(peak.values())
-    results = {}
-    for name, ts in times.items():
-        step_s = min(ts)
-        results[name] = {"step_s": round(step_s, 4), "tokens_per_s": round(batch_size * seq / step_s, 1),
-                         "gflops": round(flops_per_step / step_s / 1e9, 1),
-                         "fraction_of_peak": round(flops_per_step / step_s / machine_peak, 3),
-                         "median_step_s": round(statistics.median(ts), 4), "first_loss": round(first_loss[name], 4)}
-    print(f"model: {cfg.num_params() / 1e6:.1f}M params, batch {batch_size} x {seq}, "
-          f"{flops_per_step / 1e9:.1f} GFLOP per step; remat={cfg.remat} scan={cfg.scan_layers} "
-          f"loss_chunk={args.loss_chunk or 'none'}")
-    print(f"float32 matmul peak: jax {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} GFLOP/s")
-    for name, r in results.items():
-        print(f"{name:10s} {r['tokens_per_s']:9.1f} tokens/s  {r['gflops']:7.1f} GFLOP/s  "
-              f"{100 * r['fraction_of_peak']:5.1f}% of peak   (best of {rounds}, median {r['median_step_s']} s: "
-              f"{[round(t, 2) for t in times[name]]})")
-    ratio = results["ours_f32"]["tokens_per_s"] / results["torch_f32"]["tokens_per_s"]
-    median_ratio = results["torch_f32"]["median_step_s"] / results["ours_f32"]["median_step_s"]
-    print(f"ours / torch (float32 tokens/s): {ratio:.3f} (best steps), {median_ratio:.3f} (median steps)")
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    cfg = model_config(args)
+    if args.side:  # one side's process: its result on the last line
+        result = ours(args, cfg) if args.side == "ours" else pytorch(args, cfg, args.side == "torch-ckpt")
+        print(json.dumps(result))
+        return
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = ["ours", *filter(None, args.baselines.split(","))]
+    machine_start = harness.machine()
+    runs = harness.alternate(__file__, {name: [*argv, "--side", name] for name in names}, args.alternations,
+                             args.time_limit)
+    ok = [r for side in runs.values() for r in harness.succeeded(side)]
+    if not ok:
+        raise SystemExit(f"every process failed: {runs}")
+    tokens, flops = args.batch * args.seq, cfg.flops_per_token(args.seq) * args.batch * args.seq
+    measured = max(r["matmul_peak_flops"] for r in ok)
+    published = harness.published_peak(ok[0]["device"]["device"])
+    sides = {name: summarize(r, tokens, flops, published, measured) for name, r in runs.items()}
+
+    baseline = names[1] if len(names) > 1 else None
+    ratio = median_ratio = None
+    if baseline and "error" not in sides["ours"] and "error" not in sides[baseline]:
+        ratio = round(sides["ours"]["tokens_per_s"] / sides[baseline]["tokens_per_s"], 3)
+        median_ratio = round(sides["ours"]["median_tokens_per_s"] / sides[baseline]["median_tokens_per_s"], 3)
+    print(f"{args.preset} ({cfg.num_params() / 1e6:.0f}M params, {cfg.num_layers} layers), batch {args.batch} x "
+          f"{args.seq}, {cfg.dtype} compute, matmul precision {cfg.resolved_matmul_precision or 'default'}, "
+          f"remat {cfg.remat}, attention {cfg.attention}; {flops / 1e9:.0f} GFLOP per step")
+    for name, s in sides.items():
+        if "error" in s:
+            print(f"{name:>10}: failed: {s['error']}")
+            continue
+        mfu = f"{100 * s['mfu_published_peak']:.1f}% of published peak, " if s["mfu_published_peak"] else ""
+        print(f"{name:>10}: {s['tokens_per_s']:>10.1f} tok/s best, {s['median_tokens_per_s']:>10.1f} median; "
+              f"{mfu}{100 * s['mfu_measured_matmul']:.1f}% of measured matmul; step s {s['step_s']}; "
+              f"{s['peak_memory_gb']} GB; compile {s['compile_s']} s; its matmul {s['matmul']}: "
+              f"{s['matmul_peak_tflops']:.3g} TFLOP/s")
+    if ratio is not None:
+        print(f"ours / {baseline}: {ratio} (best steps), {median_ratio} (median steps)")
     print(json.dumps({
-        "ours": results["ours_f32"], "baseline": results["torch_f32"], "ratio": round(ratio, 3),
-        "median_ratio": round(median_ratio, 3),
-        "ours_bf16": results.get("ours_bf16"),
-        "config": {**shape, "batch": batch_size, "seq": seq, "remat": cfg.remat, "scan": cfg.scan_layers,
-                   "loss_chunk": args.loss_chunk or None, "params": cfg.num_params()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_avg": os.getloadavg(), "jax": jax.__version__, "torch": torch.__version__,
-                    "peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}},
+        "benchmark": "train_step", "ratio": ratio, "median_ratio": median_ratio, "baseline": baseline, "sides": sides,
+        "config": {"preset": args.preset, "layers": cfg.num_layers, "params": cfg.num_params(), "batch": args.batch,
+                   "seq": args.seq, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat,
+                   "attention": cfg.attention, "matmul_precision": cfg.matmul_precision,
+                   "resolved_matmul_precision": cfg.resolved_matmul_precision or "default", "scan": cfg.scan_layers,
+                   "loss_chunk": args.loss_chunk or None, "steps": args.steps, "alternations": args.alternations},
+        "measured_matmul_peak_tflops": round(measured / 1e12, 4),
+        "published_bf16_peak_tflops": published and published / 1e12,
+        "machine": {"start": machine_start, "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
     }))
 
 

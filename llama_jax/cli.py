@@ -25,15 +25,18 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
 import tqdm
 
-from llama_jax import distributed
+from llama_jax import data, distributed
 from llama_jax.errors import ConfigError, LlamaJaxError
+
+if TYPE_CHECKING:
+    import ml_collections
 
 CONFIG_PREFIX = "--config."
 
@@ -69,6 +72,18 @@ def add_mesh(p: argparse.ArgumentParser) -> None:
                    help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=-1' (default: every device on fsdp)")
 
 
+def add_data(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--data", action="append", metavar="PATH[:FORMAT]", help=help or (
+        "a data source (file, directory or glob; repeat for a mixture of equal weights). FORMAT: text, jsonl, "
+        "tokens, chat, preference; default from the extension: .txt/.md text (a document per blank-line-separated "
+        "paragraph), .npy tokens, .jsonl chat / preference / jsonl by the keys of its first record"))
+
+
+def data_sources(specs: Sequence[str]) -> list[dict]:
+    """``--data`` values as ``data.sources`` entries (``llama_jax.data.source_spec``)."""
+    return [data.source_spec(spec) for spec in specs]
+
+
 def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="llama3 | byte | path of a tokenizer.model (default: the "
                                                      "checkpoint's)")
@@ -81,6 +96,17 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def terminal_text(text: str, what: str) -> str:
+    """Text as a terminal, a pipe or argv delivered it, made valid Unicode: Python keeps bytes that are not UTF-8
+    as lone surrogates ("surrogateescape"), which no tokenizer can encode; each becomes U+FFFD, with a warning
+    naming ``what`` (e.g. "--prompt 1")."""
+    bad = sum("\ud800" <= c <= "\udfff" for c in text)
+    if not bad:
+        return text
+    log(f"warning: {what} holds {bad} byte(s) that are not UTF-8 text; each was replaced by U+FFFD")
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def main(p: ArgumentParser, run: Callable[[argparse.Namespace], dict | None], argv: Sequence[str] | None = None,
@@ -116,10 +142,13 @@ def main(p: ArgumentParser, run: Callable[[argparse.Namespace], dict | None], ar
 
 def _list_config_keys(p: ArgumentParser, argv: list[str]) -> None:
     """With ``--config`` given, ``--help`` ends with every key of that config and its default."""
-    known, _ = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    if known.config:
-        lines = describe_config(load_config(known.config))
-        p.epilog = f"keys of {known.config} (override any with --config.<key>=<value>):\n" + "\n".join(lines)
+    # Read --config alone: the command's required flags need not be given with --help.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config")
+    spec = config.parse_known_args(argv)[0].config
+    if spec:
+        lines = describe_config(load_config(spec))
+        p.epilog = f"keys of {spec} (override any with --config.<key>=<value>):\n" + "\n".join(lines)
 
 
 def progress(iterable: Iterable | None = None, **kwargs) -> tqdm.tqdm:
@@ -137,6 +166,14 @@ def log(message: str) -> None:
 # --- experiment configs -----------------------------------------------------------------------------
 
 
+def _config_dict() -> type:
+    # ml_collections is imported on first use: generate and chat import this module, and the benchmarks that use
+    # them run on machines without ml_collections (the GPU machines benchmarks/gpu.sh is written for have none).
+    import ml_collections
+
+    return ml_collections.ConfigDict
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """``path.py[:arg]`` -> its ``get_config([arg])``, locked, with ``--config.<key>=<value>`` overrides applied."""
     path, _, arg = spec.partition(":")
@@ -150,8 +187,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         raise ConfigError(f"config file {path} does not parse: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} defines no get_config()")
-    config = module.get_config(arg) if arg else module.get_config()
-    if not isinstance(config, ml_collections.ConfigDict):
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (AttributeError, KeyError) as e:  # ml_collections' words for a key a locked config does not have
+        key, hint = re.search(r'Key "([^"]+)"', str(e)), re.search(r'Did you mean "([^"]+)"', str(e))
+        raise ConfigError(f"config file {path} sets unknown key {key[1] if key else e}"
+                          + (f" (did you mean {hint[1]!r}?)" if hint else "")) from None
+    if not isinstance(config, _config_dict()):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
     config.lock()
     for override in overrides:
@@ -164,17 +206,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 def set_key(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     """Sets ``config.<dotted>`` from command-line text, parsed as the type of the value it replaces."""
+    ConfigDict = _config_dict()  # noqa: N806 (a class)
     *parents, leaf = dotted.split(".")
     node = config
     for i, name in enumerate(parents):
-        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        if not isinstance(node, ConfigDict) or name not in node:
             raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in --config.{dotted})")
         node = node[name]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    if not isinstance(node, ConfigDict) or leaf not in node:
+        known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
         raise ConfigError(f"unknown config key {dotted!r}; keys there: {known}")
     current = node[leaf]
-    if isinstance(current, ml_collections.ConfigDict):
+    if isinstance(current, ConfigDict):
         raise ConfigError(f"config key {dotted!r} is a section; set its keys one by one (--config.{dotted}.<key>=...)")
     try:
         node[leaf] = parse_value(text, current)
@@ -211,7 +254,7 @@ def describe_config(config: ml_collections.ConfigDict, prefix: str = "") -> list
     lines = []
     for key in config.keys():
         value = config[key]
-        if isinstance(value, ml_collections.ConfigDict):
+        if isinstance(value, _config_dict()):
             lines += describe_config(value, f"{prefix}{key}.")
         else:
             lines.append(f"  --config.{prefix}{key}={json.dumps(value, default=str)}")

@@ -14,8 +14,12 @@ from llama_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "dense")
+# The fields that make the network (what config.json / params.json record); the rest says how it runs.
+ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim", "norm_eps",
+                "rope_theta", "rope_scaling", "tie_embeddings")
+ATTENTION_IMPLS = ("auto", "dense", "flash")
 CONTEXT_PARALLEL_MODES = ("auto", "off", "ring", "all_gather")
+MATMUL_PRECISIONS = ("auto", "highest", "high", "default")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,9 +53,12 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations (softmax/norms stay float32)
     remat: str = "none"  # activation checkpointing per block: none | full | dots | dots_no_batch
     scan_layers: bool = True  # parameter layout: stacked under nn.scan (one compiled block) or one subtree per layer
-    attention: str = "auto"  # attention kernel (ops.attention): auto | dense
+    attention: str = "auto"  # attention kernel (ops.attention): dense | flash (fused); auto: dense until the fused
+    #                          kernel has been measured on GPU/TPU (benchmarks/gpu.sh)
     context_parallel: str = "auto"  # sequence-split attention: auto (ring when the mesh splits length) | off | ring
     #                                 | all_gather
+    matmul_precision: str = "auto"  # precision of every matmul (see resolved_matmul_precision): auto | highest
+    #                                 | high | default
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -68,7 +75,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        for name, allowed in (("attention", ATTENTION_IMPLS), ("context_parallel", CONTEXT_PARALLEL_MODES)):
+        for name, allowed in (("attention", ATTENTION_IMPLS), ("context_parallel", CONTEXT_PARALLEL_MODES),
+                              ("matmul_precision", MATMUL_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("param_dtype", "dtype"):
@@ -81,6 +89,20 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.num_heads
 
+    @property
+    def resolved_matmul_precision(self) -> str | None:
+        """The ``precision=`` every matmul of the network, its loss and its attention passes to jax.
+
+        "auto" asks for what ``dtype`` promises: float32 compute gets "highest" (true float32 products, as
+        PyTorch and XLA:CPU give; XLA would otherwise run float32 matmuls as TF32 on NVIDIA GPUs and as one
+        bfloat16 pass on TPUs), 16-bit compute gets None, the backend's fast default. "high" is TF32 on GPUs and
+        three bfloat16 passes on TPUs; "default" (None) leaves the choice to the backend and to the user's own
+        ``jax.default_matmul_precision`` / JAX_DEFAULT_MATMUL_PRECISION. No global flag is ever set here.
+        """
+        if self.matmul_precision == "auto":
+            return "highest" if self.dtype == "float32" else None
+        return None if self.matmul_precision == "default" else self.matmul_precision
+
     def replace(self, **changes: Any) -> ModelConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -91,6 +113,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def architecture_differences(self, other: ModelConfig) -> list[str]:
+        """``name: mine vs theirs`` for each ARCHITECTURE field where two configs differ (empty: same network)."""
+        return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}" for name in ARCHITECTURE
+                if getattr(self, name) != getattr(other, name)]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -239,7 +266,8 @@ def from_hf(d: dict[str, Any], **overrides: Any) -> ModelConfig:
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict for ``cfg`` (transformers' LlamaForCausalLM)."""
+    """The Hugging Face ``config.json`` dict for ``cfg`` (transformers' LlamaForCausalLM); token ids such as
+    ``bos_token_id`` belong to the tokenizer, so ``formats.hf`` adds them."""
     d: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -247,7 +275,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "head_dim": cfg.resolved_head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": cfg.param_dtype, "bos_token_id": 128_000, "eos_token_id": 128_001,
+        "torch_dtype": cfg.param_dtype,
     }
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling

@@ -5,7 +5,11 @@
     python -m llama_jax.convert --checkpoint llama-3.2-1b-hf/ --to llama_jax --out ckpt/
 
 The source format is detected from its files (``--from`` only checks it). OUT must not exist yet (or be an empty
-directory); it appears only when the conversion has succeeded.
+directory); it appears only when the conversion has succeeded. The tokenizer's identity and the context length
+travel with the weights (an HF export also gets tokenizer files and a generation config); where the source does
+not record them (a Meta or HF directory from elsewhere), the tokenizer is inferred from a tokenizer.model there or a
+Llama 3 vocabulary, else give ``--tokenizer``; Meta's context length from its RoPE scaling, else ``--max-seq-len``.
+A quantized checkpoint converts only to llama_jax.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import argparse
 from collections.abc import Sequence
 
 from llama_jax import checkpoint, cli
-from llama_jax.errors import CheckpointError
+from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.tokenizer import from_identity
 
 parser = cli.parser("python -m llama_jax.convert", __doc__)
 cli.add_checkpoint(parser, help="source: llama_jax run or step directory, Hugging Face directory or Meta directory")
@@ -24,20 +29,35 @@ parser.add_argument("--to", dest="dst_format", choices=checkpoint.FORMATS, requi
 parser.add_argument("--out", required=True, metavar="DIR", help="new directory to write")
 parser.add_argument("--num-shards", type=int, default=1, help="model-parallel shards of a Meta export")
 parser.add_argument("--max-shard-gb", type=float, default=5.0, help="size of HF safetensors shards")
+parser.add_argument("--tokenizer", default=None, help="the model's tokenizer where the source does not record it "
+                                                      "(or to replace it): llama3 | byte | path of a tokenizer.model")
+parser.add_argument("--max-seq-len", type=int, default=None,
+                    help="the model's context length where the source does not record it (Meta's params.json)")
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.num_shards < 1:
+        raise ConfigError(f"--num-shards must be >= 1 (model-parallel ranks of a Meta export), got {args.num_shards}")
+    if not args.max_shard_gb > 0:
+        raise ConfigError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     checkpoint.check_destination(args.out)  # before reading: fail in seconds, not after minutes
     detected = checkpoint.detect_format(args.checkpoint)
     if args.src_format is not None and args.src_format != detected:
         raise CheckpointError(f"{args.checkpoint} looks like a {detected!r} checkpoint, not {args.src_format!r}")
     params, cfg, metadata = checkpoint.load(args.checkpoint, progress=lambda files: cli.progress(
         files, desc="reading", unit="file"))
-    checkpoint.export(args.out, args.dst_format, params, cfg, tokenizer=metadata.get("tokenizer"),
+    tokenizer = from_identity(metadata.get("tokenizer"), args.tokenizer)
+    if args.max_seq_len is not None:
+        cfg = cfg.replace(max_seq_len=args.max_seq_len)
+    checkpoint.export(args.out, args.dst_format, params, cfg, tokenizer=tokenizer,
                       num_shards=args.num_shards, max_shard_bytes=int(args.max_shard_gb * 2**30),
                       progress=lambda files: cli.progress(files, desc="writing", unit="file"))
     cli.log(f"wrote {args.dst_format} checkpoint of {cfg.num_params():,} parameters to {args.out}")
-    return {"from": detected, "to": args.dst_format, "out": args.out, "num_params": cfg.num_params()}
+    if tokenizer is None:
+        cli.log(f"warning: {args.checkpoint} does not say which tokenizer the model uses (and its vocabulary is not "
+                "Llama 3's), so the export records none and has no tokenizer files: pass --tokenizer to add them")
+    return {"from": detected, "to": args.dst_format, "out": args.out, "num_params": cfg.num_params(),
+            "tokenizer": None if tokenizer is None else tokenizer.name, "max_seq_len": cfg.max_seq_len}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

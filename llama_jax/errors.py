@@ -13,6 +13,10 @@ class CheckpointError(LlamaJaxError):
     """A checkpoint or weight file that is missing, truncated or inconsistent."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files no longer hold what was saved (checksum mismatch, truncated, missing item)."""
+
+
 class DataError(LlamaJaxError, ValueError):
     """Malformed input data: records, token ids, batch shapes."""
 

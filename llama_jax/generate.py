@@ -2,6 +2,7 @@
 
     outs = generate(params, cfg, [[128000, 9906], [128000, 40, 1093]], max_new_tokens=32)   # greedy
     outs = generate(params, cfg, prompts, 64, temperature=0.7, top_p=0.9, seed=1)
+    outs = generate(params, cfg, prompts, 64, temperature=1.0, samples_per_prompt=8)   # 8 rows per prompt
     for new in stream(params, cfg, prompts, 64): ...      # per step: one token (or None) per prompt
 
 CLI: ``python -m llama_jax.generate --checkpoint PATH --prompt "Once upon a time" [--mesh tensor=8]``.
@@ -10,6 +11,11 @@ How a batch of prompts of different lengths is run: prompts are right-padded to 
 prefilled together; pad slots get segment id 0, so no real token ever attends to them. Each row then
 decodes at its own RoPE position (its prompt length + step) while all rows write the same cache slot
 (T + step): the cache mask works by slot index, and the positions carry the true distances.
+
+Several samples of one prompt (``samples_per_prompt`` K, rejection sampling's best-of-K): each prompt is
+prefilled once, and its KV cache and next-token distribution are broadcast to its K rows (rows i K .. i K + K - 1),
+which then decode as a batch of P K rows. That gives exactly the samples of K separate prefills of the prompt
+(the same rows, the same random numbers), for 1 / K of the prefill compute.
 
 The cache is preallocated at the model's GQA shape ``[L, B, S, K, H]`` and donated to every step, so
 XLA updates it in place. The host reads step i's tokens while the device already runs step i + 1.
@@ -54,6 +60,8 @@ class Sampling:
     temperature: float = 0.0  # 0 means greedy (argmax)
     top_k: int | None = None  # keep only the k most likely tokens
     top_p: float | None = None  # keep the smallest set of most likely tokens whose mass reaches p
+    vocab_size: int | None = None  # only ids below this are drawn: the tokenizer's, when the model's vocabulary
+    #                                is padded beyond it (None: every id of the model)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -62,10 +70,15 @@ class Sampling:
             raise ConfigError(f"top_k must be a positive int or None, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            raise ConfigError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """logits [B, V] float32 -> token ids [B] int32."""
+    if sampling.vocab_size is not None and sampling.vocab_size < logits.shape[-1]:
+        known = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < sampling.vocab_size
+        logits = jnp.where(known, logits, -jnp.inf)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -100,7 +113,9 @@ def prefill_logits(params, cache, tokens, lengths, cfg: ModelConfig):
                                            output="hidden")  # [B, T, D]
     last = hidden[jnp.arange(b), lengths - 1]  # [B, D]: only each prompt's last position needs logits
     head = model.lm_head_kernel(params, cfg).astype(last.dtype)
-    return jnp.einsum("BD,DV->BV", last, head, preferred_element_type=jnp.float32), cache
+    logits = jnp.einsum("BD,DV->BV", last, head, preferred_element_type=jnp.float32,
+                        precision=cfg.resolved_matmul_precision)
+    return logits, cache
 
 
 def decode_logits(params, cache, tokens, positions, cfg: ModelConfig):
@@ -110,12 +125,25 @@ def decode_logits(params, cache, tokens, positions, cfg: ModelConfig):
     return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len"))
-def _prefill(params, tokens, lengths, key, *, cfg: ModelConfig, sampling: Sampling, cache_len: int):
-    """Creates the cache (laid out by its logical axes when a mesh is active) and fills it with the prompts."""
-    cache = model.init_cache(cfg, tokens.shape[0], cache_len)
-    cache = {name: nn.with_logical_constraint(x, _CACHE_AXES[name]) for name, x in cache.items()}
+def _constrain(cache: dict) -> dict:
+    return {name: nn.with_logical_constraint(x, _CACHE_AXES[name]) for name, x in cache.items()}
+
+
+def broadcast_cache(cache: dict, samples: int) -> dict:
+    """A prefilled cache of P rows -> P * samples rows, row i repeated ``samples`` times (rows i K .. i K + K - 1)."""
+    batch_axis = {"k": 1, "v": 1, "positions": 0, "segment_ids": 0}
+    return {name: x if name == "index" else jnp.repeat(x, samples, axis=batch_axis[name]) for name, x in cache.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len", "samples"))
+def _prefill(params, tokens, lengths, key, *, cfg: ModelConfig, sampling: Sampling, cache_len: int,
+             samples: int = 1):
+    """Creates the cache (laid out by its logical axes when a mesh is active), fills it with the prompts, and
+    broadcasts it and the next-token logits to ``samples`` rows per prompt."""
+    cache = _constrain(model.init_cache(cfg, tokens.shape[0], cache_len))
     logits, cache = prefill_logits(params, cache, tokens, lengths, cfg)
+    if samples > 1:
+        logits, cache = jnp.repeat(logits, samples, axis=0), _constrain(broadcast_cache(cache, samples))
     return sample(logits, key, sampling), cache
 
 
@@ -165,15 +193,23 @@ def stream(
     seed: int = 0,
     stop_ids: Sequence[int] = LLAMA3_STOP_IDS,
     mesh=None,
+    vocab_size: int | None = None,
+    samples_per_prompt: int = 1,
 ) -> Iterator[list[int | None]]:
-    """Yields, step by step, one new token per prompt (None once that prompt has stopped).
+    """Yields, step by step, one new token per row (None once that row has stopped).
 
-    A prompt stops after emitting one of ``stop_ids`` or ``max_new_tokens`` tokens; the iteration ends
-    when every prompt has stopped. ``mesh`` (from ``llama_jax.sharding.make_mesh``) runs the steps
+    A row stops after emitting one of ``stop_ids`` or ``max_new_tokens`` tokens; the iteration ends
+    when every row has stopped. ``mesh`` (from ``llama_jax.sharding.make_mesh``) runs the steps
     sharded by the library's logical-axis rules, e.g. tensor-parallel decode on ``"tensor=8"``.
+    ``vocab_size``: draw only ids below it (pass the tokenizer's, so every id decodes; the tiny preset's 512 ids
+    hold the byte tokenizer's 264, and a random or briefly trained model gives the others mass).
+    ``samples_per_prompt`` K: K rows per prompt (rows i K .. i K + K - 1 continue prompt i) from one prefill
+    of each prompt (see the module docstring).
     """
     check_prompts(prompts, cfg, max_new_tokens)
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p, vocab_size)
+    if not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+        raise ConfigError(f"samples_per_prompt must be an int >= 1, got {samples_per_prompt!r}")
     if max_new_tokens == 0:
         return
     cfg = cfg.replace(remat="none")  # nothing to recompute without a backward pass
@@ -187,14 +223,16 @@ def stream(
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
     key, prefill_key = jax.random.split(jax.random.key(seed))
+    rows = batch * samples_per_prompt
     if mesh is not None:
-        params = _shard_for_decode(params, cfg, mesh, batch, cache_len)
-    prefill = _on_mesh(mesh, functools.partial(_prefill, cfg=cfg, sampling=sampling, cache_len=cache_len))
+        params = _shard_for_decode(params, cfg, mesh, rows, cache_len)
+    prefill = _on_mesh(mesh, functools.partial(_prefill, cfg=cfg, sampling=sampling, cache_len=cache_len,
+                                               samples=samples_per_prompt))
     decode_step = _on_mesh(mesh, functools.partial(_decode_step, cfg=cfg, sampling=sampling))
     new, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), prefill_key)
-    positions = jnp.asarray(lengths)
+    positions = jnp.asarray(np.repeat(lengths, samples_per_prompt))
     stops = np.asarray(list(stop_ids), np.int64)
-    active = np.ones(batch, bool)
+    active = np.ones(rows, bool)
     for step in range(max_new_tokens):
         current = new
         if step + 1 < max_new_tokens:  # queue the next step before reading this one back to the host
@@ -218,14 +256,20 @@ def generate(
     stop_ids: Sequence[int] = LLAMA3_STOP_IDS,
     mesh=None,
     on_token: Callable[[int, int], None] | None = None,
+    vocab_size: int | None = None,
+    samples_per_prompt: int = 1,
 ) -> list[list[int]]:
-    """Continues each prompt (a list of token ids); returns the new ids per prompt, prompt excluded.
+    """Continues each prompt (a list of token ids); returns the new ids per row, prompt excluded (with
+    ``samples_per_prompt`` K, K rows per prompt: row i K + j is prompt i's sample j).
 
     Greedy when ``temperature`` is 0, otherwise sampled (optionally restricted by ``top_k`` / ``top_p``)
     with a PRNG seeded by ``seed``. ``on_token(row, token)`` is called for each token as it is produced.
+    ``vocab_size``: draw only ids below it (the tokenizer's; see ``stream``).
     """
-    outputs: list[list[int]] = [[] for _ in prompts] if not isinstance(prompts, (str, bytes)) else []
-    for new in stream(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, mesh):
+    rows = len(prompts) * samples_per_prompt if not isinstance(prompts, (str, bytes)) else 0
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    for new in stream(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, mesh,
+                      vocab_size, samples_per_prompt):
         for row, token in enumerate(new):
             if token is not None:
                 outputs[row].append(token)
@@ -308,16 +352,17 @@ parser.add_argument("--no-bos", action="store_true", help="do not start prompts 
 def run(args: argparse.Namespace) -> dict:
     params, cfg, tok = load_model(args.checkpoint, args.tokenizer)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    prompts = [tok.encode(text, bos=not args.no_bos) for text in args.prompt]
-    sampling = dict(cli.sampling_kwargs(args), stop_ids=tok.stop_ids, mesh=mesh)
+    texts = [cli.terminal_text(text, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
+    prompts = [tok.encode(text, bos=not args.no_bos) for text in texts]
+    sampling = dict(cli.sampling_kwargs(args), stop_ids=tok.stop_ids, mesh=mesh, vocab_size=tok.vocab_size)
     if len(prompts) == 1:  # stream a single prompt as it is generated
-        sys.stdout.write(args.prompt[0])
+        sys.stdout.write(texts[0])
         steps = stream(params, cfg, prompts, args.max_new_tokens, **sampling)
         outputs = [print_stream(tok, (new[0] for new in steps))]
         sys.stdout.write("\n")
     else:
         outputs = generate(params, cfg, prompts, args.max_new_tokens, **sampling)
-        for text, ids in zip(args.prompt, outputs):
+        for text, ids in zip(texts, outputs):
             print(text + tok.decode(ids))
     return {"completions": [tok.decode(ids) for ids in outputs], "tokens": [len(ids) for ids in outputs]}
 

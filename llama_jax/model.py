@@ -30,10 +30,14 @@ RoPE uses the rotate-half convention of Hugging Face (pairs are (i, i + H/2) wit
 weights load unchanged; Meta's checkpoints pair (2i, 2i+1) and `convert` permutes their q/k rows.
 
 Attention mask: key s is visible to query t when both carry the same segment id and s's position is
-not after t's (``attention_mask``); ``segment_ids`` 0 marks padding. Causality by position rather than
+not after t's (``ops.attention.attention_mask``; a negative segment id is a prefix shared by the row's
+real segments, the reward model's packed row); ``segment_ids`` 0 marks padding. Causality by position rather than
 by index lets a packed row be stored in any order (context parallelism's zig-zag layout), and the mask
 is built per block from [B, T] vectors, never carried as a [B, T, S] array. The KV cache keeps each
 slot's position and segment id (0: empty).
+
+Every matmul, attention's included, runs at ``cfg.resolved_matmul_precision``: float32 compute means float32
+products on GPUs and TPUs too, bfloat16 compute the backend's fast default (``ModelConfig.matmul_precision``).
 """
 
 from __future__ import annotations
@@ -113,9 +117,10 @@ class RMSNorm(nn.Module):
         return normed.astype(dtype) * scale.astype(dtype)
 
 
-def attention_impl(cfg: ModelConfig) -> str:
-    """The attention kernel ``cfg.attention`` names ("auto": dense, the only one so far)."""
-    return "dense" if cfg.attention == "auto" else cfg.attention
+def attention_impl(cfg: ModelConfig, cached: bool) -> str:
+    """The attention kernel: ``cfg.attention`` ("auto": dense until the fused one is measured on GPU/TPU); a KV-cache
+    step is always dense (one query row: nothing to fuse)."""
+    return "dense" if cached or cfg.attention == "auto" else cfg.attention
 
 
 def context_parallel_mode(cfg: ModelConfig) -> str:
@@ -134,7 +139,7 @@ class Attention(nn.Module):
         """keys: (positions, segment_ids) [B, S] of every key (this call's tokens, or the updated cache)."""
         cfg = self.cfg
         d, n, k, h = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        dtype = jnp.dtype(cfg.dtype)
+        dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
         in_init, out_init = _fan_in_init((0,)), _fan_in_init((0, 1))
         wq = _param(self, "query", (d, n, h), ("embed", "heads", "head_dim"), in_init)
         wk = _param(self, "key", (d, k, h), ("embed", "kv_heads", "head_dim"), in_init)
@@ -142,9 +147,9 @@ class Attention(nn.Module):
         wo = _param(self, "out", (n, h, d), ("heads", "head_dim", "embed"), out_init)
 
         inv_freq = rope_frequencies(cfg)
-        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype)), positions, inv_freq)
-        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype)), positions, inv_freq)
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype))
+        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype), precision=precision), positions, inv_freq)
+        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype), precision=precision), positions, inv_freq)
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype), precision=precision)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
         if kv_cache is not None:  # write this step's keys/values at the cache's write index
@@ -154,10 +159,12 @@ class Attention(nn.Module):
             kv_cache = (k, v)
         k, v = k.astype(dtype), v.astype(dtype)
         if kv_cache is None and context_parallel_mode(cfg) != "off":  # length split over the mesh's sequence axis
-            out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg))
+            out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg),
+                                             precision=precision)
         else:
-            out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, impl=attention_impl(cfg))
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype)), kv_cache
+            out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, precision=precision,
+                                          impl=attention_impl(cfg, cached=kv_cache is not None))
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype), precision=precision), kv_cache
 
 
 class FeedForward(nn.Module):
@@ -170,18 +177,18 @@ class FeedForward(nn.Module):
         gate = _param(self, "gate", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         up = _param(self, "up", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         down = _param(self, "down", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), in_init)
-        dtype = jnp.dtype(cfg.dtype)
+        dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
         if isinstance(gate, quantized.QuantizedArray):  # an inference tree from llama_jax.quantize
-            gated, ungated = quantized.matmul(x, gate, dtype), quantized.matmul(x, up, dtype)
+            gated, ungated = (quantized.matmul(x, w, dtype, precision) for w in (gate, up))
         else:
             # One matmul against gate and up stacked on a new axis (the mlp axis keeps its sharding): XLA:CPU ran
             # the train step ~9% faster than with two matmuls, whose backward transposes cost more than the stack.
             kernel = jnp.stack([gate, up], axis=1).astype(dtype)  # [D, 2, F]
-            both = jnp.einsum("BTD,DCF->BTCF", x, kernel)
+            both = jnp.einsum("BTD,DCF->BTCF", x, kernel, precision=precision)
             gated, ungated = both[:, :, 0], both[:, :, 1]
         hidden = jax.nn.silu(gated) * ungated  # [B, T, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return quantized.matmul(hidden, down, dtype)
+        return quantized.matmul(hidden, down, dtype, precision)
 
 
 class Block(nn.Module):
@@ -291,7 +298,8 @@ class Llama(nn.Module):
                 head = embedding.T
             else:
                 head = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), _fan_in_init((0,)))
-            result = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+            result = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32,
+                                precision=cfg.resolved_matmul_precision)
             result = nn.with_logical_constraint(result, ("batch", "length", "vocab"))
         if cache is None:
             return result
@@ -314,10 +322,17 @@ def validate_tokens(tokens, vocab_size: int) -> None:
         raise DataError(f"token id(s) {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab_size})")
 
 
+def boxed_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Fresh parameters, each leaf boxed with its logical axes (flax's Partitioned). Initialisation traces one
+    token through the dense attention, whatever kernel or context parallelism ``cfg`` runs with."""
+    init_cfg = cfg.replace(attention="dense", context_parallel="off")
+    return Llama(init_cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Params:
     """Fresh parameters as a plain nested dict; with ``mesh``, each leaf is created directly in its shards."""
     # jit: one compiled program instead of hundreds of eagerly dispatched ops (seconds even for `tiny`).
-    init = jax.jit(lambda key: nn.meta.unbox(Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]),
+    init = jax.jit(lambda key: nn.meta.unbox(boxed_params(cfg, key)),
                    out_shardings=None if mesh is None else param_shardings(cfg, mesh))
     return init(rng)
 
@@ -337,7 +352,7 @@ def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh):
 
 @functools.lru_cache(maxsize=32)
 def _abstract_boxed(cfg: ModelConfig):
-    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return jax.eval_shape(lambda: boxed_params(cfg, jax.random.key(0)))
 
 
 def param_shapes(cfg: ModelConfig) -> Params:

@@ -92,6 +92,10 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids (specials are written out); bytes that are not valid UTF-8 become U+FFFD."""
 
+    @abc.abstractmethod
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of every ordinary id, indexed by id (ids 0 .. len - 1; the special ids follow them)."""
+
     def encode(
         self, text: str, *, bos: bool = False, eos: bool = False, allowed_special: AllowedSpecial = ()
     ) -> list[int]:
@@ -102,6 +106,11 @@ class Tokenizer(abc.ABC):
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: what Python makes of undecodable bytes, or a "\ud800"
+            raise TokenizerError(f"text holds a lone surrogate {text[e.start]!r} at character {e.start}: not valid "
+                                 "Unicode, so it cannot be encoded (undecodable input bytes?)") from None
         ids = [self.bos_id] if bos else []
         allowed = self._allowed_specials(allowed_special)
         if allowed:
@@ -225,6 +234,7 @@ class Llama3Tokenizer(Tokenizer):
         data = _read_file(self.path)
         self.sha256 = hashlib.sha256(data).hexdigest()
         ranks = _parse_ranks(data, self.path)
+        self._ranks = ranks
         self.special_tokens = _llama3_specials()
         self.vocab_size = LLAMA3_NUM_RANKS + LLAMA3_NUM_SPECIALS
         self._encoding = tiktoken.Encoding(
@@ -242,6 +252,9 @@ class Llama3Tokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._encoding.decode(self._check_ids(ids), errors="replace")
+
+    def token_bytes(self) -> list[bytes]:
+        return sorted(self._ranks, key=self._ranks.__getitem__)
 
 
 class ByteTokenizer(Tokenizer):
@@ -273,6 +286,9 @@ class ByteTokenizer(Tokenizer):
     def _encode_ordinary(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def token_bytes(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)]
+
     def decode(self, ids: Iterable[int]) -> str:
         # Bytes between specials are decoded together, so multi-byte characters survive.
         parts, pending = [], bytearray()
@@ -293,6 +309,21 @@ def get_tokenizer(name_or_path: str | Path = "llama3") -> Tokenizer:
     if name_or_path == "byte":
         return ByteTokenizer()
     return Llama3Tokenizer(name_or_path)
+
+
+def from_identity(identity: Mapping[str, Any] | None, override: str | Path | None = None) -> Tokenizer | None:
+    """The tokenizer a checkpoint records (``{"name", "sha256"}``, as ``checkpoint.load`` reports it), checked
+    against its sha256; ``override`` (a name or path, e.g. a command's ``--tokenizer``) wins; None if neither."""
+    if override is not None:
+        return get_tokenizer(override)
+    if not identity:
+        return None
+    tok = get_tokenizer(identity["name"])
+    if identity.get("sha256") and identity["sha256"] != tok.sha256:
+        raise TokenizerError(f"the checkpoint was made with a {identity['name']!r} tokenizer of sha256 "
+                             f"{identity['sha256'][:12]}..., but the one found here has {tok.sha256[:12]}...; pass the "
+                             "tokenizer.model it was trained with (--tokenizer PATH)")
+    return tok
 
 
 def default_model_path() -> Path:

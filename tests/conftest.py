@@ -10,3 +10,60 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- helpers several test files share (plain functions: import them with `from conftest import ...`) -----------
+
+
+def successor_params(cfg, successor: dict):
+    """A model whose greedy next token is successor[last token]: blocks zeroed (identity), one-hot embeddings,
+    and an LM head mapping each token's direction to its successor's logit (needs cfg.dim >= cfg.vocab_size)."""
+    import jax
+    import numpy as np
+
+    from llama_jax import model
+
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.param_shapes(cfg))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.ones_like(x) if "norm" in jax.tree_util.keystr(p) else x, params)
+    params["embedding"] = np.eye(cfg.vocab_size, cfg.dim, dtype=np.float32)
+    head = np.zeros((cfg.dim, cfg.vocab_size), np.float32)
+    for token, nxt in successor.items():
+        head[token, nxt] = 1.0
+    params["lm_head"] = head
+    return params
+
+
+def processes(data_cfg, count: int, split: str = "train", state=None, tokenizer=None) -> list:
+    """The batch iterators of ``count`` simulated processes (``make_batches`` with process_index / count; byte
+    tokenizer by default), resumed from ``state`` (round-tripped through JSON, as a checkpoint gives it back)."""
+    import json
+
+    from llama_jax.data import make_batches
+    from llama_jax.tokenizer import ByteTokenizer
+
+    tokenizer = tokenizer or ByteTokenizer()
+    its = [make_batches(data_cfg, tokenizer, split=split, process_index=p, process_count=count) for p in range(count)]
+    for it in its if state is not None else ():
+        it.set_state(json.loads(json.dumps(state)))
+    return its
+
+
+def joined(parts: list) -> dict:
+    """Process-local batches (nested dicts allowed) -> the global batch, rows in process order."""
+    import numpy as np
+
+    return {k: joined([p[k] for p in parts]) if isinstance(parts[0][k], dict) else np.concatenate([p[k] for p in parts])
+            for k in parts[0]}
+
+
+def global_batches(its: list, steps: int | None = None) -> list:
+    """Global batches from every process's iterator, until ``steps`` or the end; all processes must end together."""
+    out = []
+    while steps is None or len(out) < steps:
+        parts = [next(it, None) for it in its]
+        if all(p is None for p in parts):
+            break
+        assert all(p is not None for p in parts), f"processes ended at different batches (batch {len(out)})"
+        out.append(joined(parts))
+    return out

@@ -4,7 +4,7 @@ import io
 import json
 
 import jax
-import numpy as np
+from conftest import successor_params
 
 from llama_jax import chat, checkpoint, model
 from llama_jax import generate as gen
@@ -50,18 +50,6 @@ def test_chat_turns_follow_the_dialog_format(tmp_path, monkeypatch, capsys):
     assert out == expected + chat.USER + "\n"
 
 
-def successor_params(cfg: ModelConfig, successor: dict[int, int]) -> dict:
-    """A model whose greedy next token is successor[last token]: blocks zeroed (identity), one-hot embeddings,
-    and an LM head mapping each token's direction to its successor's logit."""
-    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.param_shapes(cfg))
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: np.ones_like(x) if "norm" in jax.tree_util.keystr(p) else x, params)
-    params["embedding"] = np.eye(cfg.vocab_size, cfg.dim, dtype=np.float32)
-    head = np.zeros((cfg.dim, cfg.vocab_size), np.float32)
-    for token, nxt in successor.items():
-        head[token, nxt] = 1.0
-    params["lm_head"] = head
-    return params
 
 
 def test_tool_call_turns_are_shown_and_answered(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ from llama_jax import config as config_lib
 from llama_jax.config import RopeScaling
 from llama_jax.convert import main as convert_main
 from llama_jax.errors import CheckpointError
+from llama_jax.tokenizer import ByteTokenizer
 
 BASE = config_lib.get("tiny", num_layers=2)
 CONFIGS = {
@@ -68,7 +69,7 @@ def test_hf_round_trip(tmp_path, name, max_shard_bytes):
     checkpoint.export(str(tmp_path / "hf"), "hf", params, cfg, **kwargs)
     files = sorted(os.listdir(tmp_path / "hf"))
     if max_shard_bytes is None:
-        assert files == ["config.json", "model.safetensors"]
+        assert files == ["config.json", "llama_jax.json", "model.safetensors"]  # no tokenizer: no tokenizer files
     else:
         assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 2
     with safe_open(str(tmp_path / "hf" / [f for f in files if f.endswith(".safetensors")][0]), "numpy") as f:
@@ -87,17 +88,16 @@ def test_meta_round_trip(tmp_path, name, shards):
     params = _params(cfg)
     checkpoint.export(str(tmp_path / "meta"), "meta", params, cfg, num_shards=shards)
     files = sorted(os.listdir(tmp_path / "meta"))
-    assert set(files) == {"params.json"} | {f"consolidated.{r:02d}.pth" for r in range(shards)}
+    assert set(files) == {"params.json", "llama_jax.json"} | {f"consolidated.{r:02d}.pth" for r in range(shards)}
     back, cfg_back = read(str(tmp_path / "meta"))
     _assert_trees_equal(back, params)
-    # Meta's params.json does not record the context length; everything else survives.
-    assert cfg_back == cfg.replace(max_seq_len=cfg_back.max_seq_len)
+    assert cfg_back == cfg  # params.json lacks the context length: llama_jax.json carries it
 
 
 def test_llama_jax_export_round_trip(tmp_path):
     cfg = CONFIGS["tied-bf16"]
     params = _params(cfg)
-    checkpoint.export(str(tmp_path / "ckpt"), "llama_jax", params, cfg, tokenizer={"name": "byte", "sha256": "0" * 64})
+    checkpoint.export(str(tmp_path / "ckpt"), "llama_jax", params, cfg, tokenizer=ByteTokenizer())
     loaded, cfg_back, meta = checkpoint.load(str(tmp_path / "ckpt"))
     _assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
     assert cfg_back == cfg and meta["stage"] == "export" and meta["tokenizer"]["name"] == "byte"

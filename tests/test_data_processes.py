@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import global_batches, processes
 
 from llama_jax.data import concat_batches, make_batches, merge_states, split_rows
 from llama_jax.data import sources as sources_lib
@@ -50,24 +51,8 @@ def data_cfg(request, tmp_path):
     return write_mixture(tmp_path)[0]
 
 
-def processes(cfg, count, split="train", state=None):
-    its = [make_batches(cfg, TOK, split=split, process_index=p, process_count=count) for p in range(count)]
-    if state is not None:
-        for it in its:
-            it.set_state(json.loads(json.dumps(state)))  # as a checkpoint gives it back
-    return its
 
 
-def global_batches(its, steps=None):
-    """Batches of all processes' rows, concatenated in process order; all processes must end together."""
-    out = []
-    while steps is None or len(out) < steps:
-        parts = [next(it, None) for it in its]
-        if all(p is None for p in parts):
-            break
-        assert all(p is not None for p in parts), f"processes ended at different batches (batch {len(out)})"
-        out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-    return out
 
 
 def assert_equal_batches(a, b):

@@ -1,83 +1,108 @@
-"""Two real processes on loopback (4 CPU devices each, gloo collectives) run sharded train steps together and
-reach the same losses as one process with all 8 devices. Run as a script, this file is one of the workers."""
+"""The command users run, `python -m llama_jax.train`, on two real processes over loopback (4 CPU devices each,
+gloo collectives): the same losses and parameters as one process with all 8 devices, one writer of logs,
+complete checkpoints, and a resume on another number of processes that continues with the same data."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 
+from llama_jax.checkpoint import CheckpointManager
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 MESH = "data=2,fsdp=2,tensor=2"
-GLOBAL_BATCH, SEQ, STEPS = 8, 16, 3
 
 
-def train(log_path=None):
-    """Steps of llama_jax.train's sharded train step (tiny model, SGD) on MESH; each process loads only its own
-    rows. Returns the losses."""
-    import jax
-    import optax
-
-    from llama_jax import config, distributed, sharding
-    from llama_jax.train import create_state, make_train_step, pretrain, state_shardings
-
-    cfg = config.get("tiny", vocab_size=256, dim=64, num_layers=2, num_heads=8, num_kv_heads=4, ffn_dim=128)
-    mesh = sharding.make_mesh(MESH)
-    tx = optax.sgd(0.5)
-    train_state = create_state(cfg, tx, mesh, seed=0)
-    step = make_train_step(pretrain.make_loss_fn(cfg), tx, mesh, state_shardings(cfg, tx, mesh))
-    losses = []
-    for i in range(STEPS):
-        data = np.random.default_rng(i).integers(0, cfg.vocab_size, (GLOBAL_BATCH, SEQ + 1), dtype=np.int32)
-        rows = data[distributed.local_rows(GLOBAL_BATCH)]  # process-local loading
-        batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": np.ones_like(rows[:, 1:]),
-                 "segment_ids": np.ones_like(rows[:, 1:]), "positions": np.tile(np.arange(SEQ, dtype=np.int32),
-                                                                               (len(rows), 1))}
-        train_state, metrics = step(train_state, batch)  # numpy rows -> sharded global batch inside
-        losses.append(float(metrics["loss"]))
-    if log_path and distributed.is_main_process():
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"losses": losses, "processes": jax.process_count()}) + "\n")
-    return losses
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    words = "a multi host run reads its own rows of one global batch and the loss is the same".split()
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(words, size=rng.integers(4, 40))) for _ in range(300)))
+    return path
 
 
-def _free_port():
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    from llama_jax import distributed  # noqa: F401  (the workers import it; fail here first if it is broken)
-
-    want = train()
-    port, log = _free_port(), tmp_path / "log.jsonl"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    workers = [subprocess.Popen([sys.executable, __file__, f"127.0.0.1:{port}", str(i), str(log)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def _train(corpus, run_dir, steps, processes):
+    """Runs the train command as `processes` processes splitting 8 devices; returns each one's stdout."""
+    command = [sys.executable, "-m", "llama_jax.train", f"--config={TINY}:{corpus}", f"--config.run_dir={run_dir}",
+               f"--config.mesh={MESH}", f"--config.train.steps={steps}", "--config.checkpoint.every=2",
+               "--config.logging.eval_every=0"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    if processes > 1:
+        port = _free_port()
+        flags = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),  # noqa: E731
+                           "--process-id", str(i)]
+    else:
+        flags = lambda i: []  # noqa: E731
+    workers = [subprocess.Popen(command + flags(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for i in range(processes)]
     try:
-        deadline = time.monotonic() + 240
-        outputs = [w.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for w in workers]
+        outputs = [w.communicate(timeout=600) for w in workers]
     finally:
         for w in workers:
             if w.poll() is None:
                 w.kill()
-                w.wait()
-    for i, (w, out) in enumerate(zip(workers, outputs)):
-        assert w.returncode == 0, f"worker {i} failed:\n{out[-3000:]}"
-    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
-    assert [r["process"] for r in results] == [0, 1]
-    for r in results:
-        np.testing.assert_allclose(r["losses"], want, rtol=1e-5)
-    lines = log.read_text().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["processes"] == 2  # only process 0 logged
+    for i, (w, (_, err)) in enumerate(zip(workers, outputs)):
+        assert w.returncode == 0, f"process {i} of {processes} failed:\n{err[-3000:]}"
+    return [out for out, _ in outputs]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice: more than one process writes metrics"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _params(run_dir, step):
+    with CheckpointManager(run_dir) as manager:
+        assert manager.all_steps() == [step - 2, step]  # complete checkpoints, keep_last=2
+        return jax.tree.map(np.asarray, manager.restore(step, params_only=True).params)
+
+
+def _assert_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_train_command_on_two_processes_matches_one(corpus, tmp_path):
+    one = _train(corpus, tmp_path / "one", 4, processes=1)
+    two = _train(corpus, tmp_path / "two", 4, processes=2)
+    assert json.loads(one[0].splitlines()[-1])["step"] == json.loads(two[0].splitlines()[-1])["step"] == 4
+    assert not [line for line in two[1].splitlines() if line.startswith("{")]  # one result per run: process 0's
+
+    want = _losses(tmp_path / "one")
+    got = _losses(tmp_path / "two")
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-5)
+    _assert_close(_params(tmp_path / "two", 4), _params(tmp_path / "one", 4))
+
+    # Saved by two processes at step 2, resumed by one: the steps that follow see the same data.
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "2", tmp_path / "resumed" / "checkpoints" / "2")
+    _train(corpus, tmp_path / "resumed", 4, processes=1)
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4]
+    np.testing.assert_allclose([resumed[3], resumed[4]], [want[3], want[4]], rtol=1e-5)
+    _assert_close(_params(tmp_path / "resumed", 4), _params(tmp_path / "one", 4))
 
 
 def test_initialize_rejects_partial_settings(monkeypatch):
-    import pytest
-
     from llama_jax import distributed
     from llama_jax.errors import ConfigError
 
@@ -88,17 +113,3 @@ def test_initialize_rejects_partial_settings(monkeypatch):
     with pytest.raises(ConfigError, match=r"outside \[0, 2\)"):
         distributed.initialize("127.0.0.1:1234", 2, 5)
     assert distributed.initialize() is False  # nothing configured: a single process
-
-
-if __name__ == "__main__":
-    address, process_id, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    from llama_jax import distributed
-
-    distributed.initialize(address, 2, process_id, timeout_s=60)
-    try:
-        import jax
-
-        assert jax.device_count() == 8 and jax.local_device_count() == 4
-        print(json.dumps({"process": jax.process_index(), "losses": train(log_path)}), flush=True)
-    finally:
-        distributed.shutdown()

@@ -184,8 +184,8 @@ def test_nonfinite_step_is_not_applied(corpus):
     cfg = config.get("tiny", num_layers=2)
     base = make_loss_fn(cfg, chunk_size=200)
 
-    def poisoned(params, batch, rng):  # NaN whenever the first target is 0
-        loss, metrics = base(params, batch, rng)
+    def poisoned(params, batch, rng, frozen):  # NaN whenever the first target is 0
+        loss, metrics = base(params, batch, rng, frozen)
         return jnp.where(batch["targets"][0, 0] == 0, jnp.nan, loss), metrics
 
     _, state, step = _tiny_setup(mesh, loss_fn=poisoned)
@@ -256,3 +256,23 @@ def test_configs_build(name):
     if name == "llama3_405b":
         assert cfg == config.get("llama3.1-405b", remat="full")
         np.testing.assert_allclose([lr(8_000), lr(1_199_997), lr(1_200_000)], [8e-5, 8e-7, 0.0], rtol=1e-4, atol=0)
+
+
+def test_console_says_what_the_run_is_doing(corpus, tmp_path):
+    """A start banner, the compile, evals, and on resume where it resumed and which config keys changed."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=2", "--config.logging.eval_every=2"),
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "llama_jax pretrain: " in first.stderr and "fresh parameters" in first.stderr
+    assert f"writing to {run_dir}" in first.stderr and "compiling the pretrain step" in first.stderr
+    assert "step 2: eval loss" in first.stderr
+    assert json.loads(first.stdout.splitlines()[-1])["step"] == 2
+
+    again = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=3", "--config.schedule.peak_lr=1e-3"),
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 2" in again.stderr
+    warning = again.stderr.split("warning: the config differs from the one the checkpoint was saved with:")[1]
+    assert "schedule.peak_lr: 0.003 -> 0.001" in warning and "train.steps: 2 -> 3" in warning
+    assert "logging.eval_every: 2 -> 0" in warning

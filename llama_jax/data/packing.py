@@ -36,14 +36,18 @@ def split_rows(batch: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarr
     itself, and positions keep counting within a document (RoPE is relative, so only the shorter
     context differs). This is how the paper's 4K -> 8K sequence-length ramp reuses one 8K data stream.
     """
+    if any(isinstance(v, dict) for v in batch.values()):
+        raise DataError(f"cannot split rows of a batch of sub-batches {sorted(batch)} into windows: a preference "
+                        "row is one record, and a window would cut its reply from its prompt")
     b, t = batch["tokens"].shape
     if t % seq_len:
         raise DataError(f"cannot split rows of {t} tokens into windows of {seq_len}")
     return {k: v.reshape(b * t // seq_len, seq_len) for k, v in batch.items()}
 
 
-def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """[B, T] batches -> one [len(batches) * B, T] batch (several data batches make one ramped-up step).
+def concat_batches(batches: list[dict]) -> dict:
+    """[B, T] batches -> one [len(batches) * B, T] batch (several data batches make one ramped-up step); the
+    sub-batches of preference batches alike.
 
     Rows are interleaved: row r of every batch, then row r + 1 of every batch. Each process holds a block of
     rows of the data batches, so this order makes its share of the step a block of the step's rows as well:
@@ -51,4 +55,5 @@ def concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
     """
     if len(batches) == 1:
         return batches[0]
-    return {k: np.stack([b[k] for b in batches], axis=1).reshape(-1, *batches[0][k].shape[1:]) for k in batches[0]}
+    return {k: concat_batches([b[k] for b in batches]) if isinstance(v, dict)
+            else np.stack([b[k] for b in batches], axis=1).reshape(-1, *v.shape[1:]) for k, v in batches[0].items()}

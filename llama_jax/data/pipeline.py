@@ -23,27 +23,108 @@ no loss) until every row has run out, and then the stream ends. To end at the sa
 a process whose own rows have all run out reads the other rows' documents (tokenizing, not packing them) to
 learn whether the pass goes on; this happens only at the end of a full pass.
 
+Chat (SFT) and preference sources go through the same streams, states and splits; only how a row is filled
+and what a batch holds differ (``DocumentRows`` here, ``chat.ChatRows``, ``preference.PairRows``): a row takes
+whole chats while they fit, or exactly one preference record.
+
 The data config (``config.data``; see configs/pretrain/tiny.py):
     tokenizer       "byte" | "llama3" | path of a tokenizer.model
-    sources         list of {format: text|jsonl|tokens|shakespeare, path, weight, split, text_key}
+    sources         list of {format, path, weight (of the mixture), ...}, all of one kind (``KINDS``):
+      documents     format "text" (split: "file" | "paragraphs"), "jsonl" (text_key), "tokens" (.npy id streams),
+                    "shakespeare" (path optional): packed documents, the batch of ``packing.BATCH_KEYS``
+      chat          format "chat": chat records (``data.chat``), SFT batches with the same keys, loss_mask = the
+                    assistant's tokens
+      preference    format "preference": preference records (``data.preference``), a batch of sub-batches
+                    "chosen", "rejected", "edited" (layout in ``data.preference``)
     seq_len         tokens per row (the longest sequence of the run)
     batch_size      rows per batch, all processes together (a multiple of the process count)
-    seed, add_bos, on_error ("raise" | "skip"), holdout_every (0: no eval split)
+    seed, on_error ("raise" | "skip"), holdout_every (0: no eval split): every kind
+    add_bos         documents only: chats and prompts start with <|begin_of_text|> by their template
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from llama_jax.data import sources as sources_lib
+from llama_jax.data.chat import ChatRows, ChatSource
 from llama_jax.data.packing import rows_to_batch
+from llama_jax.data.preference import PairRows, PreferenceSource
 from llama_jax.data.streams import RowStream, SourceOrder, Split, pack_rows
 from llama_jax.errors import ConfigError, DataError
 
-FORMATS = ("text", "jsonl", "tokens", "shakespeare")
+FORMATS = ("text", "jsonl", "tokens", "shakespeare")  # documents
+# Every key of ``config.data`` and its default, declared once (train/defaults.py builds experiment configs on it).
+DEFAULTS = dict(
+    tokenizer="llama3",  # "llama3" | "byte" | path of a tokenizer.model
+    sources=[],  # [{format, path, weight, ...}]: see the module docstring
+    seq_len=8192,  # tokens per row: the longest sequence of the run (the ramp may cut rows shorter)
+    batch_size=512,  # rows per data batch, all processes together
+    seed=0,  # document order
+    add_bos=True,  # documents: <|begin_of_text|> before each (EOS always ends one)
+    on_error="raise",  # malformed records: "raise" (file:line) or "skip" (counted)
+    holdout_every=1000,  # every n-th record of each source is the eval split (0: none)
+)
+KINDS = {"documents": FORMATS, "chat": ("chat",), "preference": ("preference",)}
+# ``PATH[:FORMAT]`` without a format: by file extension; .jsonl by the shape of its first record (see source_spec).
+EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".npy": "tokens"}
+
+
+def source_spec(text: str) -> dict:
+    """One ``data.sources`` entry from ``PATH[:FORMAT]`` (a file, directory or glob), as ``--data`` takes it.
+
+    FORMAT is one of ``text``, ``jsonl``, ``tokens``, ``chat``, ``preference``; without it the extension decides
+    (.txt / .md: text, one document per blank-line-separated paragraph; .npy: tokens; .jsonl: chat when the first
+    record has "messages" or "prompt" + "completion", preference when it has "chosen" + "rejected", else jsonl
+    documents with their "text" field).
+
+        source_spec("corpus/*.txt")     # {"format": "text", "path": "corpus/*.txt", "split": "paragraphs", ...}
+        source_spec("chats.jsonl")      # {"format": "chat", "path": "chats.jsonl", "weight": 1.0}
+    """
+    path, _, fmt = text.rpartition(":")
+    known = [f for fs in KINDS.values() for f in fs if f != "shakespeare"]
+    if not path or fmt not in known:
+        path, fmt = text, ""
+    if not path:
+        raise ConfigError("--data needs a path: PATH[:FORMAT]")
+    fmt = fmt or _infer_format(path)
+    spec = {"format": fmt, "path": path, "weight": 1.0}
+    if fmt == "text":
+        spec["split"] = "paragraphs"
+    if fmt == "jsonl":
+        spec["text_key"] = "text"
+    return spec
+
+
+def _infer_format(path: str) -> str:
+    files = sources_lib.expand_paths(path)
+    suffixes = sorted({f.suffix.lower() for f in files})
+    formats = sorted({EXTENSIONS.get(s, "?") for s in suffixes})
+    if len(formats) != 1 or formats[0] == "?":
+        raise ConfigError(f"cannot tell the data format of {path!r} from its file extension(s) {suffixes}; "
+                          f"name it: {path}:FORMAT with FORMAT one of text, jsonl, tokens, chat, preference")
+    return _jsonl_kind(files[0]) if formats[0] == "jsonl" else formats[0]
+
+
+def _jsonl_kind(file: Path) -> str:
+    """"chat", "preference" or "jsonl" from the keys of the file's first record."""
+    with open(file, "rb") as f:
+        first = next((line for line in f if line.strip()), None)
+    try:
+        record = json.loads(first) if first is not None else {}
+    except json.JSONDecodeError as e:
+        raise DataError(f"{file}: the first record is not JSON ({e})") from None
+    keys = set(record) if isinstance(record, dict) else set()
+    if "messages" in keys or {"prompt", "completion"} <= keys:
+        return "chat"
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    return "jsonl"
 
 
 def make_source(spec: Mapping, *, vocab_size: int, eos_id: int, on_error: str = "raise") -> Sequence:
@@ -63,14 +144,46 @@ def make_source(spec: Mapping, *, vocab_size: int, eos_id: int, on_error: str = 
     return sources_lib.TokenSource(path, vocab_size=vocab_size, eos_id=eos_id)
 
 
+def source_kind(data_cfg: Mapping) -> str:
+    """The kind of data ``data_cfg.sources`` hold: "documents", "chat" or "preference" (one kind per config)."""
+    formats = [s.get("format", "text") for s in data_cfg["sources"]]
+    kinds = {kind for f in formats for kind, kind_formats in KINDS.items() if f in kind_formats}
+    unknown = [f for f in formats if not any(f in kind_formats for kind_formats in KINDS.values())]
+    if unknown:
+        raise ConfigError(f"data source format {unknown[0]!r} unknown; expected one of "
+                          f"{[f for fs in KINDS.values() for f in fs]}")
+    if len(kinds) != 1:
+        raise ConfigError(f"data.sources mix formats {formats} of kinds {sorted(kinds)}: their batches differ, so "
+                          "one config's sources are all documents, all chat or all preference")
+    return kinds.pop()
+
+
+class DocumentRows:
+    """Pretraining rows: the stream's documents concatenated and cut into rows of ``seq_len + 1`` tokens."""
+
+    def __init__(self, seq_len: int):
+        self.length = seq_len + 1
+
+    def take(self, stream: RowStream) -> list[np.ndarray]:
+        return stream.take(self.length)
+
+    def batch(self, rows: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
+        return rows_to_batch(pack_rows(rows, self.length))
+
+
 _HEADER = ("split", "batch_size", "seq_len", "step")  # what every process's state must agree on
 
 
 class BatchIterator:
-    """Rows ``rows`` of every global batch of one split, with a JSON-able state (see the module docstring)."""
+    """Rows ``rows`` of every global batch of one split, with a JSON-able state (see the module docstring).
 
-    def __init__(self, split: Split, *, name: str, rows: range, seq_len: int, endless: bool):
+    ``layout`` fills a row from its stream (``take``) and makes the batch of the rows (``batch``):
+    ``DocumentRows`` (default), ``chat.ChatRows`` or ``preference.PairRows``.
+    """
+
+    def __init__(self, split: Split, *, name: str, rows: range, seq_len: int, endless: bool, layout=None):
         self.split, self.name, self.rows, self.seq_len, self.endless = split, name, rows, seq_len, endless
+        self.layout = layout or DocumentRows(seq_len)
         self.sources = split.sources
         self.step = 0  # batches produced
         self._streams = [RowStream(split, r) for r in rows]
@@ -81,12 +194,12 @@ class BatchIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        pieces = [stream.take(self.seq_len + 1) for stream in self._streams]
-        if not self.endless and not any(pieces) and not self._others_go_on():
+    def __next__(self) -> dict:
+        rows = [self.layout.take(stream) for stream in self._streams]
+        if not self.endless and not any(rows) and not self._others_go_on():
             raise StopIteration
         self.step += 1
-        return rows_to_batch(pack_rows(pieces, self.seq_len + 1))
+        return self.layout.batch(rows)
 
     def _others_go_on(self) -> bool:
         """Whether any other process's row still has tokens for this step (eval: the pass ends for all at once)."""
@@ -96,7 +209,7 @@ class BatchIterator:
             if row not in self._others:
                 self._others[row], self._others_at[row] = RowStream(self.split, row), 0
             while self._others_at[row] < self.step:
-                self._others[row].take(self.seq_len + 1)
+                self.layout.take(self._others[row])
                 self._others_at[row] += 1
             if self._others[row].current() is not None:
                 return True
@@ -158,45 +271,96 @@ def merge_states(states: Sequence[Mapping]) -> dict:
     return header | {"rows": {str(r): list(rows[str(r)]) for r in range(header["batch_size"])}}
 
 
-def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int, seed: int) -> list[SourceOrder]:
+def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int, seed: int,
+                 names: Sequence[str] | None = None) -> list[SourceOrder]:
     """Each source's document order for ``split``: every ``holdout_every``-th document is held out for eval;
-    training shuffles the rest (source ``i`` with seed ``seed + i``), anew each epoch."""
+    training shuffles the rest (source ``i`` with seed ``seed + i``), anew each epoch. ``names`` say which source
+    an error is about (default "source i")."""
     if split == "eval" and holdout_every <= 0:
         raise ConfigError("an eval split needs data.holdout_every > 0")
     orders = []
     for i, source in enumerate(sources):
+        name = names[i] if names is not None else f"source {i}"
+        if len(source) == 0:
+            raise DataError(f"data source {name} holds no documents (empty files, or only blank lines)")
         ids = np.arange(len(source))
         if holdout_every > 0:
             held_out = ids % holdout_every == 0
             ids = ids[held_out] if split == "eval" else ids[~held_out]
         if len(ids) == 0:
-            raise DataError(f"the {split} split of source {i} ({len(source)} documents) is empty")
+            raise DataError(f"the {split} split of data source {name} ({len(source)} documents, every "
+                            f"data.holdout_every={holdout_every}-th held out) is empty")
         orders.append(SourceOrder(ids, shuffle_seed=seed + i if split == "train" else None))
     return orders
 
 
 def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len: int | None = None,
                  batch_size: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> BatchIterator:
+                 process_count: int | None = None, kind: str | None = None,
+                 reference: Mapping | None = None) -> BatchIterator:
     """The batch stream of this process (rows [p B / P, (p + 1) B / P) of every global batch) for ``split``.
 
-    Training streams are endless; eval streams end after one pass over the held-out documents.
+    Training streams are endless; eval streams end after one pass over the held-out documents. ``kind``
+    ("documents", "chat" or "preference"), when given, is the kind of data the caller reads: sources of
+    another kind are a ConfigError. ``reference`` (preference data): read precomputed reference log-probs into
+    the batches (``data.preference``).
     """
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
+    unknown = sorted(set(data_cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"data config has unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    data_cfg = {**DEFAULTS, **dict(data_cfg)}
+    specs = list(data_cfg["sources"])
+    if not specs:
+        raise ConfigError("data.sources is empty")
+    data_kind = source_kind(data_cfg)
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if kind is not None and kind != data_kind:
+        raise ConfigError(f"this stage reads {kind} data, but data.sources are {data_kind} (formats "
+                          f"{[s.get('format', 'text') for s in specs]}); {kind} sources have format "
+                          f"{' or '.join(repr(f) for f in KINDS[kind])}")
     seq_len = seq_len or data_cfg["seq_len"]
     batch_size = batch_size or data_cfg["batch_size"]
+    for key, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                            ("holdout_every", data_cfg["holdout_every"], 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"data.{key} must be an integer >= {low}, got {value!r}")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is outside 0..{process_count - 1}")
     if batch_size % process_count:
         raise ConfigError(f"data.batch_size ({batch_size}) must be a multiple of the process count ({process_count})")
-    seed = int(data_cfg.get("seed", 0))
+    seed = int(data_cfg["seed"])
     if seed < 0:
         raise ConfigError(f"data.seed must be >= 0, got {seed}")
-    add_bos = bool(data_cfg.get("add_bos", False))
-    eos, vocab = tokenizer.eos_id, tokenizer.vocab_size
+    weights = [float(s.get("weight", 1.0)) for s in specs]
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"data source weights must be positive, got {weights}")
+    on_error = data_cfg["on_error"]
+    if data_kind == "documents":
+        sources = [make_source(s, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, on_error=on_error)
+                   for s in specs]
+        layout, tokenize = DocumentRows(seq_len), _document_tokenizer(tokenizer, bool(data_cfg["add_bos"]))
+    elif data_kind == "chat":
+        sources = [ChatSource(_path(s), tokenizer, max_tokens=seq_len + 1, on_error=on_error) for s in specs]
+        layout, tokenize = ChatRows(seq_len), _encoded
+    else:
+        sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error, reference=reference)
+                   for s in specs]
+        layout, tokenize = PairRows(seq_len, tokenizer, reference=reference is not None), _encoded
+    names = [f"{i} ({s.get('format', 'text')} {s.get('path') or '(default corpus)'})" for i, s in enumerate(specs)]
+    orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed, names=names)
+    per_process = batch_size // process_count
+    rows = range(process_index * per_process, (process_index + 1) * per_process)
+    return BatchIterator(Split(sources, orders, weights, tokenize, num_rows=batch_size, seed=seed, names=names),
+                         name=split, rows=rows, seq_len=seq_len, endless=split == "train", layout=layout)
+
+
+def _document_tokenizer(tokenizer, add_bos: bool):
+    eos = tokenizer.eos_id
 
     def tokenize(doc) -> np.ndarray | None:
         if doc is None:  # a malformed record that on_error="skip" let through
@@ -205,16 +369,15 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
             return np.asarray(tokenizer.encode(doc, bos=add_bos, eos=True), np.int32)
         return doc if doc[-1] == eos else np.append(doc, np.int32(eos))
 
-    specs = list(data_cfg["sources"])
-    if not specs:
-        raise ConfigError("data.sources is empty")
-    weights = [float(s.get("weight", 1.0)) for s in specs]
-    if any(w <= 0 for w in weights):
-        raise ConfigError(f"data source weights must be positive, got {weights}")
-    sources = [make_source(s, vocab_size=vocab, eos_id=eos, on_error=data_cfg.get("on_error", "raise"))
-               for s in specs]
-    orders = split_orders(sources, split=split, holdout_every=int(data_cfg.get("holdout_every", 0)), seed=seed)
-    per_process = batch_size // process_count
-    rows = range(process_index * per_process, (process_index + 1) * per_process)
-    return BatchIterator(Split(sources, orders, weights, tokenize, num_rows=batch_size, seed=seed), name=split,
-                         rows=rows, seq_len=seq_len, endless=split == "train")
+    return tokenize
+
+
+def _encoded(record):
+    """Chat and preference sources hand out encoded records (or None): nothing is left to tokenize."""
+    return record
+
+
+def _path(spec: Mapping) -> str:
+    if not spec.get("path"):
+        raise ConfigError(f"data source {dict(spec)} needs a path")
+    return spec["path"]

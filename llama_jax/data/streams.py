@@ -3,6 +3,7 @@
     split = Split(sources, orders, weights, tokenize, num_rows=8, seed=0)
     stream = RowStream(split, row=3)
     pieces = stream.take(65)         # token arrays (whole or partial documents) filling one row of 65 tokens
+    chats = stream.take_whole(65)    # or: whole documents only, as many as fit (chats are never split)
     state = stream.get_state()       # [draws, offset, taken per source]: three small counters resume it
 
 Stream ``r`` of ``num_rows`` (B):
@@ -78,10 +79,27 @@ class Split:
     """What every row stream of one split shares: sources, their orders and weights, the tokenizer, the seed."""
 
     def __init__(self, sources: Sequence[Sequence], orders: Sequence[SourceOrder], weights: Sequence[float],
-                 tokenize: Callable[[object], np.ndarray | None], *, num_rows: int, seed: int):
+                 tokenize: Callable[[object], np.ndarray | None], *, num_rows: int, seed: int,
+                 names: Sequence[str] | None = None):
         self.sources, self.orders, self.weights = list(sources), list(orders), [float(w) for w in weights]
         self.tokenize, self.num_rows, self.seed = tokenize, num_rows, seed
+        self.names = list(names) if names is not None else [f"source {i}" for i in range(len(self.sources))]
         self.documents = sum(len(o.ids) for o in self.orders)
+
+    def nothing_usable(self) -> bool:
+        """Whether every record of the split is known to read as None (sources that track ``unusable`` indices)."""
+        return all(hasattr(source, "unusable") and set(order.ids.tolist()) <= source.unusable
+                   for source, order in zip(self.sources, self.orders))
+
+    def skip_report(self) -> str:
+        """Per source: how many records were skipped as malformed or unusable (by this process), with an example."""
+        lines = []
+        for name, source, order in zip(self.names, self.sources, self.orders):
+            skipped = getattr(source, "skipped", {})
+            example = next(iter(skipped.items()), None)
+            lines.append(f"{name}: {len(skipped)} record(s) skipped of {len(order.ids)} in this split"
+                         + (f", e.g. {example[0]}: {example[1]}" if example else ""))
+        return "; ".join(lines)
 
 
 class RowStream:
@@ -121,6 +139,23 @@ class RowStream:
                 self._finish_document()
         return pieces
 
+    def take_whole(self, length: int, max_documents: int | None = None) -> list:
+        """The next documents, whole, while the next one fits in what is left of ``length`` tokens (at most
+        ``max_documents``): the rest of the row stays empty and the document that did not fit opens the next row.
+        Such streams' tokenizers truncate documents to ``length``, so one always fits in an empty row."""
+        documents = []
+        while max_documents is None or len(documents) < max_documents:
+            document = self.current()
+            if document is None or len(document) > length:
+                if document is not None and not documents:
+                    raise DataError(f"row {self.row}: a document of {len(document)} tokens cannot fit in a row of "
+                                    f"{length}; it should have been truncated when it was tokenized")
+                break
+            documents.append(document)
+            length -= len(document)
+            self._finish_document()
+        return documents
+
     def current(self) -> np.ndarray | None:
         """Tokens of the document being read (read and tokenized on first use); None once the stream has ended."""
         unreadable = 0
@@ -135,9 +170,12 @@ class RowStream:
             if tokens is None or len(tokens) == 0:  # a malformed record that on_error="skip" let through
                 self._finish_document()
                 unreadable += 1
-                if unreadable > self.split.documents:
-                    raise DataError(f"row {self.row} read {unreadable} malformed records in a row, more than the "
-                                    f"{self.split.documents} documents of the split: no readable document left")
+                # A row reads 1 / num_rows of each epoch, so a long run of skips alone proves nothing; once it is as
+                # long as the split, check whether every record of the split has been found unusable.
+                if unreadable % max(self.split.documents, 1) == 0 and self.split.nothing_usable():
+                    raise DataError(f"the data cannot make progress: none of the {self.split.documents} records of "
+                                    f"the split is usable (row {self.row} skipped {unreadable} in a row). "
+                                    f"{self.split.skip_report()}")
                 continue
             self._tokens = tokens
         return self._tokens

@@ -1,9 +1,13 @@
 """Hugging Face ``LlamaForCausalLM`` directories: ``config.json`` + safetensors <-> the llama_jax parameter tree.
 
     params, cfg = read("Llama-3.2-1B/")             # numpy tree in the stored dtype (bf16 stays bf16)
-    write("out-hf/", params, cfg)                   # into an existing, empty directory
+    write("out-hf/", params, cfg, tokenizer=tok)    # into an existing, empty directory
 
-On disk: ``model.safetensors``, or shards ``model-00001-of-0000N.safetensors ...`` listed by
+On disk: ``config.json`` (bos/eos ids only where the vocabulary holds them), the weights (below), with a tokenizer
+also ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and ``generation_config.json``
+(``formats.hf_tokenizer``), and ``llama_jax.json`` (``formats.provenance``: the tokenizer's identity).
+
+Weights: ``model.safetensors``, or shards ``model-00001-of-0000N.safetensors ...`` listed by
 ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {name: file}}``). Only the
 numpy side of safetensors is used (ml_dtypes gives it bfloat16), so torch is never needed here.
 
@@ -26,12 +30,15 @@ from safetensors.numpy import save_file
 from llama_jax import config as config_lib
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError
+from llama_jax.formats import hf_tokenizer, provenance
+from llama_jax.tokenizer import Tokenizer
 
 Progress = Callable[[Iterable], Iterable]
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
@@ -51,11 +58,20 @@ def read(path: str, *, progress: Progress = iter) -> tuple[dict[str, np.ndarray]
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def write(path: str, params: dict[str, Any], cfg: ModelConfig, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-          progress: Progress = iter) -> None:
-    """Writes ``params`` as an HF model directory into the existing, empty directory ``path``."""
+def write(path: str, params: dict[str, Any], cfg: ModelConfig, *, tokenizer: Tokenizer | None = None,
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress = iter) -> None:
+    """Writes ``params`` (and ``tokenizer``'s files, if given) as an HF model directory into the existing, empty
+    directory ``path``."""
     tensors = {name: np.asarray(w) for name, w in params_to_hf(params, cfg).items()}
-    write_files(path, config_lib.to_hf(cfg), tensors, max_shard_bytes=max_shard_bytes, progress=progress)
+    config = {**config_lib.to_hf(cfg), **hf_tokenizer.config_ids(tokenizer, cfg.vocab_size)}
+    write_files(path, config, tensors, max_shard_bytes=max_shard_bytes, progress=progress)
+    if tokenizer is not None:
+        files = hf_tokenizer.tokenizer_files(tokenizer, model_max_length=cfg.max_seq_len)
+        files[GENERATION_CONFIG_FILE] = hf_tokenizer.generation_config(tokenizer, cfg.vocab_size)
+        for name, content in files.items():
+            with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=None if name == "tokenizer.json" else 2, ensure_ascii=False)
+    provenance.write(path, cfg, tokenizer)
 
 
 def is_hf_dir(path: str) -> bool:

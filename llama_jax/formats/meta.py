@@ -1,7 +1,7 @@
 """Meta's original checkpoint directories (params.json + consolidated.NN.pth) <-> the llama_jax parameter tree.
 
     params, cfg = read("Meta-Llama-3.1-8B/")
-    write("out-meta/", params, cfg, num_shards=8)     # into an existing, empty directory
+    write("out-meta/", params, cfg, num_shards=8, tokenizer=tok)     # into an existing, empty directory
 
 Tensors pass through Hugging Face's names (``formats.hf`` maps those to our tree).
 
@@ -9,6 +9,10 @@ Tensors pass through Hugging Face's names (``formats.hf`` maps those to our tree
                             "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope"}
     consolidated.00.pth    one torch state dict per model-parallel rank (8 for 70B and 405B)
     consolidated.01.pth ...
+    tokenizer.model        the Llama 3 tokenizer (written when the model uses it; Meta's releases ship it)
+    llama_jax.json         what params.json lacks: the tokenizer's identity and max_seq_len (``formats.provenance``);
+                           without it max_seq_len is params.json's, else 131,072 with scaled RoPE (Llama 3.1 / 3.2),
+                           else 8,192 (Llama 3)
 
 Model parallelism follows Meta's llama3 reference code (fairscale layers in ``llama_models/llama3/model.py``):
 column-parallel weights are split along their output rows (dim 0): ``wq wk wv w1 w3 output`` and the
@@ -28,6 +32,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,6 +42,8 @@ import numpy as np
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.errors import CheckpointError
 from llama_jax.formats import hf as hf_format
+from llama_jax.formats import provenance
+from llama_jax.tokenizer import Llama3Tokenizer, Tokenizer
 
 PARAMS_FILE = "params.json"
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -63,6 +70,8 @@ _SPLIT_COLUMNS = ("wo.weight", "w2.weight")
 _META_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
 # (multiple_of, ffn_dim_multiplier) pairs of Meta's releases, tried first when exporting.
 _META_FFN_RULES = ((1024, 1.3), (4096, 1.3), (4096, 1.2), (256, 1.5), (256, None), (256, 1.0))
+# Context lengths of Meta's releases: Llama 3.1 / 3.2 (scaled RoPE) and Llama 3, for params.json files without one.
+_SCALED_CONTEXT, _PLAIN_CONTEXT = 131_072, 8192
 _KNOWN_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
                "max_batch_size", "max_seq_len"}
@@ -167,6 +176,12 @@ def config_from_params_json(d: dict[str, Any], *, file: str = PARAMS_FILE) -> Mo
     missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of") if k not in d]
     if missing:
         raise CheckpointError(f"{file} lacks key(s) {missing}")
+    if not isinstance(d["multiple_of"], int) or d["multiple_of"] < 1:
+        raise CheckpointError(f"{file}: multiple_of must be a positive integer (the FFN width is rounded up to a "
+                              f"multiple of it), got {d['multiple_of']!r}")
+    multiplier = d.get("ffn_dim_multiplier")
+    if multiplier is not None and (not isinstance(multiplier, int | float) or not multiplier > 0):
+        raise CheckpointError(f"{file}: ffn_dim_multiplier must be a positive number or null, got {multiplier!r}")
     try:
         scaling = None
         if d.get("use_scaled_rope", False):
@@ -178,6 +193,7 @@ def config_from_params_json(d: dict[str, Any], *, file: str = PARAMS_FILE) -> Mo
             ffn_dim=ffn_dim(int(d["dim"]), int(d["multiple_of"]), d.get("ffn_dim_multiplier")),
             norm_eps=float(d.get("norm_eps", 1e-5)), rope_theta=float(d.get("rope_theta", 500_000.0)),
             rope_scaling=scaling,
+            max_seq_len=int(d.get("max_seq_len") or (_SCALED_CONTEXT if scaling is not None else _PLAIN_CONTEXT)),
         )
         return ModelConfig(**fields)
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError
@@ -267,6 +283,10 @@ def _read_hf_named(path: str, progress) -> tuple[ModelConfig, dict[str, np.ndarr
                                   f"{files[0]} does not (or the reverse)")
         for name, tensor in shard.items():
             part, dim = _to_numpy(tensor), _split_dim(name)
+            rank_expected = 1 if name.endswith("norm.weight") else 2  # norms are vectors, the rest matrices
+            if part.ndim != rank_expected:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {list(part.shape)}; a Meta checkpoint's "
+                                      f"{name.rsplit('.', 2)[-2]} weight has {rank_expected} dimension(s)")
             if rank == 0:
                 shape = list(part.shape)
                 if dim is not None:
@@ -294,7 +314,8 @@ def _read_hf_named(path: str, progress) -> tuple[ModelConfig, dict[str, np.ndarr
                               f"{sorted({str(a.dtype) for a in full.values()})}")
     dtype = str(next(iter(full.values())).dtype)
     tied = "output.weight" in full and np.array_equal(full["output.weight"], full.get("tok_embeddings.weight"))
-    cfg = cfg.replace(param_dtype=dtype, dtype=dtype, tie_embeddings=tied)
+    cfg = cfg.replace(param_dtype=dtype, dtype=dtype, tie_embeddings=tied,
+                      max_seq_len=provenance.recorded_max_seq_len(path) or cfg.max_seq_len)
     _check_shapes(full, cfg, params_file)
 
     hf: dict[str, np.ndarray] = {}
@@ -326,11 +347,15 @@ def _check_shapes(full: dict[str, np.ndarray], cfg: ModelConfig, params_file: st
 
 
 def write(path: str, params: dict[str, Any], cfg: ModelConfig, *, num_shards: int = 1,
-          progress: Callable[[Iterable], Iterable] = iter) -> None:
-    """Writes params.json and ``num_shards`` consolidated.NN.pth files into the existing, empty directory ``path``.
+          tokenizer: Tokenizer | None = None, progress: Callable[[Iterable], Iterable] = iter) -> None:
+    """Writes params.json, ``num_shards`` consolidated.NN.pth files, llama_jax.json and (for the Llama 3 tokenizer)
+    tokenizer.model into the existing, empty directory ``path``.
 
     Tied embeddings are written out as ``output.weight`` too, since Meta's reference model always has one.
     """
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise CheckpointError(f"num_shards (model-parallel ranks of a Meta export) must be an integer >= 1, got "
+                              f"{num_shards!r}")
     hf = {name: np.asarray(w) for name, w in hf_format.params_to_hf(params, cfg).items()}
     torch = _torch()
     for what, size in (("n_heads", cfg.num_heads), ("n_kv_heads", cfg.num_kv_heads), ("ffn_dim", cfg.ffn_dim),
@@ -354,3 +379,6 @@ def write(path: str, params: dict[str, Any], cfg: ModelConfig, *, num_shards: in
                 array = np.split(array, num_shards, axis=dim)[rank]
             shard[name] = _to_torch(array)
         torch.save(shard, os.path.join(path, f"consolidated.{rank:02d}.pth"))
+    if isinstance(tokenizer, Llama3Tokenizer):
+        shutil.copyfile(tokenizer.path, os.path.join(path, provenance.TOKENIZER_MODEL))
+    provenance.write(path, cfg, tokenizer)

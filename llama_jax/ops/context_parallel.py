@@ -65,23 +65,25 @@ def zigzag_order(seq_len: int, shards: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
 
 
-def _fold(state, q, k, v, mask):
+def _fold(state, q, k, v, mask, precision):
     """Online-softmax update of (max, normaliser, weighted sum) with one key block.
-    q [B,t,K,G,H], k/v [B,s,K,H], mask [B,t,s]."""
+    q [B,t,K,G,H], k/v [B,s,K,H], mask [B,t,s]; matmuls at ``precision``."""
     m, norm, acc = state
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32, precision=precision)
+    scores = scores / math.sqrt(q.shape[-1])
     visible = mask[:, None, None]
     scores = jnp.where(visible, scores, _NEG)  # before exp: an inf in the unused branch would nan the gradient
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
     p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
     correction = jnp.exp(m - m_new)
     norm = norm * correction + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                    precision=precision)
     return m_new, norm, acc * correction[..., None] + pv
 
 
-def _fold_unless_masked(state, q, k, v, mask):
-    return jax.lax.cond(jnp.any(mask), lambda s: _fold(s, q, k, v, mask), lambda s: s, state)
+def _fold_unless_masked(state, q, k, v, mask, precision):
+    return jax.lax.cond(jnp.any(mask), lambda s: _fold(s, q, k, v, mask, precision), lambda s: s, state)
 
 
 def _empty_state(q):
@@ -97,7 +99,7 @@ def _finish(state, dtype):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h).astype(dtype)
 
 
-def _ring(q, k, v, positions, segments, *, axis, shards):
+def _ring(q, k, v, positions, segments, *, axis, shards, precision):
     """Per-device body: q [B,t,N,H] local queries, k/v [B,t,K,H] this device's keys, positions/segments [B,t]."""
     b, t, n, h = q.shape
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
@@ -110,27 +112,28 @@ def _ring(q, k, v, positions, segments, *, axis, shards):
         for i, rows in enumerate(halves):
             for cols in halves:
                 mask = attention_mask(positions[:, rows], segments[:, rows], k_positions[:, cols], k_segments[:, cols])
-                states[i] = _fold_unless_masked(states[i], q[:, rows], k_block[:, cols], v_block[:, cols], mask)
+                states[i] = _fold_unless_masked(states[i], q[:, rows], k_block[:, cols], v_block[:, cols], mask,
+                                                precision)
         if step < shards - 1:
             visiting = jax.lax.ppermute(visiting, axis, [(d, (d + 1) % shards) for d in range(shards)])
     return jnp.concatenate([_finish(s, v.dtype) for s in states], axis=1)
 
 
-def _all_gather(q, k, v, positions, segments, *, axis, shards):
+def _all_gather(q, k, v, positions, segments, *, axis, shards, precision):
     del shards
     b, t, n, h = q.shape
     k, v, k_positions, k_segments = (jax.lax.all_gather(x, axis, axis=1, tiled=True)
                                      for x in (k, v, positions, segments))
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
     mask = attention_mask(positions, segments, k_positions, k_segments)
-    return _finish(_fold(_empty_state(q), q, k, v, mask), v.dtype)
+    return _finish(_fold(_empty_state(q), q, k, v, mask, precision), v.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-              impl: str = "ring") -> jax.Array:
+              impl: str = "ring", precision: str | None = None) -> jax.Array:
     """Self-attention with T split over the active mesh's sequence axis: q [B,T,N,H], k/v [B,T,K,H],
-    positions / segment_ids [B,T] of those tokens -> [B,T,N,H], equal to ``ops.attention.attention``. Call inside
-    ``sharding.activate(mesh)``."""
+    positions / segment_ids [B,T] of those tokens -> [B,T,N,H], equal to ``ops.attention.attention``; matmuls at
+    ``precision`` (see there). Call inside ``sharding.activate(mesh)``."""
     axes = _mesh_axes()
     if axes is None or axes[2] is None:
         raise ConfigError("context-parallel attention needs an active mesh whose rules shard 'length'")
@@ -144,7 +147,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, se
         raise ConfigError(f"context-parallel impl must be 'ring' or 'all_gather', got {impl!r}")
     vector_spec = PartitionSpec(batch, length)
     run = jax.shard_map(
-        lambda *args: body(*args, axis=length, shards=shards), mesh=mesh,
+        lambda *args: body(*args, axis=length, shards=shards, precision=precision), mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, vector_spec, vector_spec), out_specs=q_spec, check_vma=False,
     )
     return run(q, k, v, positions, segment_ids)

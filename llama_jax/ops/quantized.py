@@ -1,7 +1,7 @@
 """Quantized weights as their own pytree type, and the one matmul that dispatches on it.
 
     w = quantize_kernel(kernel, "fp8")          # QuantizedArray(values float8_e4m3fn [in, out], scale float32 [out])
-    y = matmul(x, w, dtype)                     # plain kernels and QuantizedArrays alike
+    y = matmul(x, w, dtype, precision)          # plain kernels and QuantizedArrays alike
 
 FP8 follows the Llama 3 paper (sec. 6.2) and Meta's reference (llama-models' fp8 path over fbgemm's
 ``quantize_fp8_per_row`` / ``f8f8bf16_rowwise``): e4m3 weights *and* activations; row-wise scales: each weight
@@ -74,12 +74,17 @@ def quantize_kernel(w: jax.Array, mode: str) -> QuantizedArray:
     raise ConfigError(f"unknown quantization mode {mode!r}; expected one of {MODES}")
 
 
-def matmul(x: jax.Array, kernel, dtype) -> jax.Array:
-    """x [..., in] @ kernel [in, out] in ``dtype``; a QuantizedArray kernel takes its quantized path."""
+def matmul(x: jax.Array, kernel, dtype, precision: str | None = None) -> jax.Array:
+    """x [..., in] @ kernel [in, out] in ``dtype``; a QuantizedArray kernel takes its quantized path.
+
+    ``precision`` (``ModelConfig.resolved_matmul_precision``) applies to plain and int8 kernels. The fp8 product
+    keeps the backend's default: e4m3 values are exact in TF32 and in bfloat16, so no precision changes its
+    result, and the default leaves XLA free to pick its fp8 GEMM.
+    """
     if not isinstance(kernel, QuantizedArray):
-        return x @ kernel.astype(dtype)
+        return jnp.matmul(x, kernel.astype(dtype), precision=precision)
     if kernel.mode == "int8":  # weight-only: dequantize on the fly, multiply in the compute dtype
-        return (x @ kernel.values.astype(dtype)) * kernel.scale.astype(dtype)
+        return jnp.matmul(x, kernel.values.astype(dtype), precision=precision) * kernel.scale.astype(dtype)
     values, row_scale = quantize_rows(x, ACTIVATION_AMAX_BOUND)
     y = jnp.einsum("...i,io->...o", values, kernel.values, preferred_element_type=jnp.float32)
     return (y * row_scale * kernel.scale).astype(dtype)

@@ -1,9 +1,13 @@
 """``python -m llama_jax.train --config configs/pretrain/tiny.py --config.run_dir=/tmp/run --config.train.steps=50``
 
 Any key of the experiment config can be changed with ``--config.<section>.<key>=<value>`` (lists and dicts as
-JSON); unknown keys are an error; ``--help`` with ``--config`` lists every key and its default. Rerunning the
-same command resumes from the newest complete checkpoint in ``run_dir``. On a pod, start one process per host
-with ``--coordinator``, ``--num-processes``, ``--process-id`` (or let SLURM / the TPU VM tell them).
+JSON); unknown keys are an error; ``--help`` with ``--config`` lists every key and its default. ``--data
+PATH[:FORMAT]`` (repeatable) replaces ``data.sources`` without writing JSON:
+
+    python -m llama_jax.train --config configs/pretrain/tiny.py --data my.jsonl --config.run_dir=/tmp/mine
+
+Rerunning the same command resumes from the newest complete checkpoint in ``run_dir``. On a pod, start one process
+per host with ``--coordinator``, ``--num-processes``, ``--process-id`` (or let SLURM / the TPU VM tell them).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from llama_jax.errors import ConfigError
 from llama_jax.train import loop
 
 parser = cli.parser("python -m llama_jax.train", __doc__, config=True)
+cli.add_data(parser)
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.config is None:
         raise ConfigError("--config is required, e.g. --config configs/pretrain/tiny.py")
+    if args.data:
+        args.config.data.sources = cli.data_sources(args.data)
     return loop.run(args.config)
 
 

@@ -1,16 +1,18 @@
-"""The train state and the one generic train step every stage (pretrain, SFT, DPO, reward) shares.
+"""The train state, what a stage is, and the one generic train step every stage (pretrain, SFT, reward, DPO) shares.
 
-    state = create_state(cfg, tx, mesh, seed=0)
-    train_step = make_train_step(loss_fn, tx, mesh, state, schedule=schedule)
+    state = create_state(cfg, tx, mesh, seed=0, stage=stage)          # or params=... to start from weights
+    train_step = make_train_step(loss_fn, tx, mesh, state_shardings(cfg, tx, mesh, stage), schedule=schedule)
     state, metrics = train_step(state, batch)      # batch: dict of [B, T] arrays (numpy or sharded)
 
-A stage supplies only ``loss_fn(params, batch, rng) -> (loss, metrics)``. Gradient accumulation, clipping
-(inside ``tx``), the non-finite guard and the learning-rate metric live here, once.
+A stage supplies ``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``, its batches, the parameters it adds to
+a Llama tree (a reward head) and the ones it keeps frozen beside it (DPO's reference). Gradient accumulation,
+clipping (inside ``tx``), the non-finite guard and the learning-rate metric live here, once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -24,44 +26,83 @@ from llama_jax import model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]  # (params, batch, rng, frozen)
 LOSS_WEIGHT = "loss_weight"  # optional loss_fn metric: how many items its mean loss averages (see _accumulate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: a loss and a batch maker on the shared loop, step and checkpoint format."""
+
+    name: str
+    make_loss_fn: Callable[[ModelConfig, Any, Any], LossFn]  # (model config, experiment config, the pipeline's
+    #                                                          run_layers or None for the plain scan) -> loss_fn
+    make_batches: Callable[[Any, Any, str], Iterator[dict]]  # (experiment config, tokenizer, "train" | "eval")
+    extra_params: Callable[[ModelConfig, jax.Array], dict] | None = None  # leaves a Llama tree lacks, boxed with
+    #                                                                        their logical axes (a reward head)
+    frozen: Callable[[dict], Any] | None = None  # what the stage reads but never trains, from the starting
+    #                                              parameters (DPO's reference: a copy of the policy's)
+    configure: Callable[[Any], Stage] | None = None  # the stage as an experiment config sets it up (DPO keeps no
+    #                                                  reference copy when its log-probs come precomputed)
 
 
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken (skipped non-finite steps included)
-    params: Any  # the model's parameter tree
+    params: Any  # the trained tree: a Llama's parameters, plus the stage's extra leaves
     opt_state: Any  # optax state
     rng: jax.Array  # uint32 [2] base key; step s uses fold_in(rng, s)
+    frozen: Any = None  # parameters the loss reads but nothing trains, sharded like params, not in opt_state
 
 
-def _boxed_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state whose parameter leaves (and so the optimizer's moments of them) carry their logical axes."""
-    params_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-    params = model.Llama(cfg).init(params_key, jnp.zeros((1, 1), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+def _boxed_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, stage: Stage | None) -> TrainState:
+    """A fresh state whose parameter leaves (and so the optimizer's moments and the frozen copies of them) carry
+    their logical axes."""
+    params_key, extra_key, rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = model.boxed_params(cfg, params_key)
+    if stage is not None and stage.extra_params is not None:
+        params = {**params, **stage.extra_params(cfg, extra_key)}
+    frozen = stage.frozen(params) if stage is not None and stage.frozen is not None else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                      frozen=frozen)
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
-    """NamedShardings of every state leaf, from the logical axes of the abstract state itself: parameters and
-    the optimizer moments of them as the rules say, everything else (step, counts, rng) replicated."""
-    boxed = jax.eval_shape(lambda: _boxed_state(cfg, tx, 0))
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, stage: Stage | None = None
+                    ) -> TrainState:
+    """NamedShardings of every state leaf, from the logical axes of the abstract state itself: parameters, the
+    optimizer moments and frozen copies of them as the rules say, everything else (step, counts, rng) replicated."""
+    boxed = jax.eval_shape(lambda: _boxed_state(cfg, tx, 0, stage))
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     sharding.check_divisible(nn.meta.unbox(boxed), shardings)
     return shardings
 
 
-def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, stage: Stage | None = None
+                   ) -> TrainState:
     """The state as ShapeDtypeStructs with shardings: restore targets, AOT lowering. Allocates nothing."""
-    shapes = nn.meta.unbox(jax.eval_shape(lambda: _boxed_state(cfg, tx, 0)))
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: _boxed_state(cfg, tx, 0, stage)))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        state_shardings(cfg, tx, mesh))
+                        state_shardings(cfg, tx, mesh, stage))
 
 
-def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int = 0) -> TrainState:
-    """A fresh state, each leaf created directly in its shards (no full copy on any one device)."""
-    return jax.jit(lambda: nn.meta.unbox(_boxed_state(cfg, tx, seed)), out_shardings=state_shardings(cfg, tx, mesh))()
+def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int = 0, *,
+                 stage: Stage | None = None, params: dict | None = None) -> TrainState:
+    """A fresh state (step 0, fresh optimizer), each leaf created directly in its shards (no full copy on any one
+    device). ``params``: a Llama tree to start from (e.g. ``checkpoint.load``'s), cast to cfg.param_dtype; the
+    stage's extra leaves are initialised and its frozen tree derived from these starting parameters."""
+
+    def build(start):
+        state = nn.meta.unbox(_boxed_state(cfg, tx, seed, stage))
+        if start is None:
+            return state
+        trained = {**state.params, **jax.tree.map(lambda x, like: x.astype(like.dtype), start,
+                                                 {k: state.params[k] for k in start})}
+        frozen = stage.frozen(trained) if stage is not None and stage.frozen is not None else None
+        return state.replace(params=trained, opt_state=tx.init(trained), frozen=frozen)
+
+    if params is not None:
+        model.check_params(params, cfg)
+    return jax.jit(build, out_shardings=state_shardings(cfg, tx, mesh, stage))(params)
 
 
 def _split_microbatches(batch: dict, count: int) -> dict:
@@ -76,7 +117,7 @@ def _split_microbatches(batch: dict, count: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def _accumulate(grad_fn, params, microbatches: dict, rng: jax.Array, count: int):
+def _accumulate(grad_fn, params, frozen, microbatches: dict, rng: jax.Array, count: int):
     """Loss, metrics and gradients over ``count`` microbatches, as if the batch had been one.
 
     When the loss_fn reports a ``loss_weight`` metric (its loss is a mean over that many items, e.g. target
@@ -85,14 +126,14 @@ def _accumulate(grad_fn, params, microbatches: dict, rng: jax.Array, count: int)
 
     def step(carry, xs):
         index, micro = xs
-        (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index))
+        (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), frozen)
         weight = aux.get(LOSS_WEIGHT, jnp.float32(1.0))
         weighted = jax.tree.map(lambda x: x.astype(jnp.float32) * weight,
                                 (loss, {k: v for k, v in aux.items() if k != LOSS_WEIGHT}, grads))
         return jax.tree.map(jnp.add, carry, (weighted, weight)), None
 
     first = jax.tree.map(lambda x: x[0], microbatches)
-    (loss, aux), grads = jax.eval_shape(grad_fn, params, first, rng)
+    (loss, aux), grads = jax.eval_shape(grad_fn, params, first, rng, frozen)
     weighted_aux = {k: v for k, v in aux.items() if k != LOSS_WEIGHT}
     # Sums in float32 (bfloat16 gradients would lose the small microbatches' share); the result in grads' dtype.
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, weighted_aux, grads))
@@ -111,7 +152,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, sta
 
     ``microbatch_tokens``: accumulate gradients over microbatches of this many tokens (None: one pass);
     the count follows from each batch's shape, so batch-size ramps just recompile. A step whose loss or
-    gradient is not finite leaves params and optimizer state untouched and reports ``skipped = 1``.
+    gradient is not finite leaves params and optimizer state untouched and reports ``skipped = 1`` (and
+    ``update_norm = 0``: no update is computed).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -120,18 +162,27 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, sta
         rows, length = jax.tree.leaves(batch)[0].shape[:2]
         count = 1 if microbatch_tokens is None else max(rows * length // microbatch_tokens, 1)
         if count == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, rng)
+            (loss, aux), grads = grad_fn(state.params, batch, rng, state.frozen)
         else:
-            loss, aux, grads = _accumulate(grad_fn, state.params, _split_microbatches(batch, count), rng, count)
+            loss, aux, grads = _accumulate(grad_fn, state.params, state.frozen, _split_microbatches(batch, count),
+                                           rng, count)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                                  opt_state=keep(opt_state, state.opt_state))
+
+        def apply_update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            update_norm = optax.global_norm(updates).astype(jnp.float32)  # bfloat16 for bfloat16 parameters
+            return optax.apply_updates(state.params, updates), opt_state, update_norm
+
+        def skip_update(_):
+            return state.params, state.opt_state, jnp.zeros((), jnp.float32)
+
+        # lax.cond, not jnp.where over every leaf: a select reads old and new parameters and both Adam moments
+        # and made XLA copy the donated state on entry (3.5 GB a step for a 125M model on XLA:CPU).
+        params, opt_state, update_norm = jax.lax.cond(finite, apply_update, skip_update, None)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {
-            "loss": loss, **aux, "grad_norm": grad_norm, "update_norm": optax.global_norm(updates),
+            "loss": loss, **aux, "grad_norm": grad_norm, "update_norm": update_norm,
             "param_norm": optax.global_norm(new_state.params), "skipped": 1 - finite.astype(jnp.int32),
         }
         if schedule is not None:
@@ -152,19 +203,20 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, sta
     return train_step
 
 
-def make_eval_step(loss_fn: LossFn, mesh, params_sharding) -> Callable[[Any, dict], dict]:
-    """``eval_step(params, batch) -> metrics`` (the loss and the loss_fn's metrics), jitted on ``mesh``."""
+def make_eval_step(loss_fn: LossFn, mesh, state_sharding: TrainState) -> Callable[[TrainState, dict], dict]:
+    """``eval_step(state, batch) -> metrics`` (the loss and the loss_fn's metrics), jitted on ``mesh``."""
 
-    def eval_fn(params, batch):
-        loss, aux = loss_fn(params, batch, jax.random.PRNGKey(0))
+    def eval_fn(params, frozen, batch):
+        loss, aux = loss_fn(params, batch, jax.random.PRNGKey(0), frozen)
         return {"loss": loss, **aux}
 
-    jitted = jax.jit(eval_fn, in_shardings=(params_sharding, sharding.batch_sharding(mesh)))
+    jitted = jax.jit(eval_fn, in_shardings=(state_sharding.params, state_sharding.frozen,
+                                            sharding.batch_sharding(mesh)))
 
-    def eval_step(params, batch: dict) -> dict:
+    def eval_step(state: TrainState, batch: dict) -> dict:
         if isinstance(jax.tree.leaves(batch)[0], np.ndarray):
             batch = sharding.shard_batch(batch, mesh)
         with sharding.activate(mesh):
-            return jitted(params, batch)
+            return jitted(state.params, state.frozen, batch)
 
     return eval_step

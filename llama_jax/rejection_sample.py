@@ -1,0 +1,217 @@
+"""Rejection sampling (Llama 3, section 4.2.2): K samples per prompt from the policy, the reward model's favourite
+kept as an SFT chat record.
+
+    python -m llama_jax.rejection_sample --checkpoint runs/sft --reward runs/rm prompts.jsonl out.jsonl \\
+        --samples 10 --temperature 1.0 --top-p 0.9 --max-new-tokens 256 [--system-prompt "Be brief."]
+    records = best_of_k(policy, scorer, prompts, Settings(samples=10), seed=0)    # the same, in Python
+
+Prompts are ``data.prompts`` records ({"prompt": str | [messages], "id": ...}). Each prompt is prefilled once and its
+KV cache broadcast to its K samples (``generate``'s samples_per_prompt). A steering system prompt
+(``--system-prompt``; the paper steers tone and format this way) goes in front of the prompt for sampling only. A
+sample is usable when it ends with <|eot_id|>, holds no other special token nor an id the tokenizer lacks, and is
+not blank. Every sample is scored by the reward model as a reply to the prompt as recorded, re-encoded from its
+text as SFT will read it (an unusable sample's text leaves the special and unknown ids out); the best is the usable
+sample of the highest score, ties to the lowest index (the best of all if none is usable). Each output line:
+
+    {"id", "messages": prompt messages + [{"role": "assistant", "content": best}], "scores": [K floats],
+     "best": index, "usable": [K bools], "policy": identity, "reward": identity, "sampling": settings}
+
+(identities: ``checkpoint.identity``; with ``--keep-samples`` also "samples": the K texts). The SFT stage reads it
+as a chat record. The steering system prompt stays out of "messages" unless ``--keep-system-prompt``.
+
+Prompts go in batches of ``--batch-size``; batch b samples with a seed drawn from (--seed, b) and is appended to OUT
+and fsynced when done. A rerun keeps OUT's complete batches, drops the records of one a kill cut short, and goes on
+from there: a killed run loses at most the batch in flight and ends with exactly the records of an uninterrupted
+one. A rerun whose settings or checkpoints differ from OUT's records is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama_jax import checkpoint, cli, generate
+from llama_jax.config import ModelConfig
+from llama_jax.data import PromptRecord, read_prompts
+from llama_jax.data.chat import encode_prompt
+from llama_jax.errors import ConfigError, DataError
+from llama_jax.score import Scorer, encode_replies
+from llama_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How samples are drawn; recorded in every output record (a rerun must match them)."""
+
+    samples: int = 10  # K per prompt (the paper: 10 to 30)
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int = 256
+    system_prompt: str | None = None  # steering prompt, for sampling only
+    keep_system_prompt: bool = False  # keep it in the record's messages
+    keep_samples: bool = False  # write every sample's text too
+    seed: int = 0
+    batch_size: int = 8  # prompts per batch
+
+    def __post_init__(self):
+        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"samples, batch_size and max_new_tokens must be >= 1: {self}")
+        if self.temperature <= 0 and self.samples > 1:
+            raise ConfigError("temperature 0 (greedy) gives K identical samples; rejection sampling needs > 0")
+
+
+@dataclasses.dataclass
+class Policy:
+    """A policy as ``generate.load_model`` gives it (per-layer parameters for decoding)."""
+
+    params: Any
+    cfg: ModelConfig
+    tokenizer: Tokenizer
+
+
+def sampled_messages(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The prompt with the steering system prompt in front (before the prompt's own system message, if any)."""
+    if not system_prompt:
+        return messages
+    if messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{system_prompt}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def sample_text(tok: Tokenizer, ids: Sequence[int]) -> tuple[str, bool]:
+    """(the reply text of a sample, whether it is usable: it ends with <|eot_id|>, holds no other special token and
+    no id the tokenizer lacks (a model's vocabulary may be larger), and is not blank)."""
+    body = list(ids[:-1]) if ids and ids[-1] in tok.stop_ids else list(ids)
+    plain = [t for t in body if t < tok.vocab_size and t not in tok.special_tokens.values()]
+    text = tok.decode(plain)
+    return text, bool(ids) and ids[-1] == tok.eot_id and len(plain) == len(body) and bool(text.strip())
+
+
+def best_of_k(policy: Policy, scorer: Scorer, prompts: Sequence[PromptRecord], settings: Settings, *, seed: int
+              ) -> list[dict]:
+    """One batch: K samples of each prompt, scored; the record of each prompt (without the identities)."""
+    tok, k = policy.tokenizer, settings.samples
+    sampled = [sampled_messages(p.messages, settings.system_prompt) for p in prompts]
+    outputs = generate.generate(policy.params, policy.cfg, [encode_prompt(tok, m) for m in sampled],
+                                settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                                seed=seed, stop_ids=tok.stop_ids, vocab_size=tok.vocab_size, samples_per_prompt=k)
+    records = []
+    for i, prompt in enumerate(prompts):
+        texts, usable = zip(*(sample_text(tok, ids) for ids in outputs[i * k:(i + 1) * k]))
+        kept = sampled[i] if settings.keep_system_prompt else prompt.messages
+        scores = scorer.score(encode_replies(scorer.tokenizer, kept, texts))
+        best = max(range(k), key=lambda j: (usable[j], scores[j], -j))
+        record = {"id": prompt.id, "messages": [*kept, {"role": "assistant", "content": texts[best]}],
+                  "scores": [float(s) for s in scores], "best": best, "usable": list(usable)}
+        if settings.keep_samples:
+            record["samples"] = list(texts)
+        records.append(record)
+    return records
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of batch ``batch``: independent streams per batch, fixed by (seed, batch)."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
+
+
+def _done_batches(out: Path, batches: list[list[PromptRecord]], header: dict) -> int:
+    """How many leading batches OUT holds complete; OUT is rewritten without any later record (a cut batch)."""
+    if not out.exists():
+        return 0
+    lines = out.read_text().split("\n")
+    records = []
+    for number, line in enumerate(lines[:-1], start=1):  # the text after the last newline is a cut-off write
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DataError(f"{out}:{number} is not JSON; this is not a rejection-sampling output to resume") from None
+    for number, record in enumerate(records, start=1):
+        differing = {key: (record.get(key), value) for key, value in header.items() if record.get(key) != value}
+        if differing:
+            raise ConfigError(f"{out}:{number} was written with other settings or checkpoints (record, now: "
+                              f"{differing}); write to another file or rerun with the same ones")
+    written = [r["id"] for r in records]
+    done, at = 0, 0
+    for batch in batches:
+        ids = [p.id for p in batch]
+        if written[at:at + len(ids)] != ids:
+            break
+        done, at = done + 1, at + len(ids)
+    cut = written[at:]
+    if cut and (done == len(batches) or cut != [p.id for p in batches[done]][:len(cut)]):
+        raise ConfigError(f"{out} holds records (ids {cut[:4]}...) that are not the next batch of these prompts: it "
+                          "was written from another prompt file; write to another file")
+    if cut or len(lines[-1]):
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in records[:at]))
+        os.replace(partial, out)
+    return done
+
+
+parser = cli.parser("python -m llama_jax.rejection_sample", __doc__.split("\n")[0])
+cli.add_checkpoint(parser, help="the policy: any checkpoint llama_jax reads")
+parser.add_argument("--reward", required=True, metavar="PATH", help="the reward model (a reward-stage checkpoint)")
+parser.add_argument("prompts", help="JSONL prompt records ({\"prompt\", \"id\"})")
+parser.add_argument("output", help="JSONL SFT records to write or resume")
+cli.add_sampling(parser)
+parser.set_defaults(temperature=1.0)
+parser.add_argument("--samples", type=int, default=10, help="K samples per prompt")
+parser.add_argument("--system-prompt", default=None, help="steering system prompt, for sampling only")
+parser.add_argument("--keep-system-prompt", action="store_true", help="keep the steering prompt in the records")
+parser.add_argument("--keep-samples", action="store_true", help="write every sample's text too")
+parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (K rows each)")
+parser.add_argument("--score-batch-size", type=int, default=32, help="sequences per reward-model forward pass")
+parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                    help="malformed prompt records and prompts too long to continue: error, or skip and count")
+
+
+def run(args: argparse.Namespace) -> dict:
+    settings = Settings(samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt,
+                        keep_system_prompt=args.keep_system_prompt, keep_samples=args.keep_samples, seed=args.seed,
+                        batch_size=args.batch_size)
+    policy = Policy(*generate.load_model(args.checkpoint, args.tokenizer))
+    scorer = Scorer.load(args.reward, batch_size=args.score_batch_size)
+    if scorer.tokenizer.sha256 != policy.tokenizer.sha256:
+        raise ConfigError(f"the policy's tokenizer ({policy.tokenizer.name}) and the reward model's "
+                          f"({scorer.tokenizer.name}) differ: the reward model could not read the samples")
+    prompts, skipped = read_prompts(args.prompts, policy.tokenizer, on_error=args.on_error)
+    room = policy.cfg.max_seq_len - settings.max_new_tokens
+    for p in prompts:
+        if len(encode_prompt(policy.tokenizer, sampled_messages(p.messages, settings.system_prompt))) > room:
+            if args.on_error != "skip":
+                raise DataError(f"{p.where}: prompt {p.id!r} leaves fewer than max_new_tokens="
+                                f"{settings.max_new_tokens} positions of max_seq_len={policy.cfg.max_seq_len}")
+            skipped[p.where] = "too long to continue by max_new_tokens"
+    prompts = [p for p in prompts if p.where not in skipped]
+    batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
+    header = {"policy": checkpoint.identity(args.checkpoint), "reward": checkpoint.identity(args.reward),
+              "sampling": dataclasses.asdict(settings)}
+    out = Path(args.output)
+    done = _done_batches(out, batches, header)
+    cli.log(f"rejection sampling: {len(prompts)} prompts x {settings.samples} samples, {len(batches)} batches, "
+            f"{done} already in {out}")
+    with open(out, "a") as f:
+        for b in cli.progress(range(done, len(batches)), total=len(batches), initial=done, desc="batches"):
+            records = best_of_k(policy, scorer, batches[b], settings, seed=batch_seed(settings.seed, b))
+            f.write("".join(json.dumps({**r, **header}) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+    return {"output": str(out.resolve()), "prompts": len(prompts), "resumed_batches": done,
+            "sampled_batches": len(batches) - done, "skipped": len(skipped), "skipped_lines": skipped}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(parser, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Direct preference optimisation as Llama 3 did it (section 4.1.4): the policy trained against a frozen reference,
+beta 0.1, learning rate 1e-5, and the paper's two changes.
+
+    python -m llama_jax.train --config configs/dpo/tiny.py:prefs.jsonl --config.init_from=runs/sft
+    logps, lengths = reply_logps(params, cfg, rows)   # per row: sums of log p over its dpo_mask / loss_mask targets
+
+A reply's log-prob is the SUM of log p(token) over its targets; chosen and rejected rows go through the network as
+one [2B, T] batch. The reference's log-probs come from the same function, run on a frozen copy of the starting
+parameters (``dpo.reference="model"``: the stage's frozen tree, sharded like the policy) or from the data
+(``"precomputed"``: the column ``python -m llama_jax.reference_logps`` writes with the checkpoint of ``init_from``;
+no copy in memory). A record's edited reply, if any, is not used here.
+
+The paper's changes, each a switch (for ablations):
+  dpo.mask_formatting  the formatting tokens (<|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|>) are
+                       left out of the chosen and the rejected log-probs of the DPO term (the batch's dpo_mask, not
+                       its loss_mask): both replies share them, and pushing them up and down at once destabilises
+  dpo.nll_coef         + coef x the chosen reply's NLL, each reply's a mean over its tokens (loss_mask: the closing
+                       token included), averaged over pairs; 0.2 in the paper, 0 turns it off
+
+loss = mean over pairs of ``losses.dpo_loss`` + nll_coef x mean over pairs of the chosen NLL. Metrics: ``dpo_loss``
+and ``nll_loss`` (the two terms, nll unscaled); ``chosen_reward``, ``rejected_reward`` (beta x log-ratio to the
+reference, means) and ``margin`` (their mean difference); ``accuracy`` (pairs whose chosen reward is the higher, a
+tie counting half: 0.5 at the start, where policy == reference); ``chosen_logp``, ``rejected_logp`` (the policy's
+log-probs of the DPO term, means: without the NLL term the chosen one tends to fall, why the paper adds it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax import checkpoint, data, model
+from llama_jax.config import ModelConfig
+from llama_jax.data.preference import REFERENCE_MASKS
+from llama_jax.errors import ConfigError
+from llama_jax.losses import chunked_cross_entropy, dpo_loss
+from llama_jax.train.step import LossFn, Stage
+
+ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "dpo_mask")
+REFERENCES = ("model", "precomputed")
+
+
+def reply_logps(params, cfg: ModelConfig, rows: dict, *, chunk_size: int | None = 8192
+                ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Preference rows ([R, T] arrays) -> ({"dpo_mask": [R], "loss_mask": [R]}, the sums of log p(target) over
+    each mask; the number of loss_mask targets [R])."""
+    hidden = model.Llama(cfg).apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
+                                    output="hidden")  # [R, T, D]
+    head = model.lm_head_kernel(params, cfg).astype(hidden.dtype)
+    nll, _ = chunked_cross_entropy(hidden, head, rows["targets"], chunk_size)  # [R, T]
+    return {mask: -(nll * rows[mask]).sum(-1) for mask in REFERENCE_MASKS}, rows["loss_mask"].sum(-1)
+
+
+def make_loss_fn(cfg: ModelConfig, *, beta: float = 0.1, nll_coef: float = 0.2, mask_formatting: bool = True,
+                 precomputed: bool = False, chunk_size: int | None = 8192) -> LossFn:
+    """``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``; ``frozen`` is the reference's parameters, or None
+    when ``precomputed`` (the batch then carries ``reference_logps``)."""
+    mask = "dpo_mask" if mask_formatting else "loss_mask"
+
+    def loss_fn(params, batch, rng, frozen=None):
+        del rng
+        chosen, rejected = batch["chosen"], batch["rejected"]
+        pairs = {k: jnp.concatenate([chosen[k], rejected[k]]) for k in ROW_KEYS}  # [2B, T]: one forward pass
+        logps, lengths = reply_logps(params, cfg, pairs, chunk_size=chunk_size)
+        policy_chosen, policy_rejected = jnp.split(logps[mask], 2)
+        if precomputed:
+            reference_chosen = chosen["reference_logps"].sum(-1)
+            reference_rejected = rejected["reference_logps"].sum(-1)
+        else:
+            reference, _ = reply_logps(jax.lax.stop_gradient(frozen), cfg, pairs, chunk_size=chunk_size)
+            reference_chosen, reference_rejected = jnp.split(reference[mask], 2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, reference_chosen,
+                                                            reference_rejected, beta)
+        chosen_tokens = jnp.split(lengths, 2)[0]
+        chosen_nll = -jnp.split(logps["loss_mask"], 2)[0] / jnp.maximum(chosen_tokens, 1)  # per reply, per token
+        pairs_present = (chosen_tokens > 0).astype(jnp.float32)  # padding rows (the end of an eval pass) hold none
+        count = jnp.maximum(pairs_present.sum(), 1.0)
+        mean = lambda x: (x * pairs_present).sum() / count  # noqa: E731
+        margin = chosen_rewards - rejected_rewards
+        dpo_term, nll_term = mean(losses), mean(chosen_nll)
+        metrics = {
+            "dpo_loss": dpo_term, "nll_loss": nll_term, "chosen_reward": mean(chosen_rewards),
+            "rejected_reward": mean(rejected_rewards), "margin": mean(margin),
+            "accuracy": mean(jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0))),
+            "chosen_logp": mean(policy_chosen), "rejected_logp": mean(policy_rejected),
+            "loss_weight": pairs_present.sum(),
+        }
+        return dpo_term + nll_coef * nll_term, metrics
+
+    return loss_fn
+
+
+def _loss_fn(cfg: ModelConfig, config, run_layers=None) -> LossFn:
+    if run_layers is not None:
+        raise ConfigError(f"the dpo stage runs without a pipeline (config.pipeline.schedule="
+                          f"{config.pipeline.schedule!r}); pipelines run the pretrain and sft stages")
+    d = config.dpo
+    return make_loss_fn(cfg, beta=d.beta, nll_coef=d.nll_coef, mask_formatting=d.mask_formatting,
+                        precomputed=d.reference == "precomputed", chunk_size=config.optimizer.loss_chunk or None)
+
+
+def reference_spec(config) -> dict:
+    """What precomputed reference log-probs must have been made with: the mask of the DPO term, and the checkpoint
+    the policy starts from (``init_from``), by identity."""
+    if not config.init_from:
+        raise ConfigError("dpo.reference='precomputed' needs config.init_from: the reference log-probs must be "
+                          "those of the checkpoint the policy starts from")
+    return {"mask": "dpo_mask" if config.dpo.mask_formatting else "loss_mask",
+            "checkpoint": checkpoint.identity(config.init_from)}
+
+
+def _batches(config, tokenizer, split: str):
+    reference = reference_spec(config) if config.dpo.reference == "precomputed" else None
+    return data.make_batches(config.data, tokenizer, split=split, kind="preference", reference=reference)
+
+
+def _configure(config) -> Stage:
+    if config.dpo.reference not in REFERENCES:
+        raise ConfigError(f"dpo.reference must be one of {REFERENCES}, got {config.dpo.reference!r}")
+    return STAGE if config.dpo.reference == "model" else dataclasses.replace(STAGE, frozen=None, configure=None)
+
+
+STAGE = Stage(name="dpo", make_loss_fn=_loss_fn, make_batches=_batches, frozen=lambda params: params,
+              configure=_configure)
