@@ -46,9 +46,8 @@ TICKS_SCOPE = "pipeline_ticks"
 RunLayers = Callable[[model.Params, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def check(cfg: ModelConfig, mesh: Mesh, schedule: str, microbatches: int, circular_repeats: int) -> None:
-    """Raises ConfigError for a schedule this mesh and model cannot run."""
-    stages = mesh.shape["stage"]
+def check(cfg: ModelConfig, stages: int, schedule: str, microbatches: int, circular_repeats: int) -> None:
+    """Raises ConfigError for a schedule that ``stages`` pipeline stages cannot run on this model."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"pipeline.schedule must be one of {SCHEDULES}, got {schedule!r}")
     if schedule == "none":
@@ -78,7 +77,7 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
 def make_run_layers(cfg: ModelConfig, mesh: Mesh, *, schedule: str, microbatches: int,
                     circular_repeats: int = 2) -> RunLayers | None:
     """The ``run_layers`` hook of ``model.Llama`` for ``schedule`` on ``mesh`` (None for "none": the plain scan)."""
-    check(cfg, mesh, schedule, microbatches, circular_repeats)
+    check(cfg, mesh.shape["stage"], schedule, microbatches, circular_repeats)
     if schedule == "none":
         return None
     repeats = circular_repeats if schedule == "circular" else 1

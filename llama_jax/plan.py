@@ -46,6 +46,10 @@ TABLE4_PIPELINE = dict(schedule="circular", microbatches=16, circular_repeats=8)
 # 126 layers do not split into 16 equal stages (the paper gives the first and last stage one layer less, which one
 # stacked `layers` axis cannot express), so the compiled rows use 128: 1.6% more parameters, said in the table.
 TABLE4_LAYERS = 128
+# What the compiler's FLOPs figure is not (printed next to it, and in --json).
+FLOPS_CAVEAT = ("cost_analysis counts each loop body once (the scanned layers, the loss's vocabulary chunks, the "
+                "pipeline's ticks), so it is far below the step's work: model FLOPs come from "
+                "ModelConfig.flops_per_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +109,7 @@ def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backen
             "compile_seconds": report.compile_seconds, "pipeline_ticks": report.pipeline_ticks,
             "refused_by_compiler": report.refused,
             "bubble": None if report.pipeline_ticks is None else (sizes["stage"] - 1) / report.pipeline_ticks,
-            # cost_analysis counts each loop body (scanned layers, loss chunks, pipeline ticks) once.
-            "flops_loop_bodies_once": report.flops,
+            "flops_loop_bodies_once": report.flops, "flops_caveat": FLOPS_CAVEAT,
         }
         result["analytic_over_compiled"] = b.total / report.total_bytes
     return result
@@ -143,20 +146,28 @@ def _backend_of(topology: str) -> str:
 
 
 def _print_table4(rows: list[dict]) -> None:
-    print(f"Llama 3.1 405B ({TABLE4_LAYERS}-layer stand-in), the paper's Table 4 layouts: GB per device (bf16, AdamW, "
-          "remat full, dense attention, circular pipeline 8 rounds x 16 microbatches, gradient accumulation)")
-    head = ["GPUs", "TP", "CP", "PP", "DP", "seq", "grad accum", "analytic GB", "fits 80 GB", "flash-kernel GB"]
-    if "compiled" in rows[0]:
-        head += ["compiled GB", "analytic/compiled", "fits chip", "compile s", "bubble"]
-    print(" | ".join(head))
+    compiled = "compiled" in rows[0]
+    chip, capacity = ((rows[0]["compiled"]["device_kind"], rows[0]["compiled"]["capacity_gb"]) if compiled
+                      else ("H100", H100_BYTES / GB))
+    print(f"Llama 3.1 405B ({TABLE4_LAYERS}-layer stand-in), the paper's Table 4 layouts, per device: bf16, AdamW, "
+          "remat full, dense attention, circular pipeline 8 rounds x 16 microbatches, gradient accumulation to 16M "
+          f"tokens; analytic with the {rows[0]['backend']} profile, fits = within {chip}'s {capacity:.0f} GB")
+    head = ["GPUs", "TP", "CP", "PP", "DP", "seq", "accum", "analytic", "fits", "with a flash kernel"]
+    if compiled:
+        head += [f"compiled for {chip}", "analytic/compiled", "fits", "compile", "bubble"]
+    table = [head]
     for r in rows:
-        cells = [str(r[k]) for k in ("gpus", "tp", "cp", "pp", "dp", "seq", "grad_accum")]
-        cells += [f"{r['analytic_gb']:.1f}", "yes" if r["fits_80gb"] else "NO", f"{r['flash_gb']:.1f}"]
-        if "compiled" in r:
+        cells = [f"{r[k]:,}" for k in ("gpus", "tp", "cp", "pp", "dp", "seq", "grad_accum")]
+        cells += [_gb(r["analytic_gb"]), "yes" if r["analytic_gb"] <= capacity else "NO", _gb(r["flash_gb"])]
+        if compiled:
             c = r["compiled"]
-            cells += [f"{c['total_gb']:.1f}", f"{r['analytic_over_compiled']:.2f}", "yes" if c["fits"] else "NO",
-                      f"{c['compile_seconds']:.0f}", "?" if c["bubble"] is None else f"{c['bubble']:.2f}"]
-        print(" | ".join(cells))
+            cells += [_gb(c["total_gb"]) + (" (refused)" if c["refused_by_compiler"] else ""),
+                      f"{r['analytic_over_compiled']:.2f}", "yes" if c["fits"] else "NO",
+                      f"{c['compile_seconds']:.0f} s", "-" if c["bubble"] is None else f"{c['bubble']:.1%}"]
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
 
 # --- Command line -----------------------------------------------------------------------------------------
@@ -193,11 +204,12 @@ parser.add_argument("--context", type=int, default=8192, help="inference: KV cac
 parser.add_argument("--json", action="store_true", help="print only the JSON result")
 
 
-def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None, int, dict]:
-    """(model config, mesh spec, seq, rows per step, grad_accum, pipeline) from the flags or the config file."""
+def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None, int, dict, int | None]:
+    """(model config, mesh spec, seq, rows per step, grad_accum, pipeline, loss chunk) from the flags or the config
+    file."""
     if args.config is None:
         cfg, mesh, seq, rows, accum = config.get(args.model), args.mesh or "fsdp=8", args.seq or 8192, args.batch, 1
-        pipe = dict(schedule="none", microbatches=1, circular_repeats=2)
+        pipe, chunk = dict(schedule="none", microbatches=1, circular_repeats=2), 8192
     else:
         c = args.config
         cfg = ModelConfig.from_dict(c.model.to_dict())
@@ -205,12 +217,13 @@ def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | 
         seq = args.seq or max(stage.seq_len for stage in ramp)
         rows = args.batch or int(c.data.batch_size) * int(c.data.seq_len) // seq
         mesh, accum, pipe = args.mesh or c.mesh or "fsdp=-1", int(c.optimizer.grad_accum), dict(c.pipeline)
+        chunk = int(c.optimizer.loss_chunk) or None
     if args.grad_accum:
         accum = args.grad_accum
     for flag, key in (("pipeline", "schedule"), ("microbatches", "microbatches"), ("repeats", "circular_repeats")):
         if getattr(args, flag) is not None:
             pipe[key] = getattr(args, flag)
-    return cfg, mesh, seq, rows, accum, pipe
+    return cfg, mesh, seq, rows, accum, pipe, chunk
 
 
 def _devices(args: argparse.Namespace, mesh_spec: str) -> int:
@@ -227,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
         if not args.json:
             _print_table4(rows)
         return {"table4": rows}
-    cfg, mesh_spec, seq, batch, accum, pipe = _experiment(args)
+    cfg, mesh_spec, seq, batch, accum, pipe, chunk = _experiment(args)
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
     if args.inference:
@@ -246,11 +259,61 @@ def run(args: argparse.Namespace) -> dict:
                                    else jax.default_backend() if args.aot else "gpu")
         result = {"model": args.model if args.config is None else cfg.to_dict(),
                   **plan_train(cfg, spec, seq, batch, backend=backend, attention=args.attention, grad_accum=accum,
-                               pipeline=pipe, compile_on=(args.topology, args.slices) if args.aot else None)}
+                               pipeline=pipe, loss_chunk=chunk,
+                               compile_on=(args.topology, args.slices) if args.aot else None)}
         result["fits_80gb"] = result["analytic_gb"] * GB <= H100_BYTES
     if not args.json:
-        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+        print("\n".join(_inference_lines(result) if args.inference else _train_lines(result)))
     return result
+
+
+def _gb(value: float) -> str:
+    return f"{value:,.1f} GB"
+
+
+def _fits(total_gb: float, capacity_gb: float, chip: str) -> str:
+    return ("fits" if total_gb <= capacity_gb else "does NOT fit") + f" in {chip}'s {capacity_gb:,.0f} GB"
+
+
+def _train_lines(r: dict) -> list[str]:
+    """The plan as a person reads it: the layout, each term, the totals against the chip, FLOPs with caveats."""
+    mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
+    pipe = r["pipeline"]
+    lines = [f"train step: seq {r['seq']:,} x {r['batch']:,} rows ({r['grad_accum']} pass(es)), remat "
+             f"{r['remat']}, mesh {mesh}" + ("" if pipe["schedule"] == "none" else
+                                             f", {pipe['schedule']} pipeline x {pipe['microbatches']} microbatches"
+                                             f" (bubble {r['bubble']:.1%})")]
+    compiled = r.get("compiled")
+    lines.append(f"per device, analytic ({r['backend']} profile):")
+    lines += [f"  {name:<20} {_gb(gb):>12}" for name, gb in r["terms_gb"].items() if gb > 0]
+    chip, capacity = ((compiled["device_kind"], compiled["capacity_gb"]) if compiled and compiled["capacity_gb"]
+                      else ("an H100", H100_BYTES / GB))
+    lines.append(f"  {'total':<20} {_gb(r['analytic_gb']):>12}  {_fits(r['analytic_gb'], capacity, chip)}")
+    if r["remat"] == "none" and r["analytic_gb"] > capacity:
+        lines.append("  remat 'none' keeps every layer's activations; the paper's layouts use --remat full")
+    if compiled:
+        where = f"{compiled['devices']:,} x {compiled['device_kind']}"
+        lines.append(f"compiled for {where} in {compiled['compile_seconds']:.0f} s"
+                     + (" (refused by the compiler: it needs more than the chip has)"
+                        if compiled["refused_by_compiler"] else "") + ":")
+        lines.append(f"  arguments {_gb(compiled['argument_gb'])}, temporaries {_gb(compiled['temp_gb'])}, total "
+                     f"{_gb(compiled['total_gb'])}"
+                     + (f"  {_fits(compiled['total_gb'], capacity, chip)}" if compiled["capacity_gb"] else ""))
+        lines.append(f"  analytic / compiled = {r['analytic_over_compiled']:.2f}")
+        if compiled["bubble"] is not None:
+            lines.append(f"  pipeline loop: {compiled['pipeline_ticks']} ticks, bubble {compiled['bubble']:.1%}")
+        lines.append(f"  compiled FLOPs per device: {compiled['flops_loop_bodies_once']:.3g} (caveat: "
+                     f"{FLOPS_CAVEAT})")
+    lines.append(f"model FLOPs: {r['model_flops_per_token']:.3g} per token, {r['step_flops_per_device']:.3g} per "
+                 "device per step (remat recomputation included)")
+    return lines
+
+
+def _inference_lines(r: dict) -> list[str]:
+    return [f"{r['model']} inference, {r['weights']} weights over {r['tensor']} devices, per device: weights "
+            f"{_gb(r['weights_gb_per_device'])} + KV cache {_gb(r['kv_gb_per_device'])} = "
+            f"{_gb(r['total_gb_per_device'])}, {_fits(r['total_gb_per_device'], H100_BYTES / GB, 'an H100')} "
+            f"(bf16 weights: {_gb(r['bf16_total_gb_per_device'])})"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

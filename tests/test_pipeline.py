@@ -12,7 +12,7 @@ import pytest
 from llama_jax import config, model, pipeline, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.errors import ConfigError
-from llama_jax.train import loop, pretrain
+from llama_jax.train import dpo, loop, pretrain, reward
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -88,6 +88,12 @@ def test_bad_schedules_are_config_errors():
         pipeline.make_run_layers(CFG, mesh, schedule="1f1b", microbatches=4)
     assert pipeline.make_run_layers(CFG, sharding.make_mesh("fsdp=8"), schedule="none", microbatches=1) is None
     assert pipeline.bubble_fraction(4, 4) == 3 / 7 and pipeline.bubble_fraction(4, 4, 2) == 3 / 11
+    # Pipelines run the stages whose loss is one pass over token rows (pretrain, sft); the others say so.
+    run_layers = pipeline.make_run_layers(CFG, mesh, schedule="gpipe", microbatches=4)
+    for stage in (reward, dpo):
+        c = runpy.run_path(str(ROOT / "configs" / stage.STAGE.name / "tiny.py"))["get_config"]()
+        with pytest.raises(ConfigError, match=f"the {stage.STAGE.name} stage runs without a pipeline"):
+            stage.STAGE.make_loss_fn(CFG, c, run_layers)
 
 
 def _tiny_run(corpus, run_dir, steps):

@@ -126,19 +126,37 @@ def test_table4_layouts():
     assert rows[2]["flash_gb"] < 80  # ... and would with a fused attention kernel
     out = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--table4"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0 and out.stdout.count("\n8192 |") + out.stdout.count("\n16384 |") == 3
+    *table, last = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and json.loads(last)["table4"][2]["seq"] == 131072
+    printed = [line.split() for line in table if line.lstrip().startswith(("8,192", "16,384"))]
+    assert [(cells[5], cells[-4], cells[-3]) for cells in printed] == [
+        ("8,192", "GB", "yes"), ("8,192", "GB", "yes"), ("131,072", "GB", "NO")]
 
 
-def test_command_compiles_and_names_every_term(tmp_path):
+def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-m", "llama_jax.plan", "--model", "tiny", "--mesh", "fsdp=2,tensor=2", "--seq", "128",
-         "--batch", "4", "--aot", "--json"], env=env, capture_output=True, text=True, timeout=300)
+         "--batch", "4", "--remat", "full", "--aot"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["backend"] == "cpu" and result["compiled"]["devices"] == 4
+    *table, last = out.stdout.strip().splitlines()
+    result = json.loads(last)  # the CLI convention: the result as JSON on the last line
+    assert result["backend"] == "cpu" and result["compiled"]["devices"] == 4 and result["remat"] == "full"
     assert set(result["terms_gb"]) >= {"params", "opt_state", "grads", "saved_activations", "gathered_weights"}
     assert result["analytic_gb"] == pytest.approx(sum(result["terms_gb"].values()))
+    # ... and above it, the table a person reads: the layout with its remat, sizes with units, the answer, and the
+    # compiled FLOPs next to their caveat.
+    text = "\n".join(table)
+    assert table[0].startswith("train step: seq 128 x 4 rows") and "remat full, mesh fsdp=2, tensor=2" in table[0]
+    total = next(line for line in table if line.split()[0] == "total")
+    assert total.split()[1:4] == [f"{result['analytic_gb']:,.1f}", "GB", "fits"]
+    assert "compiled for 4 x cpu" in text and f"analytic / compiled = {result['analytic_over_compiled']:.2f}" in text
+    flops = next(line for line in table if "compiled FLOPs" in line)
+    assert "caveat: cost_analysis counts each loop body once" in flops and "flops_per_token" in flops
+    assert result["compiled"]["flops_caveat"] == plan.FLOPS_CAVEAT
+    only_json = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--model", "llama3.1-405b", "--inference",
+                                "--weights", "fp8", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert json.loads(only_json.stdout)["fits_80gb"] and len(only_json.stdout.strip().splitlines()) == 1
     bad = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--aot", "--topology", "v9:2x2"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: topology 'v9:2x2'")
@@ -167,3 +185,17 @@ def test_bad_input():
         budget.train_budget(cfg, "stage=4", 256, 4)
     with pytest.raises(ConfigError, match="fp8"):
         plan.inference_budget(cfg, tensor=1, batch=1, context=16, weights="int4")
+
+
+def test_the_answer_states_remat_and_says_when_it_does_not_fit(capsys):
+    # The 405B preset trains without remat; the paper's layouts assume it. The plan says which it used, and why a
+    # layout does not fit.
+    flags = ["--model", "llama3.1-405b", "--mesh", "tensor=8,fsdp=1024", "--seq", "8192", "--batch", "1024"]
+    without = plan.run(plan.parser.parse_args(flags))
+    text = capsys.readouterr().out
+    assert without["remat"] == "none" and "remat none" in text.splitlines()[0]
+    assert "does NOT fit in an H100's 80 GB" in text and "use --remat full" in text
+    with_remat = plan.run(plan.parser.parse_args([*flags, "--remat", "full"]))
+    text = capsys.readouterr().out
+    assert with_remat["analytic_gb"] < 80 < without["analytic_gb"]
+    assert "fits in an H100's 80 GB" in text and "--remat full" not in text
