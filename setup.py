@@ -47,8 +47,6 @@ setup(
             "lm_eval>=0.4.13",
             "nbclient>=0.11.0",
             "ipykernel>=7.4.0",
-            # TPU compile-only devices, so the planner's TPU tests run (libtpu wheels: Linux x86_64 only).
-            JAX.replace("jax", "jax[tpu]") + '; platform_system == "Linux" and platform_machine == "x86_64"',
         ],
     },
 )
