@@ -91,10 +91,11 @@ def test_stage_meshes_take_the_sequence_axis_from_fsdp_then_data():
     def sizes(mesh, cp):
         return plan_of([dict(seq_len=256, steps=1, context_parallel=cp, batch_size=8)], mesh=mesh).mesh_sizes(0)
 
-    assert sizes("", 2) == dict(data=1, fsdp=4, tensor=1, sequence=2)
-    assert sizes("data=2,fsdp=4", 4) == dict(data=2, fsdp=1, tensor=1, sequence=4)
-    assert sizes("data=4,fsdp=2", 8) == dict(data=1, fsdp=1, tensor=1, sequence=8)
-    assert sizes("fsdp=2,tensor=2,sequence=2", 1) == dict(data=1, fsdp=4, tensor=2, sequence=1)
+    assert sizes("", 2) == dict(data=1, stage=1, fsdp=4, tensor=1, sequence=2)
+    assert sizes("data=2,fsdp=4", 4) == dict(data=2, stage=1, fsdp=1, tensor=1, sequence=4)
+    assert sizes("data=4,fsdp=2", 8) == dict(data=1, stage=1, fsdp=1, tensor=1, sequence=8)
+    assert sizes("fsdp=2,tensor=2,sequence=2", 1) == dict(data=1, stage=1, fsdp=4, tensor=2, sequence=1)
+    assert sizes("stage=2,fsdp=4", 2) == dict(data=1, stage=2, fsdp=2, tensor=1, sequence=2)  # pipeline stays
     with pytest.raises(ConfigError, match="context_parallel=4 does not divide the 2 devices"):
         sizes("fsdp=2,tensor=4", 4)
 
@@ -257,28 +258,31 @@ def test_planner_prints_each_stage_of_the_8b_long_context_config():
         (16_384, 1), (32_768, 1), (65_536, 1), (98_304, 2), (131_072, 2), (131_072, 2)]
     params = config.get("llama3.1-8b").num_params() * 2
     for r in rows:
-        assert r["params_gb"] * 1e9 == pytest.approx(params / (512 // r["mesh"]["sequence"]), rel=1e-3)  # + norms
-        assert r["fits_80gb"] and r["params_gb"] < r["total_gb"] < 80
+        shards = 512 // r["mesh"]["sequence"]
+        assert r["terms_gb"]["params"] * 1e9 == pytest.approx(params / shards, rel=1e-3)  # + replicated norms
+        assert r["fits_80gb"] and r["terms_gb"]["params"] < r["analytic_gb"] < 80
     lines = table.splitlines()
-    assert lines[0].startswith("long-context stages: GB per device") and len(lines) == 2 + len(rows)
-    assert lines[2].split(" | ")[:2] == ["0", "16384"] and lines[-1].split(" | ")[:2] == ["5", "131072"]
+    assert lines[0].startswith("long-context stages, per device") and len(lines) == 2 + len(rows)
+    assert lines[2].split()[:2] == ["0", "16,384"] and lines[-1].split()[:2] == ["5", "131,072"]
 
 
 @pytest.mark.slow  # ~6 minutes on 2 busy cores: five compiles of the 8B step
 def test_8b_long_context_stages_compile_aot_on_a_simulated_mesh():
-    """Each stage's real train step (its length, a microbatch of its rows, its mesh with the CP degree) lowered and
-    compiled for 64 simulated CPU devices (tensor=8, fsdp=8), nothing allocated. XLA's argument bytes are the sharded
-    state: bf16 parameters and two bf16 Adam moments (from the model config) over the devices that hold shards."""
+    """Each stage's real train step (its length, its rows in its gradient-accumulation passes, its mesh with the CP
+    degree) lowered and compiled for 64 simulated CPU devices (tensor=8, fsdp=8), nothing allocated. XLA's argument
+    bytes are the sharded state: bf16 parameters and two bf16 Adam moments (from the model config) over the devices
+    that hold shards."""
     result, table = run_plan("--config.mesh=tensor=8,fsdp=8", "--aot", devices=64)
     rows = result["long_context_stages"]
     state = config.get("llama3.1-8b").num_params() * 2 * 3
     for r in rows:
-        assert r["aot_backend"] == "cpu" and r["aot_devices"] == 64
+        compiled = r["compiled"]
+        assert compiled["device_kind"].lower() == "cpu" and compiled["devices"] == 64
         sharded_state = state / (64 // r["mesh"]["sequence"])  # + the batch's int32 arrays: < 2% here
-        assert sharded_state < r["aot_argument_gb"] * 1e9 < sharded_state * 1.02, r
-        assert r["aot_gb"] > r["aot_argument_gb"]
+        assert sharded_state < compiled["argument_gb"] * 1e9 < sharded_state * 1.02, r
+        assert compiled["total_gb"] > compiled["argument_gb"]
     assert [r["seq_len"] for r in rows] == [16_384, 32_768, 65_536, 98_304, 131_072, 131_072]
-    assert all(line.split(" | ")[-1] != "-" for line in table.splitlines()[2:])  # the compiled column is filled
+    assert all(line.split()[-1] == "GB" for line in table.splitlines()[2:])  # the compiled column is filled
 
 
 TINY_LONG = ROOT / "configs" / "pretrain" / "tiny_long_context.py"

@@ -55,7 +55,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import cli, model, sharding
+from llama_jax import cli, model, pipeline, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError, LlamaJaxError
 from llama_jax.eval import retrieval
@@ -507,8 +507,10 @@ def enter_stage(run, state, index: int, step: int, events: Events):
                 f"{data.reference_loss:.4f}")
     s, sizes = plan.stages[index], plan.mesh_sizes(index)
     moved = sizes != dict(run.mesh.shape)
-    if moved:
+    if moved:  # a pipeline schedule is built for its mesh: the loss is rebuilt with it
         run.mesh = sharding.make_mesh(sizes)
+        run_layers = pipeline.make_run_layers(run.cfg, run.mesh, **run.config.pipeline)
+        run.loss_fn = run.stage.make_loss_fn(run.cfg, run.config, run_layers)
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state(run.cfg, run.tx, run.mesh, run.stage))
     run.train_step = make_train_step(run.loss_fn, run.tx, run.mesh, shardings, schedule=run.schedule,
                                      microbatch_tokens=s.batch_tokens // s.grad_accum)
