@@ -17,10 +17,9 @@ Layout, for 512 H100s of 80 GB (tensor=8 x 64 data ranks; other counts: change t
 each step's rows fill the data ranks): one row per data rank per microbatch, the fused attention kernel
 (``model.attention="flash"``), under context parallelism as the paper does it, keys and values all-gathered
 (``model.context_parallel="all_gather"``). The context-parallel degree covers what the rows do not: 256 rows of 16K
-need no CP (4 microbatches), 32 rows of 96K and 128K need CP 2 to fill 64 ranks. The planner gives 7 to 25 GB per GPU
-for every stage (``llama_jax.plan`` above). With dense attention under a ring instead the scores of each layer's
-backward pass grow with the square of the length: the planner then asks for CP 2, 8, 16 and 32 at 32K, 64K, 96K
-and 128K.
+need no CP (4 microbatches), 32 rows of 96K and 128K need CP 2 to fill 64 ranks. The planner gives 6 to 22 GB per GPU
+for every stage (``llama_jax.plan`` above, its gpu profile). With dense attention under a ring instead, the scores
+each layer keeps for its backward pass grow with the square of the length: plan such a layout before choosing it.
 """
 
 import runpy
