@@ -5,11 +5,11 @@ configs/sft/tiny.py:calc.jsonl --config.init_from=...`) on the synthetic calcula
 and after through the real tool loop (`tools.run_turn` with the model's generator and the local calculator:
 `synthetic.tool_use_rates`) on held-out questions whose expressions the training data never holds.
 
-Measured (2 shared CPU cores, load average ~21, 15 min; README "Tool use"): well-formed calls 0.00 before, 1.00
-after 200 steps (32 of 32); right answers from the tool 0.00 before and after. The call's fixed text is learnt; the
-digits are not copied yet (the question's expression into the call, the tool's result into the answer: the
-per-byte loss on digits stays near chance after 200-300 SFT steps, and after 400 steps of pretraining on arithmetic
-text), so answers are reported, not asserted.
+Measured (2 shared CPU cores: 3.7 min at load average 5-8.5, 15 min at ~21; README "Tool use"): well-formed calls
+0.00 before, 1.00 after 200 steps (32 of 32); right answers from the tool 0.00 before and after. The call's fixed
+text is learnt; the digits are not copied yet (the question's expression into the call, the tool's result into the
+answer: the per-byte loss on digits stays high after 400 SFT steps, and after 400 steps of pretraining on
+arithmetic text), so answers are reported, not asserted.
 """
 
 import json
