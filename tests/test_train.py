@@ -166,6 +166,19 @@ def test_gradient_accumulation_matches_one_big_batch(corpus):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_accumulation_of_bfloat16_params(corpus):
+    """Accumulation sums in float32 and hands back gradients in the params' dtype (bfloat16 once broke the scan)."""
+    mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
+    cfg = config.get("tiny", num_layers=2, param_dtype="bfloat16", dtype="bfloat16")
+    tx = optim.adamw(1e-3)
+    state = create_state(cfg, tx, mesh)
+    step = make_train_step(make_loss_fn(cfg, chunk_size=200), tx, mesh, state_shardings(cfg, tx, mesh),
+                           microbatch_tokens=2 * 32, donate=False)
+    new, metrics = step(state, _batches(corpus, 1)[0])
+    assert jax.tree.map(lambda x: x.dtype, new.params) == jax.tree.map(lambda x: x.dtype, state.params)
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
+
+
 def test_nonfinite_step_is_not_applied(corpus):
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     cfg = config.get("tiny", num_layers=2)

@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from llama_jax import checkpoint, cli, model, optim, sharding
+from llama_jax import checkpoint, cli, model, optim, pipeline, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.config import ModelConfig
 from llama_jax.data import concat_batches, merge_states, split_rows
@@ -252,7 +252,8 @@ def build(config) -> Run:
     data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
     ramp = optim.parse_ramp(list(s.ramp), data_seq)
 
-    loss_fn = stage.make_loss_fn(cfg, config)
+    run_layers = pipeline.make_run_layers(cfg, mesh, **config.pipeline)  # None: the plain scan
+    loss_fn = stage.make_loss_fn(cfg, config, run_layers)
     abstract = abstract_state(cfg, tx, mesh, stage)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     train_step = make_train_step(loss_fn, tx, mesh, shardings, schedule=schedule,
