@@ -160,6 +160,7 @@ class Attention(nn.Module):
         k, v = k.astype(dtype), v.astype(dtype)
         if kv_cache is None and context_parallel_mode(cfg) != "off":  # length split over the mesh's sequence axis
             out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg),
+                                             kernel=attention_impl(cfg, cached=False),
                                              precision=precision)
         else:
             out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, precision=precision,

@@ -5,6 +5,7 @@ compiled for the real chips.
     python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=64 --seq 8192 --batch 64 --aot --topology v5p:4x4x4
     python -m llama_jax.plan --config configs/pretrain/llama3_8b.py --aot --topology v5p:8x8x8   # the run you train
     python -m llama_jax.plan --table4 --aot --topology v5p:16x16x16   # the paper's 405B layouts, compiled for v5p
+    python -m llama_jax.plan --config configs/pretrain/llama3_8b_long_context.py [--aot]   # one row per stage
     python -m llama_jax.plan --model llama3.1-405b --inference --tensor 8 --weights fp8 --context 8192
 
 The analytic figure is ``llama_jax.budget``'s term by term (``--json`` names every one). ``--aot`` lowers and
@@ -30,6 +31,7 @@ import jax
 from llama_jax import aot, budget, cli, config, optim, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
+from llama_jax.train import long_context
 
 GB = 1e9
 H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs)
@@ -116,6 +118,55 @@ def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backen
 
 
 # --- Table 4 ----------------------------------------------------------------------------------------------
+
+
+def long_context_rows(args: argparse.Namespace, c) -> list[dict]:
+    """One plan per stage of experiment config ``c``'s ``long_context.stages`` (``plan_train``: analytic, and with
+    ``--aot`` compiled): the stage's length, rows, gradient accumulation and mesh (``sequence`` = its CP degree).
+    Attention is modelled as the model runs it: the fused kernel for ``model.attention="flash"`` without context
+    parallelism or with ``model.context_parallel="all_gather"``, dense blocks under the ring."""
+    cfg = ModelConfig.from_dict(c.model.to_dict())
+    if args.remat:
+        cfg = cfg.replace(remat=args.remat)
+    mesh_spec = args.mesh or c.mesh or "fsdp=-1"
+    plan = dataclasses.replace(long_context.parse(c, cfg), base_mesh=mesh_spec)
+    devices = _devices(args, mesh_spec)
+    backend = args.backend or (_backend_of(args.topology) if args.topology
+                               else jax.default_backend() if args.aot else "gpu")
+    chunk = int(c.optimizer.loss_chunk) or None
+    rows, compiled = [], {}
+    for s in plan.stages:
+        sizes = plan.mesh_sizes(s.index, devices)
+        spec = ",".join(f"{k}={v}" for k, v in sizes.items())
+        fused = sizes["sequence"] == 1 or cfg.context_parallel == "all_gather"
+        attention = "flash" if cfg.attention == "flash" and fused else "dense"
+        key = (s.seq_len, s.rows, s.grad_accum, spec)
+        if key not in compiled:  # stages of one shape (the annealing) share one plan and compile
+            if args.aot:
+                cli.log(f"stage {s.index}: {s.rows} x {s.seq_len} tokens in {s.grad_accum} pass(es) on {spec}")
+            compiled[key] = plan_train(cfg, spec, s.seq_len, s.rows, backend=backend, attention=attention,
+                                       grad_accum=s.grad_accum, pipeline=dict(c.pipeline), loss_chunk=chunk,
+                                       compile_on=(args.topology, args.slices) if args.aot else None)
+        planned = compiled[key]
+        rows.append({"stage": s.index, "seq_len": s.seq_len, "steps": s.steps, "rows": s.rows, "attention": attention,
+                     **planned, "fits_80gb": planned["analytic_gb"] * GB <= H100_BYTES})
+    return rows
+
+
+def _print_long_context(rows: list[dict]) -> None:
+    compiled = "compiled" in rows[0]
+    print(f"long-context stages, per device ({rows[0]['backend']} profile; 'compiled': the compiler's figure)")
+    head = ["stage", "seq", "rows", "accum", "mesh", "attention", "params", "saved act.", "analytic", "fits 80 GB"]
+    table = [head + (["compiled"] if compiled else [])]
+    for r in rows:
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        cells = [str(r["stage"]), f"{r['seq_len']:,}", str(r["rows"]), str(r["grad_accum"]), mesh, r["attention"],
+                 _gb(r["terms_gb"]["params"]), _gb(r["terms_gb"]["saved_activations"]), _gb(r["analytic_gb"]),
+                 "yes" if r["fits_80gb"] else "NO"]
+        table.append(cells + ([_gb(r["compiled"]["total_gb"])] if compiled else []))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
 
 def table4_rows(topology: str | None = None) -> list[dict]:
@@ -240,6 +291,11 @@ def run(args: argparse.Namespace) -> dict:
         if not args.json:
             _print_table4(rows)
         return {"table4": rows}
+    if args.config is not None and list(args.config.long_context.stages) and not args.inference and not args.seq:
+        rows = long_context_rows(args, args.config)
+        if not args.json:
+            _print_long_context(rows)
+        return {"long_context_stages": rows}
     cfg, mesh_spec, seq, batch, accum, pipe, chunk = _experiment(args)
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
@@ -321,10 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _simulated_devices(argv: list[str]) -> int | None:
-    """Devices --aot without --topology needs simulated on the CPU: the --mesh flag's product (XLA reads the
-    flag when the backend starts)."""
+    """Devices --aot without --topology needs simulated on the CPU: the --mesh (or --config.mesh) flag's product (XLA
+    reads the flag when the backend starts)."""
     for i, arg in enumerate(argv):
-        spec = arg.split("=", 1)[1] if arg.startswith("--mesh=") else argv[i + 1] if arg == "--mesh" else None
+        spec = (arg.split("=", 1)[1] if arg.startswith(("--mesh=", "--config.mesh=")) else argv[i + 1]
+                if arg in ("--mesh", "--config.mesh") else None)
         if spec and "-1" not in spec:
             return budget._mesh_product(spec)
     return None
