@@ -35,7 +35,7 @@ def test_annealing_notebook(tmp_path):
     assert (FIGURES / "06_annealing_and_averaging.png").stat().st_mtime >= started
 
 
-@pytest.mark.slow  # ~2 min of CPU: fourteen commands, each a process that imports jax and compiles its stage
+@pytest.mark.slow  # ~160 s of CPU (9 min wall at load 22): fourteen commands, each a process importing jax
 def test_post_training_notebook(tmp_path):
     started = time.time()
     text = _run("07_post_training_round.ipynb", tmp_path)
