@@ -74,7 +74,7 @@ bench: $(INSTALLED)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decode.py
 
-# Executes both notebooks headless and saves them with their outputs.
+# Executes every notebook headless and saves it with its outputs (figures under notebooks/figures/).
 notebooks: $(INSTALLED) $(CORPUS)
 	$(BIN)/pip install -q -c $(LOCK) -e ".[notebooks]"
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 notebooks/*.ipynb

@@ -40,6 +40,9 @@ The data config (``config.data``; see configs/pretrain/tiny.py):
     batch_size      rows per batch, all processes together (a multiple of the process count)
     seed, on_error ("raise" | "skip"), holdout_every (0: no eval split): every kind
     add_bos         documents only: chats and prompts start with <|begin_of_text|> by their template
+    document_mask   documents only: True (the paper's), attention stays within each document of a packed row;
+                    False, a row is one sequence (segment id 1, positions 0..T-1 across the row), so attention
+                    crosses documents: the ablation of plain causal packing. The targets counted are the same.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ DEFAULTS = dict(
     add_bos=True,  # documents: <|begin_of_text|> before each (EOS always ends one)
     on_error="raise",  # malformed records: "raise" (file:line) or "skip" (counted)
     holdout_every=1000,  # every n-th record of each source is the eval split (0: none)
+    document_mask=True,  # documents: attention within each document of a row (False: across the whole row)
 )
 KINDS = {"documents": FORMATS, "chat": ("chat",), "preference": ("preference",)}
 # ``PATH[:FORMAT]`` without a format: by file extension; .jsonl by the shape of its first record (see source_spec).
@@ -159,16 +163,25 @@ def source_kind(data_cfg: Mapping) -> str:
 
 
 class DocumentRows:
-    """Pretraining rows: the stream's documents concatenated and cut into rows of ``seq_len + 1`` tokens."""
+    """Pretraining rows: the stream's documents concatenated and cut into rows of ``seq_len + 1`` tokens.
 
-    def __init__(self, seq_len: int):
-        self.length = seq_len + 1
+    ``document_mask=False`` makes each row one sequence for attention (segment id 1 on every real token, positions
+    counting along the row), while ``loss_mask`` still leaves out the first token of each next document, so both
+    settings score the same targets."""
+
+    def __init__(self, seq_len: int, document_mask: bool = True):
+        self.length, self.document_mask = seq_len + 1, document_mask
 
     def take(self, stream: RowStream) -> list[np.ndarray]:
         return stream.take(self.length)
 
     def batch(self, rows: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
-        return rows_to_batch(pack_rows(rows, self.length))
+        batch = rows_to_batch(pack_rows(rows, self.length))
+        if not self.document_mask:
+            real = batch["segment_ids"] > 0  # padding only ever ends a row
+            batch["segment_ids"] = real.astype(np.int32)
+            batch["positions"] = np.where(real, np.arange(real.shape[1], dtype=np.int32), 0)
+        return batch
 
 
 _HEADER = ("split", "batch_size", "seq_len", "step")  # what every process's state must agree on
@@ -340,10 +353,17 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     if any(w <= 0 for w in weights):
         raise ConfigError(f"data source weights must be positive, got {weights}")
     on_error = data_cfg["on_error"]
+    document_mask = data_cfg["document_mask"]
+    if not isinstance(document_mask, bool):
+        raise ConfigError(f"data.document_mask must be true or false, got {document_mask!r}")
+    if not document_mask and data_kind != "documents":
+        raise ConfigError(f"data.document_mask=False applies to packed documents only; these sources are {data_kind} "
+                          "data, whose rows keep each record to itself")
     if data_kind == "documents":
         sources = [make_source(s, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, on_error=on_error)
                    for s in specs]
-        layout, tokenize = DocumentRows(seq_len), _document_tokenizer(tokenizer, bool(data_cfg["add_bos"]))
+        layout = DocumentRows(seq_len, document_mask)
+        tokenize = _document_tokenizer(tokenizer, bool(data_cfg["add_bos"]))
     elif data_kind == "chat":
         sources = [ChatSource(_path(s), tokenizer, max_tokens=seq_len + 1, on_error=on_error) for s in specs]
         layout, tokenize = ChatRows(seq_len), _encoded

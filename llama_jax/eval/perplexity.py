@@ -7,6 +7,7 @@
 
     scores = evaluate(params, cfg, batches, tokenizer, mesh=mesh)          # Python: any iterable of pipeline batches
     scores.loss, scores.perplexity, scores.bits_per_byte
+    scores.loss_by_position                                                # [T]: mean loss at each position
 
 Data: ``--data PATH[:FORMAT]`` (repeatable; text, JSONL, .npy token arrays, chat JSONL; see ``data.source_spec``),
 every document of it (``--split all``); or an experiment config's data section (``--config``), or without either the
@@ -20,6 +21,11 @@ end-of-text included; chats: the assistant's tokens). ``loss`` is their mean neg
 tokens count in the loss, not in the bytes). ``batch_mean_loss`` is the mean of each batch's mean: the figure the
 training loop logs as ``eval_loss`` (equal to ``loss`` when every batch has as many targets). The batches are
 sharded over ``--mesh`` like training batches; the JSON result is the last line of stdout.
+
+``loss_by_position[p]`` is the mean loss of the targets predicted at position ``p`` (the batch's ``positions``, which
+restart per document: the token after the first ``p + 1`` tokens of its document), NaN where none was scored; it
+shows how a model fares at and past the context length it was trained on. ``--by-position`` adds it (null for
+NaN) and ``tokens_by_position`` to the JSON result.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class Scores:
     bytes: int = 0  # UTF-8 bytes of those targets
     batches: int = 0
     batch_losses: list[float] = dataclasses.field(default_factory=list)  # each batch's mean loss
+    nll_by_position: np.ndarray | None = None  # float64 [T]: summed loss of the targets predicted at position p
+    tokens_by_position: np.ndarray | None = None  # int64 [T]: how many such targets were scored
 
     @property
     def loss(self) -> float:
@@ -67,6 +75,14 @@ class Scores:
     @property
     def bits_per_byte(self) -> float:
         return self.nll / math.log(2) / max(self.bytes, 1)
+
+    @property
+    def loss_by_position(self) -> np.ndarray:
+        """float64 [T]: mean loss at each position (NaN where nothing was scored)."""
+        if self.nll_by_position is None:
+            return np.zeros(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.tokens_by_position > 0, self.nll_by_position / self.tokens_by_position, np.nan)
 
     @property
     def batch_mean_loss(self) -> float:
@@ -87,7 +103,8 @@ def byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
 
 
 def make_scorer(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, chunk_size: int | None = 8192):
-    """``score(params, batch, lengths) -> {"nll", "tokens", "bytes"}`` sums over a [B, T] batch, jitted on ``mesh``."""
+    """``score(params, batch, lengths) -> {"nll", "tokens", "bytes", "nll_by_position", "tokens_by_position"}``: sums
+    over a [B, T] batch (the last two per position, [T]), jitted on ``mesh``."""
     network = model.Llama(cfg)
 
     def sums(params, batch, lengths):
@@ -97,14 +114,18 @@ def make_scorer(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, chunk_size: int | 
         nll, _ = chunked_cross_entropy(hidden, head, batch["targets"], chunk_size,
                                        precision=cfg.resolved_matmul_precision)  # [B, T], as the training loss
         mask = batch["loss_mask"].astype(jnp.float32)
-        return {"nll": (nll * mask).sum(), "tokens": mask.sum(), "bytes": (lengths[batch["targets"]] * mask).sum()}
+        length = batch["positions"].shape[1]  # pipeline positions restart per document and row: all < T
+        per_position = [jax.ops.segment_sum(x.ravel(), batch["positions"].ravel(), num_segments=length)
+                        for x in (nll * mask, mask)]  # 2 x [T]
+        return {"nll": (nll * mask).sum(), "tokens": mask.sum(), "bytes": (lengths[batch["targets"]] * mask).sum(),
+                "nll_by_position": per_position[0], "tokens_by_position": per_position[1]}
 
     jitted = jax.jit(sums)
 
-    def score(params, batch: Mapping[str, np.ndarray], lengths) -> dict[str, float]:
+    def score(params, batch: Mapping[str, np.ndarray], lengths) -> dict[str, Any]:
         with sharding.activate(mesh):
             out = jitted(params, sharding.shard_batch(batch, mesh), lengths)
-        return {k: float(v) for k, v in jax.device_get(out).items()}
+        return {k: float(v) if v.ndim == 0 else np.asarray(v, np.float64) for k, v in jax.device_get(out).items()}
 
     return score
 
@@ -124,6 +145,11 @@ def evaluate(params, cfg: ModelConfig, batches: Iterable[Mapping[str, np.ndarray
         scores.bytes += int(sums["bytes"])
         scores.batches += 1
         scores.batch_losses.append(sums["nll"] / max(sums["tokens"], 1.0))
+        if scores.nll_by_position is None:
+            scores.nll_by_position = np.zeros_like(sums["nll_by_position"])
+            scores.tokens_by_position = np.zeros(len(sums["tokens_by_position"]), np.int64)
+        scores.nll_by_position += sums["nll_by_position"]
+        scores.tokens_by_position += np.rint(sums["tokens_by_position"]).astype(np.int64)
     return scores
 
 
@@ -159,6 +185,9 @@ parser.add_argument("--batch-size", type=int, default=None, help="rows per batch
 parser.add_argument("--max-batches", type=int, default=None,
                     help="score at most this many batches, 0 for all (default: all with --data; with a config its "
                          "logging.eval_batches, i.e. what the training loop evaluates)")
+parser.add_argument("--by-position", action="store_true",
+                    help="add loss_by_position (mean loss of the targets predicted at each position of a document; "
+                         "null where none) and tokens_by_position to the result")
 parser.add_argument("--chunk", type=int, default=None, help="vocabulary columns per loss chunk (default: the "
                                                             "config's optimizer.loss_chunk, else 8192; 0: all)")
 
@@ -206,9 +235,13 @@ def run(args: argparse.Namespace) -> dict:
     progress.close()
     cli.log(f"{scores.tokens:,} tokens in {scores.batches} batches: loss {scores.loss:.4f} nats/token, perplexity "
             f"{scores.perplexity:.3f}, {scores.bits_per_byte:.4f} bits/byte")
-    return {"checkpoint": args.checkpoint, "sources": data_cfg["sources"], "kind": kind, "split": split,
-            "seq_len": data_cfg["seq_len"], "batch_size": data_cfg["batch_size"], "tokenizer": tokenizer.name,
-            **scores.to_dict()}
+    result = {"checkpoint": args.checkpoint, "sources": data_cfg["sources"], "kind": kind, "split": split,
+              "seq_len": data_cfg["seq_len"], "batch_size": data_cfg["batch_size"], "tokenizer": tokenizer.name,
+              **scores.to_dict()}
+    if args.by_position:
+        result["loss_by_position"] = [None if math.isnan(x) else float(x) for x in scores.loss_by_position]
+        result["tokens_by_position"] = [] if scores.tokens_by_position is None else scores.tokens_by_position.tolist()
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
