@@ -3,17 +3,16 @@ headless from top to bottom with LLAMA_JAX_NOTEBOOK_FAST=1 (a few steps of every
 fast-mode assertion), report the backend, keep stderr to the training loop's own lines, save their figures and
 work in a new run directory each time."""
 
-import re
 import time
 
 import pytest
 
 pytest.importorskip("nbformat", reason="executing notebooks needs nbclient: pip install 'llama_jax[test]'")
-from test_notebooks import ROOT, _execute  # noqa: E402  (pytest puts tests/ on sys.path)
+# The kernel, environment and output handling of notebooks 01 and 02 (pytest puts tests/ on sys.path); LOOP_LINES:
+# what the training loop writes on stderr when a notebook trains in its own kernel.
+from test_notebooks import LOOP_LINES, ROOT, _execute  # noqa: E402
 
-# What the training loop writes on stderr when a notebook trains in its own kernel (banner, compile, evals).
 FIGURES = ROOT / "notebooks" / "figures"
-LOOP_LINES = re.compile(r"^(llama_jax pretrain: .*|compiling the pretrain step .*|step \d+: eval loss [\d.]+)?$")
 
 
 def _run(name: str, runs) -> str:
