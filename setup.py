@@ -29,7 +29,10 @@ setup(
     extras_require={
         "cuda": [JAX.replace("jax", "jax[cuda12]")],  # NVIDIA GPUs, CUDA 12 wheels from PyPI
         "cuda13": [JAX.replace("jax", "jax[cuda13]")],
-        "tpu": [JAX.replace("jax", "jax[tpu]")],
+        "tpu": [JAX.replace("jax", "jax[tpu]")],  # TPUs; also plan --aot --topology v5p:... without one (libtpu)
+        # plan --aot --topology h100:8 without a GPU: jax's CUDA plugin compiles for a described H100 (no CUDA
+        # libraries needed); it must be jaxlib's version (constraints.txt pins both).
+        "cuda-aot": [JAX.replace("jax", "jax-cuda12-plugin")],
         "tokenizer": ["llama-models>=0.3.0"],  # ships Meta's Llama 3 tokenizer.model
         "plots": ["matplotlib>=3.9.0"],  # 3.8 wheels are built against numpy 1
         "eval": ["lm_eval>=0.4.13"],  # the lm-evaluation-harness adapter (llama_jax.eval.harness)

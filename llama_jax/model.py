@@ -160,6 +160,7 @@ class Attention(nn.Module):
         k, v = k.astype(dtype), v.astype(dtype)
         if kv_cache is None and context_parallel_mode(cfg) != "off":  # length split over the mesh's sequence axis
             out = context_parallel.attention(q, k, v, positions, segment_ids, impl=context_parallel_mode(cfg),
+                                             kernel=attention_impl(cfg, cached=False),
                                              precision=precision)
         else:
             out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, precision=precision,
@@ -214,19 +215,41 @@ def _block_class(cfg: ModelConfig):
     return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
+def _block_stack(cfg: ModelConfig, length: int):
+    """The block scanned over ``length`` stacked layers: the module class of the ``layers`` subtree."""
+    return nn.scan(_block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def apply_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array) -> jax.Array:
+    """Runs a slice ``[l, ...]`` of ``params["layers"]`` (l consecutive blocks) on hidden states x [B, T, D], as the
+    full model's scan would: what one pipeline stage computes."""
+    length = jax.tree.leaves(layers)[0].shape[0]
+    stack = _block_stack(cfg, length)(cfg)
+    x, _ = stack.apply({"params": layers}, x, None, positions, segment_ids, (positions, segment_ids), 0)
+    return x
+
+
 class Llama(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, output: str = "logits"):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, output: str = "logits",
+                 run_layers=None):
         """tokens [B, T] int -> logits [B, T, V] float32 (or final hidden states [B, T, D] with output="hidden").
 
         positions [B, T]: RoPE positions (default 0..T-1, or continuing the cache). segment_ids [B, T]: document
         ids inside packed rows (0 = padding). cache: from ``init_cache``; then returns (output, new_cache).
+        run_layers: runs the block stack instead of the scan, ``run_layers(params["layers"], x, positions,
+        segment_ids) -> x`` (a pipeline schedule built on ``apply_layers``); training only, with existing params.
         """
         cfg = self.cfg
         if output not in ("logits", "hidden"):
             raise ConfigError(f"output must be 'logits' or 'hidden', got {output!r}")
+        if run_layers is not None and (cache is not None or not cfg.scan_layers or self.is_initializing()):
+            raise ConfigError("run_layers needs stacked layers (scan_layers=True), existing params and no KV cache")
         if not isinstance(tokens, jax.core.Tracer):
             validate_tokens(tokens, cfg.vocab_size)
         b, t = tokens.shape
@@ -256,13 +279,10 @@ class Llama(nn.Module):
 
         block = _block_class(cfg)
         kv = None if cache is None else (cache["k"], cache["v"])
-        if cfg.scan_layers:
-            layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers,
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
-            x, kv = layers(x, kv, positions, segment_ids, keys, start)
+        if run_layers is not None:
+            x = run_layers(self.variables["params"]["layers"], x, positions, segment_ids)
+        elif cfg.scan_layers:
+            x, kv = _block_stack(cfg, cfg.num_layers)(cfg, name="layers")(x, kv, positions, segment_ids, keys, start)
         else:
             new_kv = []
             for i in range(cfg.num_layers):

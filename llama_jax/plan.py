@@ -1,26 +1,20 @@
-"""Will it fit, and how much work is it? Per-device memory and FLOPs for any preset on any mesh.
+"""Will it fit, and how much work is it? Per-device memory and FLOPs of a train step on any mesh, analytic and
+compiled for the real chips.
 
-    python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=8 --seq 4096 --batch 8            # analytic
-    python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=8 --seq 4096 --batch 8 --aot      # + XLA's figures
-    python -m llama_jax.plan --config configs/pretrain/llama3_8b.py --config.mesh=fsdp=64     # the run you train
-    python -m llama_jax.plan --table4                     # the Llama 3 paper's 405B layouts on H100 80 GB
+    python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=64 --seq 8192 --batch 64            # analytic
+    python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=64 --seq 8192 --batch 64 --aot --topology v5p:4x4x4
+    python -m llama_jax.plan --config configs/pretrain/llama3_8b.py --aot --topology v5p:8x8x8   # the run you train
+    python -m llama_jax.plan --table4 --aot --topology v5p:16x16x16   # the paper's 405B layouts, compiled for v5p
+    python -m llama_jax.plan --config configs/pretrain/llama3_8b_long_context.py [--aot]   # one row per stage
     python -m llama_jax.plan --model llama3.1-405b --inference --tensor 8 --weights fp8 --context 8192
 
-Analytic training budget, per device (bytes), for the train step of ``llama_jax.train``:
-  * params: each leaf's shard under LOGICAL_RULES (fsdp splits embed, tensor splits heads / mlp / vocab);
-    with pipeline stages (analytic only; our mesh has no pipeline axis) a device holds L / pp layers and the
-    larger of embedding and LM head;
-  * gradients: one more copy of the params; AdamW state: two more (optax keeps moments in the param dtype);
-  * activations: what the backward pass keeps (``_saved_per_token``) for the local tokens: rows / (data x
-    fsdp) x length / sequence, for all layers (with pp stages, 1F1B keeps pp microbatches of L / pp
-    layers in flight on the first stage: the same L layers' worth), plus one layer's full working set
-    (recomputed or in flight) and the chunked loss.
-AOT mode lowers and compiles that real train step with abstract inputs on a simulated CPU mesh and reports
-XLA's ``memory_analysis`` (arguments + outputs - aliased + temporaries) and ``cost_analysis`` FLOPs; nothing
-is allocated. Those figures come from XLA's CPU backend: fusion and buffer reuse differ on GPU / TPU. Above all,
-XLA:CPU computes bfloat16 in float32 and keeps float32 copies of the stacked bf16 weights and of every saved
-activation, so for bf16 models with remat="none" its figure runs ~1.5x a GPU's (1B, fsdp=4,tensor=2, seq 512:
-5.9 GB vs 3.9 GB analytic; the same model in float32 agrees within 1%). Compare float32 configs like for like.
+The analytic figure is ``llama_jax.budget``'s term by term (``--json`` names every one). ``--aot`` lowers and
+compiles the real train step (``llama_jax.aot``) and adds the compiler's own per-device figures: with
+``--topology`` for that TPU slice (``--slices`` for multi-slice) through libtpu's compile-only devices, without one
+for simulated CPU devices (one per mesh position); ``--topology h100:8 --slices 8`` compiles for 64 H100s the same
+way (jax's CUDA plugin, no GPU). Pipelines: a ``stage`` axis in ``--mesh`` and ``--pipeline
+gpipe|circular --microbatches M [--repeats R]``; the compiled report gives the pipeline loop's trip count and
+the bubble it implies, and its per-device memory is every stage's (one SPMD program).
 """
 
 from __future__ import annotations
@@ -32,145 +26,32 @@ import os
 import sys
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
-import numpy as np
 
-from llama_jax import cli, config, model, optim, sharding
+from llama_jax import aot, budget, cli, config, optim, sharding
 from llama_jax.config import ModelConfig
-from llama_jax.data.packing import BATCH_KEYS
 from llama_jax.errors import ConfigError
-from llama_jax.train import pretrain, step
+from llama_jax.train import long_context
 
 GB = 1e9
-H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs); reported as "fits" against this
+H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs)
 
 # The Llama 3 paper's Table 4 (405B, BF16, H100): TP x CP x PP x DP (DP is FSDP-style), seq, batch per DP rank.
+# Our schedule for each (the paper's is interleaved 1F1B, which llama_jax does not have): circular with 8 rounds of
+# one layer per stage, 16 one-row microbatches per pass and gradient accumulation over the rest of the batch.
 TABLE4 = (
-    dict(gpus=8192, tp=8, cp=1, pp=16, dp=64, seq=8192, batch_per_dp=32, tflops=430),
-    dict(gpus=16384, tp=8, cp=1, pp=16, dp=128, seq=8192, batch_per_dp=16, tflops=400),
-    dict(gpus=16384, tp=8, cp=16, pp=16, dp=8, seq=131072, batch_per_dp=16, tflops=380),
+    dict(gpus=8192, tp=8, cp=1, pp=16, dp=64, seq=8192, batch_per_dp=32, tflops=430, grad_accum=2),
+    dict(gpus=16384, tp=8, cp=1, pp=16, dp=128, seq=8192, batch_per_dp=16, tflops=400, grad_accum=1),
+    dict(gpus=16384, tp=8, cp=16, pp=16, dp=8, seq=131072, batch_per_dp=16, tflops=380, grad_accum=1),
 )
-
-
-def _itemsize(dtype: str) -> int:
-    return np.dtype(jax.numpy.dtype(dtype)).itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainBudget:
-    """Per-device bytes of one train step, and its FLOPs."""
-
-    params: float
-    grads: float
-    opt_state: float
-    activations: float
-    model_flops_per_token: float  # 6 N + attention (cfg.flops_per_token): the MFU numerator
-    step_flops: float  # model FLOPs of the whole step, all devices
-    step_flops_per_device: float  # ... including remat recomputation, per device
-
-    @property
-    def total(self) -> float:
-        return self.params + self.grads + self.opt_state + self.activations
-
-
-def _local_fraction(spec, shape, sizes: dict[str, int]) -> float:
-    """Elements of one shard / elements of the array, for a PartitionSpec of mesh axes."""
-    local = 1
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        local *= -(-dim // math.prod(sizes[a] for a in axes))
-    return local / max(math.prod(shape), 1)
-
-
-def param_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int], pp: int = 1) -> float:
-    """Bytes of the parameter shard a device holds (the most loaded pipeline stage when pp > 1)."""
-    shapes, logical = model.param_shapes(cfg), model.logical_axes(cfg)
-    layers, outer = 0.0, []
-    for (path, shape), names in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
-            logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
-        spec = nn.logical_to_mesh_axes(tuple(names), sharding.LOGICAL_RULES)
-        nbytes = math.prod(shape.shape) * shape.dtype.itemsize * _local_fraction(spec, shape.shape, mesh)
-        if "layers" in jax.tree_util.keystr(path):
-            layers += nbytes
-        else:
-            outer.append(nbytes)
-    # One stage holds ceil(L / pp) layers; the first the embedding, the last the head and final norm.
-    return layers * math.ceil(cfg.num_layers / pp) / cfg.num_layers + (sum(outer) if pp == 1 else max(outer))
-
-
-def _saved_per_token(cfg: ModelConfig, mesh: dict[str, int], seq: int, remat: str,
-                     attention: str = "dense") -> tuple[float, float]:
-    """(bytes one layer keeps for backward per local token under ``remat``, bytes of one layer's backward
-    working set per token). Mirrors model.Block: dense attention materialises [heads, keys] scores per query;
-    their backward holds float32 scores, probabilities' and scores' gradients and the compute-dtype probs.
-    ``attention="flash"`` models a fused kernel instead (a float32 logsumexp per head and query, tiles only)."""
-    a = _itemsize(cfg.dtype)
-    tp = mesh["tensor"]
-    d, h = cfg.dim, cfg.resolved_head_dim
-    n, k, f = cfg.num_heads / tp, cfg.num_kv_heads / tp, cfg.ffn_dim / tp
-    norms = 2 * d * 4 + 2 * d * a  # float32 norm inputs and normed outputs, both norms
-    qkv = (n + 2 * k) * h * a
-    attention_out = n * h * a + d * a
-    ffn = 3 * f * a + d * a  # gate, up, silu(gate) * up; down's output
-    scores, score_grads = (n * seq * (4 + a), n * seq * 2 * 4) if attention == "dense" else (n * 4, 0.0)
-    kept = norms + 2 * qkv + scores + attention_out + ffn  # q / k before and after rope
-    working = kept + score_grads
-    if remat == "none":
-        return kept, working - kept
-    carry = d * a  # the scanned block input
-    if remat == "full":
-        return carry, working
-    dots = qkv + scores * 4 / (4 + a) + attention_out + 3 * f * a  # matmul outputs (dots_saveable)
-    return carry + dots, working - dots
-
-
-def _gathered_bytes(cfg: ModelConfig, mesh: dict[str, int]) -> float:
-    """Transient copies: one layer's weights gathered over fsdp and its gradient before the reduce-scatter, plus
-    an allowance of a tensor-split [V, D] table and gradient. The lookup and the chunked loss never gather the
-    table whole; the allowance covers about what the AdamW update's temporaries and the non-finite guard's copies
-    take on XLA:CPU, where the peak can come after the backward pass (they are not modelled one by one)."""
-    a = _itemsize(cfg.param_dtype)
-    layer = (cfg.num_params() - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)) / cfg.num_layers
-    return 2 * a * (cfg.vocab_size * cfg.dim + layer) / mesh["tensor"]
-
-
-def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: int, *, pp: int = 1,
-                 remat: str | None = None, attention: str = "dense", microbatch_rows: int | None = None,
-                 ) -> TrainBudget:
-    """Analytic per-device budget of a train step on ``batch`` rows of ``seq`` tokens (see module docstring).
-
-    ``microbatch_rows``: rows per DP rank in one forward/backward (default: all of them without pipelining,
-    one with pp > 1). ``attention``: "dense" (this model) or "flash" (a fused kernel, as the paper used).
-    """
-    sizes = mesh if isinstance(mesh, dict) else sharding.parse_mesh(mesh, _mesh_product(mesh))
-    remat = cfg.remat if remat is None else remat
-    rows = sizes["data"] * sizes["fsdp"]
-    if batch % rows or seq % sizes["sequence"]:
-        raise ConfigError(f"batch {batch} / seq {seq} do not divide over data x fsdp = {rows}, "
-                          f"sequence = {sizes['sequence']}")
-    params = param_bytes_per_device(cfg, sizes, pp)
-    # Local tokens of one microbatch: with pp stages, 1F1B keeps pp microbatches of L / pp layers in flight on
-    # the first stage, as much as all L layers of one microbatch, so the formula is the same either way.
-    if microbatch_rows is None:
-        microbatch_rows = batch // rows if pp == 1 else 1
-    if attention not in ("dense", "flash"):
-        raise ConfigError(f"attention must be 'dense' or 'flash', got {attention!r}")
-    tokens = microbatch_rows * seq // sizes["sequence"]
-    saved, working = _saved_per_token(cfg, sizes, seq, remat, attention)
-    loss = tokens * (cfg.dim * 4 + 3 * min(cfg.vocab_size, 8192) / sizes["tensor"] * 4)  # f32 hidden, logit chunk
-    activations = tokens * (saved * cfg.num_layers + working) + loss + _gathered_bytes(cfg, sizes)
-    devices = math.prod(sizes.values()) * pp
-    per_token = cfg.flops_per_token(seq)
-    recompute = {"none": 0.0, "full": 1 / 3, "dots": 0.0, "dots_no_batch": 0.0}[remat]  # one more forward
-    step = per_token * batch * seq
-    return TrainBudget(params=params, grads=params, opt_state=2 * params, activations=activations,
-                       model_flops_per_token=per_token, step_flops=step,
-                       step_flops_per_device=step * (1 + recompute) / devices)
-
-
-def _mesh_product(spec: str) -> int:
-    return math.prod(int(p.split("=")[1]) for p in spec.split(",") if p.strip() and p.split("=")[1].strip() != "-1")
+TABLE4_PIPELINE = dict(schedule="circular", microbatches=16, circular_repeats=8)
+# 126 layers do not split into 16 equal stages (the paper gives the first and last stage one layer less, which one
+# stacked `layers` axis cannot express), so the compiled rows use 128: 1.6% more parameters, said in the table.
+TABLE4_LAYERS = 128
+# What the compiler's FLOPs figure is not (printed next to it, and in --json).
+FLOPS_CAVEAT = ("cost_analysis counts each loop body once (the scanned layers, the loss's vocabulary chunks, the "
+                "pipeline's ticks), so it is far below the step's work: model FLOPs come from "
+                "ModelConfig.flops_per_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,77 +82,171 @@ def inference_budget(cfg: ModelConfig, *, tensor: int, batch: int, context: int,
     return InferenceBudget(weights=total / tensor, kv_cache=kv)
 
 
-# --- AOT: lower and compile the real train step on a simulated mesh ---------------------------------------
+def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backend: str, attention: str = "dense",
+               grad_accum: int = 1, pipeline: dict | None = None, loss_chunk: int | None = 8192,
+               compile_on: tuple[str | None, int] | None = None) -> dict:
+    """The analytic budget (and with ``compile_on=(topology, slices)`` the compiled step's figures) as one dict
+    of GB and counts."""
+    pipeline = pipeline or dict(schedule="none", microbatches=1, circular_repeats=2)
+    sizes = sharding.parse_mesh(mesh_spec, budget._mesh_product(mesh_spec))
+    b = budget.train_budget(cfg, sizes, seq, batch, backend=backend, attention=attention, grad_accum=grad_accum,
+                            loss_chunk=loss_chunk, **pipeline)
+    result = {"mesh": sizes, "seq": seq, "batch": batch, "grad_accum": grad_accum, "remat": cfg.remat,
+              "pipeline": pipeline, "backend": backend, "analytic_gb": b.total / GB,
+              "terms_gb": {k: v / GB for k, v in b.terms.items()}, "pipeline_ticks": b.pipeline_ticks,
+              "bubble": b.bubble, "model_flops_per_token": b.model_flops_per_token, "step_flops": b.step_flops,
+              "step_flops_per_device": b.step_flops_per_device}
+    if compile_on is not None:
+        topology, slices = compile_on
+        mesh = aot.mesh_for(mesh_spec, topology, slices)
+        cli.log(f"compiling the train step for {topology or 'the local devices'} ({mesh.devices.size} devices)")
+        report = aot.compile_train_step(cfg, mesh, seq, batch, grad_accum=grad_accum, loss_chunk=loss_chunk,
+                                        **pipeline)
+        capacity = report.capacity_bytes
+        result["compiled"] = {
+            "device_kind": report.device_kind, "devices": report.devices, "total_gb": report.total_bytes / GB,
+            "argument_gb": report.argument_bytes / GB, "temp_gb": report.temp_bytes / GB,
+            "capacity_gb": None if capacity is None else capacity / GB,
+            "fits": None if capacity is None else report.total_bytes <= capacity,
+            "compile_seconds": report.compile_seconds, "pipeline_ticks": report.pipeline_ticks,
+            "refused_by_compiler": report.refused,
+            "bubble": None if report.pipeline_ticks is None else (sizes["stage"] - 1) / report.pipeline_ticks,
+            "flops_loop_bodies_once": report.flops, "flops_caveat": FLOPS_CAVEAT,
+        }
+        result["analytic_over_compiled"] = b.total / report.total_bytes
+    return result
 
 
-def aot_train_step(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int) -> dict[str, float]:
-    """Compiles ``llama_jax.train``'s step (AdamW, chunked next-token loss) with abstract inputs on the current
-    devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=64); returns XLA's per-device figures."""
-    mesh = sharding.make_mesh(mesh_spec)
-    tx = optim.adamw(1e-4)
-    train_step = step.make_train_step(pretrain.make_loss_fn(cfg), tx, mesh, step.state_shardings(cfg, tx, mesh))
-    token = jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding.batch_sharding(mesh))
-    abstract_state = step.abstract_state(cfg, tx, mesh)
-    with sharding.activate(mesh):
-        compiled = train_step.jitted.lower(abstract_state, {k: token for k in BATCH_KEYS}).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes)
-    return {"bytes_per_device": float(peak), "argument_bytes": float(mem.argument_size_in_bytes),
-            "temp_bytes": float(mem.temp_size_in_bytes), "flops_per_device": float(cost.get("flops", 0.0)),
-            "backend": jax.default_backend(), "devices": len(mesh.devices.flat)}
+# --- Table 4 ----------------------------------------------------------------------------------------------
 
 
-# --- Reports -------------------------------------------------------------------------------------------
-
-
-def table4_rows(cfg: ModelConfig | None = None) -> list[dict]:
-    """The paper's 405B layouts as our mesh (fsdp = DP, tensor = TP, sequence = CP) + analytic pipeline."""
-    cfg = cfg or config.get("llama3.1-405b", remat="full")
-    rows = []
-    for row in TABLE4:
-        mesh = {"data": 1, "fsdp": row["dp"], "tensor": row["tp"], "sequence": row["cp"]}
-        b = train_budget(cfg, mesh, row["seq"], row["batch_per_dp"] * row["dp"], pp=row["pp"])
-        flash = train_budget(cfg, mesh, row["seq"], row["batch_per_dp"] * row["dp"], pp=row["pp"], attention="flash")
-        tokens = row["batch_per_dp"] * row["dp"] * row["seq"]
-        rows.append({**row, "tokens_per_batch": tokens, "gb_per_device": b.total / GB,
-                     "params_gb": b.params / GB, "opt_grads_gb": (b.grads + b.opt_state) / GB,
-                     "activations_gb": b.activations / GB, "fits_80gb": b.total <= H100_BYTES,
-                     "flash_gb_per_device": flash.total / GB, "flash_fits_80gb": flash.total <= H100_BYTES,
-                     "step_flops": b.step_flops, "model_flops_per_token": b.model_flops_per_token,
-                     "step_seconds_at_paper_tflops": b.step_flops / (row["gpus"] * row["tflops"] * 1e12)})
+def long_context_rows(args: argparse.Namespace, c) -> list[dict]:
+    """One plan per stage of experiment config ``c``'s ``long_context.stages`` (``plan_train``: analytic, and with
+    ``--aot`` compiled): the stage's length, rows, gradient accumulation and mesh (``sequence`` = its CP degree).
+    Attention is modelled as the model runs it: the fused kernel for ``model.attention="flash"`` without context
+    parallelism or with ``model.context_parallel="all_gather"``, dense blocks under the ring."""
+    cfg = ModelConfig.from_dict(c.model.to_dict())
+    if args.remat:
+        cfg = cfg.replace(remat=args.remat)
+    mesh_spec = args.mesh or c.mesh or "fsdp=-1"
+    plan = dataclasses.replace(long_context.parse(c, cfg), base_mesh=mesh_spec)
+    devices = _devices(args, mesh_spec)
+    backend = args.backend or (_backend_of(args.topology) if args.topology
+                               else jax.default_backend() if args.aot else "gpu")
+    chunk = int(c.optimizer.loss_chunk) or None
+    rows, compiled = [], {}
+    for s in plan.stages:
+        sizes = plan.mesh_sizes(s.index, devices)
+        spec = ",".join(f"{k}={v}" for k, v in sizes.items())
+        fused = sizes["sequence"] == 1 or cfg.context_parallel == "all_gather"
+        attention = "flash" if cfg.attention == "flash" and fused else "dense"
+        key = (s.seq_len, s.rows, s.grad_accum, spec)
+        if key not in compiled:  # stages of one shape (the annealing) share one plan and compile
+            if args.aot:
+                cli.log(f"stage {s.index}: {s.rows} x {s.seq_len} tokens in {s.grad_accum} pass(es) on {spec}")
+            compiled[key] = plan_train(cfg, spec, s.seq_len, s.rows, backend=backend, attention=attention,
+                                       grad_accum=s.grad_accum, pipeline=dict(c.pipeline), loss_chunk=chunk,
+                                       compile_on=(args.topology, args.slices) if args.aot else None)
+        planned = compiled[key]
+        rows.append({"stage": s.index, "seq_len": s.seq_len, "steps": s.steps, "rows": s.rows, "attention": attention,
+                     **planned, "fits_80gb": planned["analytic_gb"] * GB <= H100_BYTES})
     return rows
 
 
-def _print_table4(rows: list[dict]) -> None:
-    print("Llama 3.1 405B, paper Table 4 layouts (bf16 params, AdamW, remat=full, 1-row microbatches), "
-          "GB per device vs H100 80 GB; 'dense' = this model's attention, 'flash' = a fused kernel")
-    head = ("GPUs", "TP", "CP", "PP", "DP", "seq", "tok/batch", "params GB", "grad+opt GB", "act GB (dense)",
-            "total GB (dense)", "fits", "total GB (flash)", "fits", "step FLOPs", "FLOPs/token", "s/step @paper")
-    print(" | ".join(head))
+def _print_long_context(rows: list[dict]) -> None:
+    compiled = "compiled" in rows[0]
+    print(f"long-context stages, per device ({rows[0]['backend']} profile; 'compiled': the compiler's figure)")
+    head = ["stage", "seq", "rows", "accum", "mesh", "attention", "params", "saved act.", "analytic", "fits 80 GB"]
+    table = [head + (["compiled"] if compiled else [])]
     for r in rows:
-        print(" | ".join([f"{r['gpus']}", f"{r['tp']}", f"{r['cp']}", f"{r['pp']}", f"{r['dp']}", f"{r['seq']}",
-                          f"{r['tokens_per_batch'] / 1e6:.1f}M", f"{r['params_gb']:.1f}", f"{r['opt_grads_gb']:.1f}",
-                          f"{r['activations_gb']:.1f}", f"{r['gb_per_device']:.1f}",
-                          "yes" if r["fits_80gb"] else "NO", f"{r['flash_gb_per_device']:.1f}",
-                          "yes" if r["flash_fits_80gb"] else "NO", f"{r['step_flops']:.3e}",
-                          f"{r['model_flops_per_token']:.3e}", f"{r['step_seconds_at_paper_tflops']:.1f}"]))
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+        cells = [str(r["stage"]), f"{r['seq_len']:,}", str(r["rows"]), str(r["grad_accum"]), mesh, r["attention"],
+                 _gb(r["terms_gb"]["params"]), _gb(r["terms_gb"]["saved_activations"]), _gb(r["analytic_gb"]),
+                 "yes" if r["fits_80gb"] else "NO"]
+        table.append(cells + ([_gb(r["compiled"]["total_gb"])] if compiled else []))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
+
+def table4_rows(topology: str | None = None) -> list[dict]:
+    """The paper's 405B layouts as our mesh (fsdp = DP, tensor = TP, sequence = CP, stage = PP), for the 128-layer
+    stand-in: the analytic budget and, with ``topology`` (one TPU slice, repeated to the paper's chip count), the
+    compiled step."""
+    cfg = config.get("llama3.1-405b", remat="full", num_layers=TABLE4_LAYERS)
+    chips = None if topology is None else math.prod(aot.parse_topology(topology)[1])
+    backend = "gpu" if topology is None else _backend_of(topology)  # the paper's chips are H100s
+    rows = []
+    for row in TABLE4:
+        spec = f"stage={row['pp']},fsdp={row['dp']},tensor={row['tp']},sequence={row['cp']}"
+        batch = row["batch_per_dp"] * row["dp"]
+        if chips is not None and row["gpus"] % chips:
+            raise ConfigError(f"{row['gpus']} chips are not a whole number of {topology} slices")
+        compile_on = None if chips is None else (topology, row["gpus"] // chips)
+        planned = plan_train(cfg, spec, row["seq"], batch, backend=backend, grad_accum=row["grad_accum"],
+                             pipeline=TABLE4_PIPELINE, compile_on=compile_on)
+        flash = budget.train_budget(cfg, spec, row["seq"], batch, backend=backend, attention="flash",
+                                    grad_accum=row["grad_accum"], **TABLE4_PIPELINE)
+        rows.append({**row, "num_layers": TABLE4_LAYERS, "tokens_per_batch": batch * row["seq"], **planned,
+                     "fits_80gb": planned["analytic_gb"] * GB <= H100_BYTES, "flash_gb": flash.total / GB})
+    return rows
+
+
+def _backend_of(topology: str) -> str:
+    return aot.CHIPS[aot.parse_topology(topology)[0]].platform
+
+
+def _print_table4(rows: list[dict]) -> None:
+    compiled = "compiled" in rows[0]
+    chip, capacity = ((rows[0]["compiled"]["device_kind"], rows[0]["compiled"]["capacity_gb"]) if compiled
+                      else ("H100", H100_BYTES / GB))
+    print(f"Llama 3.1 405B ({TABLE4_LAYERS}-layer stand-in), the paper's Table 4 layouts, per device: bf16, AdamW, "
+          "remat full, dense attention, circular pipeline 8 rounds x 16 microbatches, gradient accumulation to 16M "
+          f"tokens; analytic with the {rows[0]['backend']} profile, fits = within {chip}'s {capacity:.0f} GB")
+    head = ["GPUs", "TP", "CP", "PP", "DP", "seq", "accum", "analytic", "fits", "with a flash kernel"]
+    if compiled:
+        head += [f"compiled for {chip}", "analytic/compiled", "fits", "compile", "bubble"]
+    table = [head]
+    for r in rows:
+        cells = [f"{r[k]:,}" for k in ("gpus", "tp", "cp", "pp", "dp", "seq", "grad_accum")]
+        cells += [_gb(r["analytic_gb"]), "yes" if r["analytic_gb"] <= capacity else "NO", _gb(r["flash_gb"])]
+        if compiled:
+            c = r["compiled"]
+            cells += [_gb(c["total_gb"]) + (" (refused)" if c["refused_by_compiler"] else ""),
+                      f"{r['analytic_over_compiled']:.2f}", "yes" if c["fits"] else "NO",
+                      f"{c['compile_seconds']:.0f} s", "-" if c["bubble"] is None else f"{c['bubble']:.1%}"]
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+
+
+# --- Command line -----------------------------------------------------------------------------------------
 
 parser = cli.parser("python -m llama_jax.plan", __doc__.split("\n")[0], config=True)
 parser.add_argument("--model", default="llama3.1-8b", help="preset name (llama_jax.config.PRESETS); with --config, "
                                                            "the config's model")
-parser.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4,tensor=8,sequence=1 (default: fsdp=8, or the "
-                                                 "config's mesh)")
-parser.add_argument("--pp", type=int, default=1, help="pipeline stages (analytic only)")
+parser.add_argument("--mesh", default=None, help="e.g. data=2,stage=4,fsdp=4,tensor=8,sequence=1 (default: fsdp=8, "
+                                                 "or the config's mesh)")
 parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 8192, or the config's longest)")
-parser.add_argument("--batch", type=int, default=None, help="global rows per forward/backward (default: one per DP "
-                                                            "rank, or the config's batch / grad_accum)")
+parser.add_argument("--batch", type=int, default=None, help="global rows per step (default: one per DP rank, or the "
+                                                            "config's)")
+parser.add_argument("--grad-accum", type=int, default=None, help="forward/backward passes per step")
 parser.add_argument("--remat", default=None, help="override the model's remat policy")
-parser.add_argument("--attention", default="dense", choices=("dense", "flash"), help="attention memory model")
-parser.add_argument("--aot", action="store_true", help="also compile the train step on a simulated CPU mesh")
+parser.add_argument("--pipeline", default=None, choices=("none", "gpipe", "circular"),
+                    help="schedule for the mesh's stage axis (default: the config's, else none)")
+parser.add_argument("--microbatches", type=int, default=None, help="pipeline microbatches per pass")
+parser.add_argument("--repeats", type=int, default=None, help="circular: rounds of the stage ring")
+parser.add_argument("--attention", default="dense", choices=("dense", "flash"),
+                    help="analytic attention memory: this model's dense scores, or a fused kernel's for comparison")
+parser.add_argument("--backend", default=None, choices=sorted(budget.BACKENDS),
+                    help="compiler the analytic model assumes (default: the --topology's or --aot's, else gpu)")
+parser.add_argument("--aot", action="store_true", help="also compile the real train step (nothing runs)")
+parser.add_argument("--topology", default=None,
+                    help="compile for this TPU slice, e.g. v5p:4x4x4, v4:4x4x8, v5e:16x16, v6e:8x8 (needs libtpu: "
+                         "pip install '.[tpu]'), or H100 hosts of N GPUs, h100:8 (needs jax-cuda12-plugin)")
+parser.add_argument("--slices", type=int, default=1, help="TPU slices (or GPU hosts) joined over the data-center "
+                                                          "network")
 parser.add_argument("--table4", action="store_true", help="the paper's 405B layouts")
 parser.add_argument("--inference", action="store_true", help="serving memory instead of training")
 parser.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
@@ -280,26 +255,48 @@ parser.add_argument("--context", type=int, default=8192, help="inference: KV cac
 parser.add_argument("--json", action="store_true", help="print only the JSON result")
 
 
-def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None]:
-    """(model config, mesh spec, seq, rows per forward/backward) from the flags or the experiment config."""
+def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None, int, dict, int | None]:
+    """(model config, mesh spec, seq, rows per step, grad_accum, pipeline, loss chunk) from the flags or the config
+    file."""
     if args.config is None:
-        cfg = config.get(args.model)
-        return cfg, args.mesh or "fsdp=8", args.seq or 8192, args.batch
-    c = args.config
-    cfg = ModelConfig.from_dict(c.model.to_dict())
-    ramp = optim.parse_ramp(list(c.schedule.ramp), int(c.data.seq_len))
-    seq = args.seq or max(stage.seq_len for stage in ramp)
-    rows = int(c.data.batch_size) * int(c.data.seq_len) // seq // int(c.optimizer.grad_accum)
-    return cfg, args.mesh or c.mesh or "fsdp=-1", seq, args.batch or rows
+        cfg, mesh, seq, rows, accum = config.get(args.model), args.mesh or "fsdp=8", args.seq or 8192, args.batch, 1
+        pipe, chunk = dict(schedule="none", microbatches=1, circular_repeats=2), 8192
+    else:
+        c = args.config
+        cfg = ModelConfig.from_dict(c.model.to_dict())
+        ramp = optim.parse_ramp(list(c.schedule.ramp), int(c.data.seq_len))
+        seq = args.seq or max(stage.seq_len for stage in ramp)
+        rows = args.batch or int(c.data.batch_size) * int(c.data.seq_len) // seq
+        mesh, accum, pipe = args.mesh or c.mesh or "fsdp=-1", int(c.optimizer.grad_accum), dict(c.pipeline)
+        chunk = int(c.optimizer.loss_chunk) or None
+    if args.grad_accum:
+        accum = args.grad_accum
+    for flag, key in (("pipeline", "schedule"), ("microbatches", "microbatches"), ("repeats", "circular_repeats")):
+        if getattr(args, flag) is not None:
+            pipe[key] = getattr(args, flag)
+    return cfg, mesh, seq, rows, accum, pipe, chunk
 
 
-def run(args: argparse.Namespace) -> dict | list:
+def _devices(args: argparse.Namespace, mesh_spec: str) -> int:
+    if args.topology:
+        return math.prod(aot.parse_topology(args.topology)[1]) * args.slices
+    return budget._mesh_product(mesh_spec) if "-1" not in mesh_spec else jax.device_count()
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.topology:
+        aot.parse_topology(args.topology)
     if args.table4:
-        rows = table4_rows()
+        rows = table4_rows(args.topology if args.aot else None)
         if not args.json:
             _print_table4(rows)
         return {"table4": rows}
-    cfg, mesh_spec, seq, batch = _experiment(args)
+    if args.config is not None and list(args.config.long_context.stages) and not args.inference and not args.seq:
+        rows = long_context_rows(args, args.config)
+        if not args.json:
+            _print_long_context(rows)
+        return {"long_context_stages": rows}
+    cfg, mesh_spec, seq, batch, accum, pipe, chunk = _experiment(args)
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
     if args.inference:
@@ -311,24 +308,68 @@ def run(args: argparse.Namespace) -> dict | list:
                   "total_gb_per_device": chosen.total / GB, "fits_80gb": chosen.total <= H100_BYTES,
                   "bf16_total_gb_per_device": bf16.total / GB}
     else:
-        devices = _mesh_product(mesh_spec) if "-1" not in mesh_spec else None
-        sizes = sharding.parse_mesh(mesh_spec, devices or jax.device_count())
-        batch = batch or sizes["data"] * sizes["fsdp"]
-        b = train_budget(cfg, sizes, seq, batch, pp=args.pp, attention=args.attention)
-        result = {"model": args.model if args.config is None else args.config.model.to_dict(), "mesh": sizes,
-                  "pp": args.pp, "seq": seq, "batch": batch, "remat": cfg.remat, "params_gb": b.params / GB,
-                  "grads_gb": b.grads / GB, "opt_state_gb": b.opt_state / GB, "activations_gb": b.activations / GB,
-                  "total_gb": b.total / GB, "fits_80gb": b.total <= H100_BYTES,
-                  "model_flops_per_token": b.model_flops_per_token, "step_flops": b.step_flops,
-                  "step_flops_per_device": b.step_flops_per_device}
-        if args.aot:
-            if args.pp != 1:
-                raise ConfigError("--aot compiles the real step, which has no pipeline axis: use --pp 1")
-            aot = aot_train_step(cfg, ",".join(f"{k}={v}" for k, v in sizes.items()), seq, batch)
-            result.update({f"aot_{k.replace('bytes', 'gb')}": v / GB if "bytes" in k else v for k, v in aot.items()})
+        sizes = sharding.parse_mesh(mesh_spec, _devices(args, mesh_spec))
+        spec = ",".join(f"{k}={v}" for k, v in sizes.items())
+        batch = batch or sizes["data"] * sizes["fsdp"] * accum
+        backend = args.backend or (_backend_of(args.topology) if args.topology
+                                   else jax.default_backend() if args.aot else "gpu")
+        result = {"model": args.model if args.config is None else cfg.to_dict(),
+                  **plan_train(cfg, spec, seq, batch, backend=backend, attention=args.attention, grad_accum=accum,
+                               pipeline=pipe, loss_chunk=chunk,
+                               compile_on=(args.topology, args.slices) if args.aot else None)}
+        result["fits_80gb"] = result["analytic_gb"] * GB <= H100_BYTES
     if not args.json:
-        print("\n".join(f"{k}: {v}" for k, v in result.items()))
+        print("\n".join(_inference_lines(result) if args.inference else _train_lines(result)))
     return result
+
+
+def _gb(value: float) -> str:
+    return f"{value:,.1f} GB"
+
+
+def _fits(total_gb: float, capacity_gb: float, chip: str) -> str:
+    return ("fits" if total_gb <= capacity_gb else "does NOT fit") + f" in {chip}'s {capacity_gb:,.0f} GB"
+
+
+def _train_lines(r: dict) -> list[str]:
+    """The plan as a person reads it: the layout, each term, the totals against the chip, FLOPs with caveats."""
+    mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
+    pipe = r["pipeline"]
+    lines = [f"train step: seq {r['seq']:,} x {r['batch']:,} rows ({r['grad_accum']} pass(es)), remat "
+             f"{r['remat']}, mesh {mesh}" + ("" if pipe["schedule"] == "none" else
+                                             f", {pipe['schedule']} pipeline x {pipe['microbatches']} microbatches"
+                                             f" (bubble {r['bubble']:.1%})")]
+    compiled = r.get("compiled")
+    lines.append(f"per device, analytic ({r['backend']} profile):")
+    lines += [f"  {name:<20} {_gb(gb):>12}" for name, gb in r["terms_gb"].items() if gb > 0]
+    chip, capacity = ((compiled["device_kind"], compiled["capacity_gb"]) if compiled and compiled["capacity_gb"]
+                      else ("an H100", H100_BYTES / GB))
+    lines.append(f"  {'total':<20} {_gb(r['analytic_gb']):>12}  {_fits(r['analytic_gb'], capacity, chip)}")
+    if r["remat"] == "none" and r["analytic_gb"] > capacity:
+        lines.append("  remat 'none' keeps every layer's activations; the paper's layouts use --remat full")
+    if compiled:
+        where = f"{compiled['devices']:,} x {compiled['device_kind']}"
+        lines.append(f"compiled for {where} in {compiled['compile_seconds']:.0f} s"
+                     + (" (refused by the compiler: it needs more than the chip has)"
+                        if compiled["refused_by_compiler"] else "") + ":")
+        lines.append(f"  arguments {_gb(compiled['argument_gb'])}, temporaries {_gb(compiled['temp_gb'])}, total "
+                     f"{_gb(compiled['total_gb'])}"
+                     + (f"  {_fits(compiled['total_gb'], capacity, chip)}" if compiled["capacity_gb"] else ""))
+        lines.append(f"  analytic / compiled = {r['analytic_over_compiled']:.2f}")
+        if compiled["bubble"] is not None:
+            lines.append(f"  pipeline loop: {compiled['pipeline_ticks']} ticks, bubble {compiled['bubble']:.1%}")
+        lines.append(f"  compiled FLOPs per device: {compiled['flops_loop_bodies_once']:.3g} (caveat: "
+                     f"{FLOPS_CAVEAT})")
+    lines.append(f"model FLOPs: {r['model_flops_per_token']:.3g} per token, {r['step_flops_per_device']:.3g} per "
+                 "device per step (remat recomputation included)")
+    return lines
+
+
+def _inference_lines(r: dict) -> list[str]:
+    return [f"{r['model']} inference, {r['weights']} weights over {r['tensor']} devices, per device: weights "
+            f"{_gb(r['weights_gb_per_device'])} + KV cache {_gb(r['kv_gb_per_device'])} = "
+            f"{_gb(r['total_gb_per_device'])}, {_fits(r['total_gb_per_device'], H100_BYTES / GB, 'an H100')} "
+            f"(bf16 weights: {_gb(r['bf16_total_gb_per_device'])})"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -336,16 +377,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _simulated_devices(argv: list[str]) -> int | None:
-    """Devices --aot needs simulated on the CPU: the --mesh flag's product (XLA reads the flag at backend start)."""
+    """Devices --aot without --topology needs simulated on the CPU: the --mesh (or --config.mesh) flag's product (XLA
+    reads the flag when the backend starts)."""
     for i, arg in enumerate(argv):
-        spec = arg.split("=", 1)[1] if arg.startswith("--mesh=") else argv[i + 1] if arg == "--mesh" else None
+        spec = (arg.split("=", 1)[1] if arg.startswith(("--mesh=", "--config.mesh=")) else argv[i + 1]
+                if arg in ("--mesh", "--config.mesh") else None)
         if spec and "-1" not in spec:
-            return _mesh_product(spec)
+            return budget._mesh_product(spec)
     return None
 
 
 if __name__ == "__main__":
-    count = _simulated_devices(sys.argv) if "--aot" in sys.argv else None
+    count = _simulated_devices(sys.argv) if "--aot" in sys.argv and "--topology" not in sys.argv else None
     if count and "device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
     raise SystemExit(main())

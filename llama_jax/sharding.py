@@ -6,9 +6,10 @@
     with activate(mesh):                                # the model's activation constraints use the rules
         loss = jax.jit(loss_fn)(params, batch)
 
-Mesh axes: ``data`` (pure data parallel: params replicated), ``fsdp`` (data parallel with params, grads
-and optimizer state sharded along ``embed``), ``tensor`` (heads, kv heads, MLP and vocab split across
-devices), ``sequence`` (activations split along length; attention then runs context-parallel).
+Mesh axes: ``data`` (pure data parallel: params replicated), ``stage`` (pipeline stages: the stacked
+``layers`` axis of the params split into consecutive blocks; ``llama_jax.pipeline`` runs them), ``fsdp`` (data
+parallel with params, grads and optimizer state sharded along ``embed``), ``tensor`` (heads, kv heads, MLP and
+vocab split across devices), ``sequence`` (activations split along length; attention then runs context-parallel).
 
 Axis types: every mesh here uses ``AxisType.Auto`` (classic GSPMD): we give shardings for the jit inputs
 / outputs and a few activation constraints inside the model, and XLA propagates the rest and inserts the
@@ -31,7 +32,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.errors import ConfigError, DataError
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+# Outermost (slowest links) first: mesh_utils gives the last axes the closest devices.
+MESH_AXES = ("data", "stage", "fsdp", "tensor", "sequence")
 
 # Logical name -> mesh axes, in priority order (flax semantics: a mesh axis is used at most once per array,
 # so the first rule that can claim it wins). Activations [batch, length, embed] give `fsdp` to batch, which
@@ -45,7 +47,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("lookup_batch", "data"),  # embedding lookup output: rows over data only, embed split like the table's
-    ("layers", None),
+    ("layers", "stage"),  # each pipeline stage holds its own consecutive layers
     ("head_dim", None),
 )
 
@@ -53,7 +55,7 @@ _BATCH_SPEC = PartitionSpec(("data", "fsdp"), "sequence")
 
 
 def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None = None) -> dict[str, int]:
-    """``"data=2,fsdp=-1"`` or ``{"tensor": 2}`` -> sizes of all four axes, their product = num_devices.
+    """``"data=2,fsdp=-1"`` or ``{"tensor": 2}`` -> sizes of all five axes, their product = num_devices.
 
     Missing axes are 1; one axis may be -1 and takes what is left; None puts every device on fsdp.
     """
@@ -91,33 +93,40 @@ def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None = N
     return shape
 
 
-def _dcn_shape(shape: dict[str, int], num_processes: int) -> list[int]:
-    """How many hosts each axis spans: processes go to the outer data-parallel axes first (slow links
-    carry only the gradient reduction), never to tensor or sequence (their collectives run every layer)."""
-    dcn, left = [1] * len(MESH_AXES), num_processes
-    for i, axis in enumerate(("data", "fsdp")):
+def _dcn_shape(shape: dict[str, int], num_granules: int) -> list[int]:
+    """How many hosts (or TPU slices) each axis spans: they go to the outer data-parallel axes first (slow links
+    carry only the gradient reduction), then to pipeline stages (one activation transfer per microbatch), never
+    to tensor or sequence (their collectives run every layer)."""
+    dcn, left = [1] * len(MESH_AXES), num_granules
+    for axis in ("data", "fsdp", "stage"):
         span = math.gcd(shape[axis], left)
-        dcn[i], left = span, left // span
+        dcn[MESH_AXES.index(axis)], left = span, left // span
     if left != 1:
         raise ConfigError(
-            f"mesh {shape} cannot be split over {num_processes} processes: data * fsdp must be a multiple of it"
+            f"mesh {shape} cannot be split over {num_granules} hosts or slices: data * fsdp * stage must be a "
+            "multiple of it"
         )
     return dcn
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A mesh with axes MESH_AXES (Auto axis types). With several processes, the data-parallel axes span
-    hosts (DCN) and tensor / sequence stay inside one host (ICI)."""
+    """A mesh with axes MESH_AXES (Auto axis types). Across slow links (hosts of a GPU/CPU cluster, or the slices
+    of a multi-slice TPU job) go the data-parallel axes, then stages; tensor / sequence stay inside one host or
+    slice. The hosts of one TPU slice share its fast interconnect, so there the slice is the unit, not the host."""
     devices = jax.devices() if devices is None else list(devices)
     shape = parse_mesh(spec, len(devices))
-    num_processes = len({d.process_index for d in devices})
-    if num_processes > 1:
-        dcn = _dcn_shape(shape, num_processes)
+    by_slice = hasattr(devices[0], "slice_index")  # TPU devices of a multi-slice topology
+    num_granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    if devices[0].platform == "tpu" and not by_slice:
+        num_granules = 1  # one slice: every host is on its interconnect
+    if num_granules > 1:
+        dcn = _dcn_shape(shape, num_granules)
         ici = [size // span for size, span in zip(shape.values(), dcn)]
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice,
+                                                    allow_split_physical_axes=True)
     else:
-        try:
-            grid = mesh_utils.create_device_mesh(list(shape.values()), devices)
+        try:  # allow_split_physical_axes: e.g. tensor=8 on a 16x16x16 torus takes half of one of its rings
+            grid = mesh_utils.create_device_mesh(list(shape.values()), devices, allow_split_physical_axes=True)
         except (ValueError, NotImplementedError):  # topology-unaware fallback (e.g. odd device subsets)
             grid = np.asarray(devices).reshape(list(shape.values()))
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -30,38 +30,46 @@ def segments(tok, ids):
     return out
 
 
-@pytest.mark.parametrize("form", ["json", "function_tag"])
+@pytest.mark.parametrize("form", ["json", "function_tag", "wolfram_alpha"])
 def test_records_tokenise_with_the_mask_on_the_assistant_turns_only(form):
     for record in synthetic.calculator_dialogs(20, seed=1, form=form):
         messages = record["messages"]
         ids, mask = TOK.encode_dialog(messages)
         turns = segments(TOK, ids)
-        assert [role for role, _, _ in turns] == ["system", "user", "user", "assistant", "ipython", "assistant"]
+        tool_description = [] if form == "wolfram_alpha" else ["user"]  # the built-in tool needs none
+        assert [role for role, _, _ in turns] == ["system", *tool_description, "user", "assistant", "ipython",
+                                                  "assistant"]
         expected = [0] * len(ids)
         for role, body, start in turns:
             if role == "assistant":
                 expected[start:start + len(body)] = [1] * len(body)
         assert mask == expected
-        (_, call_ids, _), (_, result_ids, result_start), (_, answer_ids, _) = turns[3:]
+        (_, call_ids, _), (_, result_ids, result_start), (_, answer_ids, _) = turns[-3:]
         # The call, <|python_tag|> and <|eom_id|> included, is trained; the tool's output is not.
-        if form == "json":
+        if form != "function_tag":
             assert call_ids[0] == TOK.special_id("python_tag") and call_ids[-1] == TOK.eom_id
         else:
             assert call_ids[-1] == TOK.eot_id and TOK.special_id("python_tag") not in call_ids
         assert mask[result_start:result_start + len(result_ids)] == [0] * len(result_ids)
-        assert TOK.decode(result_ids[:-1]) == messages[4]["content"]
+        assert TOK.decode(result_ids[:-1]) == messages[-2]["content"]
         assert answer_ids[-1] == TOK.eot_id
 
 
-def test_results_are_right_and_the_answer_uses_them():
-    for record in synthetic.calculator_dialogs(200, seed=2):
-        messages = record["messages"]
-        call = calls.parse_message(messages[3])
-        assert call.name == "calculator" and messages[3]["tool_call"] is True
-        expression = call.arguments["expression"]
-        assert messages[2]["content"].count(expression) == 1
-        assert messages[4]["content"] == str(eval(expression))  # trusted: the generator's own integers
-        assert messages[5]["content"].rstrip(".").endswith(messages[4]["content"])
+@pytest.mark.parametrize("form", ["json", "wolfram_alpha"])
+def test_results_are_right_and_the_answer_uses_them(form):
+    for record in synthetic.calculator_dialogs(200, seed=2, form=form):
+        question, call_message, result, answer = record["messages"][-4:]
+        call = calls.parse_message(call_message)
+        assert call_message["tool_call"] is True
+        if form == "json":
+            assert call.name == "calculator" and call.raw.startswith('{"type": "function", "name": "calculator"')
+            expression = call.arguments["expression"]
+        else:
+            assert call.name == "wolfram_alpha" and call.raw == f'wolfram_alpha.call(query="{call.arguments["query"]}")'
+            expression = call.arguments["query"]
+        assert question["content"].count(expression) == 1
+        assert result["content"] == str(eval(expression))  # trusted: the generator's own integers
+        assert answer["content"].rstrip(".").endswith(result["content"])
 
 
 def test_records_are_what_the_tool_loop_produces():
@@ -82,6 +90,27 @@ def test_same_seed_same_data_and_variety():
     first, again = synthetic.calculator_dialogs(50, seed=4), synthetic.calculator_dialogs(50, seed=4)
     assert first == again and first != synthetic.calculator_dialogs(50, seed=5)
     assert len({r["messages"][2]["content"] for r in first}) == 50
+
+
+def test_tool_use_rates_count_calls_and_answers_from_the_tool():
+    """Scripted replies to four questions: right call and answer; wrong expression (the calculator's result is not
+    the record's); a call then another call; no call; a malformed call (Python code to the loop); an answer that does
+    not end on the result."""
+    records = synthetic.calculator_dialogs(6, seed=6, form="wolfram_alpha")
+    queries = [calls.parse_message(r["messages"][2]).arguments["query"] for r in records]
+    results = [r["messages"][3]["content"] for r in records]
+    script = [
+        f'<|python_tag|>wolfram_alpha.call(query="{queries[0]}")<|eom_id|>', f"It is {results[0]}.<|eot_id|>",
+        f'<|python_tag|>wolfram_alpha.call(query="{queries[1]} + 1")<|eom_id|>', f"It is {results[1]}.<|eot_id|>",
+        f'<|python_tag|>wolfram_alpha.call(query="{queries[2]}")<|eom_id|>',
+        f'<|python_tag|>wolfram_alpha.call(query="{queries[2]}")<|eom_id|>',
+        f"It is {results[3]}.<|eot_id|>",
+        f'<|python_tag|>wolfram_alpha.call(q="{queries[4]}")<|eom_id|>', "Sorry.<|eot_id|>",  # code, for no tool
+        f'<|python_tag|>wolfram_alpha.call(query="{queries[5]}")<|eom_id|>', f"It is {results[5]}1.<|eot_id|>",
+    ]
+    replies = iter(script)
+    rates = synthetic.tool_use_rates(records, lambda prompt: TOK.encode(next(replies), allowed_special="all"), TOK)
+    assert rates == {"calls": 4 / 6, "answers": 1 / 6} and next(replies, None) is None
 
 
 def test_calculator_refuses_anything_but_arithmetic():

@@ -166,6 +166,19 @@ def test_gradient_accumulation_matches_one_big_batch(corpus):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_accumulation_of_bfloat16_params(corpus):
+    """Accumulation sums in float32 and hands back gradients in the params' dtype (bfloat16 once broke the scan)."""
+    mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
+    cfg = config.get("tiny", num_layers=2, param_dtype="bfloat16", dtype="bfloat16")
+    tx = optim.adamw(1e-3)
+    state = create_state(cfg, tx, mesh)
+    step = make_train_step(make_loss_fn(cfg, chunk_size=200), tx, mesh, state_shardings(cfg, tx, mesh),
+                           microbatch_tokens=2 * 32, donate=False)
+    new, metrics = step(state, _batches(corpus, 1)[0])
+    assert jax.tree.map(lambda x: x.dtype, new.params) == jax.tree.map(lambda x: x.dtype, state.params)
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
+
+
 def test_nonfinite_step_is_not_applied(corpus):
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     cfg = config.get("tiny", num_layers=2)
@@ -263,3 +276,38 @@ def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     warning = again.stderr.split("warning: the config differs from the one the checkpoint was saved with:")[1]
     assert "schedule.peak_lr: 0.003 -> 0.001" in warning and "train.steps: 2 -> 3" in warning
     assert "logging.eval_every: 2 -> 0" in warning
+
+
+@pytest.mark.slow  # ~6 minutes on 2 busy cores: 8 compiles of the step on 8 simulated devices
+def test_resume_is_bit_identical_across_long_context_stages(corpus, tmp_path):
+    """Base steps at 128 tokens, a stage of 256-token rows, then one of 512 with context parallelism 2 (the state
+    re-sharded onto fsdp=4,sequence=2), gates on (warn): 7 steps straight == stop in the middle of the first stage,
+    stop at its end, resume there. Same losses, parameters, optimizer state, data state, reference loss and gates."""
+    stages = [dict(seq_len=256, batch_size=8, steps=3), dict(seq_len=512, batch_size=4, steps=2, context_parallel=2)]
+
+    def run(run_dir, steps):
+        c = tiny_config(corpus, run_dir, train=dict(steps=steps), logging=dict(eval_every=100, eval_batches=1))
+        c.data.update(seq_len=128, add_bos=True)
+        c.long_context.update(start_step=2, stages=stages)
+        c.long_context.gate.update(action="warn", min_retrieval=1.0, depths=[0.5], samples=1)
+        return loop.run(c)
+
+    run(tmp_path / "straight", 7)
+    for steps in (3, 5, 7):
+        run(tmp_path / "resumed", steps)
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert losses_by_step(tmp_path / "straight") == losses_by_step(tmp_path / "resumed")
+    assert sorted(losses_by_step(tmp_path / "straight")) == list(range(1, 8))
+    assert [m["seq_len"] for m in straight if "loss" in m] == [128] * 2 + [256] * 3 + [512] * 2
+
+    def events(metrics):
+        return [m for m in metrics if "gate_stage" in m or "eval_loss_before_extension" in m]
+
+    assert events(straight) == events(resumed)
+    assert [(m["step"], m.get("gate_stage")) for m in events(straight)] == [(2, None), (5, 0.0), (7, 1.0)]
+    a = CheckpointManager(tmp_path / "straight").restore(7)
+    b = CheckpointManager(tmp_path / "resumed").restore(7)
+    for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert a.data_state == b.data_state and a.data_state["long_context"]["stage"] == 1
+    assert a.data_state["seq_len"] == 512 and a.metadata["mesh"]["sequence"] == 2

@@ -29,7 +29,7 @@ whole chats while they fit, or exactly one preference record.
 
 The data config (``config.data``; see configs/pretrain/tiny.py):
     tokenizer       "byte" | "llama3" | path of a tokenizer.model
-    sources         list of {format, path, weight (of the mixture), ...}, all of one kind (``KINDS``):
+    sources         list of {format, path, weight (of the mixture; 0: not read), ...}, all of one kind (``KINDS``):
       documents     format "text" (split: "file" | "paragraphs"), "jsonl" (text_key), "tokens" (.npy id streams),
                     "shakespeare" (path optional): packed documents, the batch of ``packing.BATCH_KEYS``
       chat          format "chat": chat records (``data.chat``), SFT batches with the same keys, loss_mask = the
@@ -265,15 +265,17 @@ class BatchIterator:
 
 
 def merge_states(states: Sequence[Mapping]) -> dict:
-    """The global data state from every process's ``get_state()`` (any order): what a checkpoint keeps."""
+    """The global data state from every process's ``get_state()`` (any order): what a checkpoint keeps. Keys
+    besides the header and rows (a wrapper's, e.g. the long-context stage) must agree and are kept."""
     if not states:
         raise DataError("merge_states needs the state of at least one process")
-    header = {k: states[0].get(k) for k in _HEADER}
+    header = {k: v for k, v in states[0].items() if k != "rows"} | {k: states[0].get(k) for k in _HEADER}
     rows: dict[str, list[int]] = {}
     for state in states:
         if "rows" not in state:
             raise DataError(f"a data state without per-row positions (keys {sorted(state)}) cannot be merged")
-        differing = {k: (header[k], state.get(k)) for k in _HEADER if state.get(k) != header[k]}
+        differing = {k: (header.get(k), state.get(k)) for k in set(header) | set(state) - {"rows"}
+                     if state.get(k) != header.get(k)}
         if differing:
             raise DataError(f"the processes' data states disagree on {differing}: they are not of one stream")
         rows.update(state["rows"])
@@ -350,8 +352,9 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     if seed < 0:
         raise ConfigError(f"data.seed must be >= 0, got {seed}")
     weights = [float(s.get("weight", 1.0)) for s in specs]
-    if any(w <= 0 for w in weights):
-        raise ConfigError(f"data source weights must be positive, got {weights}")
+    if any(not w >= 0 for w in weights) or not any(weights):
+        raise ConfigError(f"data source weights must be >= 0 and not all 0, got {weights}")
+    specs, weights = [s for s, w in zip(specs, weights) if w > 0], [w for w in weights if w > 0]  # 0: not read
     on_error = data_cfg["on_error"]
     document_mask = data_cfg["document_mask"]
     if not isinstance(document_mask, bool):

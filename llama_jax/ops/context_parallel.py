@@ -17,7 +17,11 @@ of half-blocks (2 * shards + 1 of 4 * shards). The caller permutes the batch (to
 segment ids); nothing else changes, since the mask is causal by position, not by storage order.
 
 ``impl="all_gather"`` instead gathers all keys/values once per layer (what the Llama 3 paper does: keys and
-values are small under GQA); it is shorter and skips nothing.
+values are small under GQA); it is shorter and skips nothing. With ``kernel="flash"`` (the model's
+``attention="flash"``) it runs the fused kernel of ``ops.flash_attention`` on the local queries against the gathered
+keys (Pallas on GPU, its interpreter on CPU), so no [local T, S] score array is kept for the backward pass, as in
+the paper's long-context training. The ring's blocks are always dense: under autodiff every block's probabilities
+are kept for the backward pass, (T / shards) x T per head and layer.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from llama_jax.errors import ConfigError
+from llama_jax.ops import flash_attention
 from llama_jax.ops.attention import attention_mask
 
 _NEG = float(jnp.finfo(jnp.float32).min)  # finite, so the running max never turns into inf - inf = nan
@@ -99,8 +104,9 @@ def _finish(state, dtype):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h).astype(dtype)
 
 
-def _ring(q, k, v, positions, segments, *, axis, shards, precision):
+def _ring(q, k, v, positions, segments, *, axis, shards, precision, kernel):
     """Per-device body: q [B,t,N,H] local queries, k/v [B,t,K,H] this device's keys, positions/segments [B,t]."""
+    del kernel  # dense blocks (see the module docstring)
     b, t, n, h = q.shape
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
     half = t // 2
@@ -119,21 +125,25 @@ def _ring(q, k, v, positions, segments, *, axis, shards, precision):
     return jnp.concatenate([_finish(s, v.dtype) for s in states], axis=1)
 
 
-def _all_gather(q, k, v, positions, segments, *, axis, shards, precision):
+def _all_gather(q, k, v, positions, segments, *, axis, shards, precision, kernel):
     del shards
     b, t, n, h = q.shape
     k, v, k_positions, k_segments = (jax.lax.all_gather(x, axis, axis=1, tiled=True)
                                      for x in (k, v, positions, segments))
+    if kernel == "flash":
+        return flash_attention.flash_attention(q, k, v, positions, segments, k_positions, k_segments,
+                                               precision=precision, interpret=jax.default_backend() != "gpu")
     q = q.reshape(b, t, k.shape[2], n // k.shape[2], h)
     mask = attention_mask(positions, segments, k_positions, k_segments)
     return _finish(_fold(_empty_state(q), q, k, v, mask, precision), v.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
-              impl: str = "ring", precision: str | None = None) -> jax.Array:
+              impl: str = "ring", precision: str | None = None, kernel: str = "dense") -> jax.Array:
     """Self-attention with T split over the active mesh's sequence axis: q [B,T,N,H], k/v [B,T,K,H],
     positions / segment_ids [B,T] of those tokens -> [B,T,N,H], equal to ``ops.attention.attention``; matmuls at
-    ``precision`` (see there). Call inside ``sharding.activate(mesh)``."""
+    ``precision`` (see there); ``kernel`` "dense" or "flash" (all_gather only: see the module docstring). Call
+    inside ``sharding.activate(mesh)``."""
     axes = _mesh_axes()
     if axes is None or axes[2] is None:
         raise ConfigError("context-parallel attention needs an active mesh whose rules shard 'length'")
@@ -145,9 +155,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, se
     body = {"ring": _ring, "all_gather": _all_gather}.get(impl)
     if body is None:
         raise ConfigError(f"context-parallel impl must be 'ring' or 'all_gather', got {impl!r}")
+    if kernel not in ("dense", "flash"):
+        raise ConfigError(f"context-parallel attention kernel must be 'dense' or 'flash', got {kernel!r}")
+    if kernel == "flash" and impl == "all_gather" and jax.default_backend() == "tpu":
+        raise ConfigError("the fused kernel under context parallelism is Pallas's GPU kernel (splash attention needs "
+                          "queries and keys of one length); on TPU use attention='dense' with context parallelism")
     vector_spec = PartitionSpec(batch, length)
     run = jax.shard_map(
-        lambda *args: body(*args, axis=length, shards=shards, precision=precision), mesh=mesh,
+        lambda *args: body(*args, axis=length, shards=shards, precision=precision, kernel=kernel), mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, vector_spec, vector_spec), out_specs=q_spec, check_vma=False,
     )
     return run(q, k, v, positions, segment_ids)

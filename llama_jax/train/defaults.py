@@ -24,10 +24,15 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
     c.seed = 0  # parameter init and the step RNG
     # Every ModelConfig field, from the preset, so each can be overridden (rope_scaling is a dict or None).
     c.model = config_lib.get(preset, **model_overrides).to_dict()
-    c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8"; "" puts every device on fsdp
+    c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8" or "stage=4,fsdp=-1" (with pipeline.schedule); "": all on fsdp
     # Every data key with its default (llama_jax.data.pipeline.DEFAULTS); sources: format (text | jsonl | tokens |
     # shakespeare; chat | preference), path (file, dir or glob), weight, split (text), text_key (jsonl).
     c.data = dict(data.DEFAULTS, sources=[dict(format="jsonl", path="", weight=1.0, split="file", text_key="text")])
+    c.pipeline = dict(  # how the mesh's `stage` axis runs the layers (llama_jax.pipeline); pretrain and sft stages
+        schedule="none",  # "none" (needs stage=1) | "gpipe" | "circular"
+        microbatches=1,  # per forward/backward (each grad_accum microbatch is split again into this many)
+        circular_repeats=2,  # circular: rounds of the stage ring per microbatch (blocks of L / (stages x this))
+    )
     c.optimizer = dict(
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
         clip_norm=1.0,  # global gradient norm clip (0: off)
@@ -50,6 +55,22 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
         on_nonfinite="skip",  # a step with non-finite loss/gradient is never applied: "skip" (counted) or "halt"
     )
     c.checkpoint = dict(every=1000, keep_last=3, keep_every=0, async_save=True)
+    # Long-context extension (llama_jax.train.long_context): stages of growing sequence length, one run.
+    c.long_context = dict(
+        start_step=0,  # the step the first stage begins at; before it: data.seq_len, the ramp, the base schedule
+        # [dict(seq_len, steps | tokens, batch_tokens | batch_size, lr, end_lr, warmup_steps, context_parallel,
+        # grad_accum, weights)]: see llama_jax.train.long_context. [] means no extension.
+        stages=[],
+        gate=dict(  # at the end of each stage longer than data.seq_len
+            action="off",  # "off" | "warn" (log, go on) | "stop" (checkpoint, then an error)
+            max_loss_increase=0.02,  # held-out loss at data.seq_len: at most this much (relative) above its value
+            #                          before the first longer stage
+            task="passkey",  # retrieval prompts (llama_jax.eval.retrieval): "passkey" | "needle"
+            min_retrieval=0.9,  # greedy exact-match accuracy at the stage's length
+            depths=[0.0, 0.25, 0.5, 0.75, 1.0],  # where the needle sits in the prompts
+            samples=2,  # prompts per depth
+        ),
+    )
     c.logging = dict(
         every=10,  # steps per metrics line (loss etc. averaged over them)
         eval_every=1000,  # steps between held-out evaluations (0: never)
@@ -146,6 +167,10 @@ RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "checkpoint.every": _int_at_least(1),
     "checkpoint.keep_last": _int_at_least(1),
     "checkpoint.keep_every": _int_at_least(0),
+    "long_context.start_step": _int_at_least(0),
+    "long_context.gate.max_loss_increase": _real(lambda v: v >= 0, ">= 0"),
+    "long_context.gate.min_retrieval": _real(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "long_context.gate.samples": _int_at_least(1),
     "logging.every": _int_at_least(1),
     "logging.eval_every": _int_at_least(0),
     "logging.eval_batches": _int_at_least(1),

@@ -92,7 +92,10 @@ def make_loss_fn(cfg: ModelConfig, *, beta: float = 0.1, nll_coef: float = 0.2, 
     return loss_fn
 
 
-def _loss_fn(cfg: ModelConfig, config) -> LossFn:
+def _loss_fn(cfg: ModelConfig, config, run_layers=None) -> LossFn:
+    if run_layers is not None:
+        raise ConfigError(f"the dpo stage runs without a pipeline (config.pipeline.schedule="
+                          f"{config.pipeline.schedule!r}); pipelines run the pretrain and sft stages")
     d = config.dpo
     return make_loss_fn(cfg, beta=d.beta, nll_coef=d.nll_coef, mask_formatting=d.mask_formatting,
                         precomputed=d.reference == "precomputed", chunk_size=config.optimizer.loss_chunk or None)

@@ -47,13 +47,13 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from llama_jax import checkpoint, cli, model, optim, sharding
+from llama_jax import checkpoint, cli, model, optim, pipeline, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.config import ModelConfig
 from llama_jax.data import concat_batches, merge_states, split_rows
 from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
 from llama_jax.tokenizer import Tokenizer, get_tokenizer
-from llama_jax.train import defaults, dpo, pretrain, reward, sft
+from llama_jax.train import defaults, dpo, long_context, pretrain, reward, sft
 from llama_jax.train.lock import RunLock
 from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
@@ -191,6 +191,9 @@ class Run:
     resumed_from: int | None
     init_from: dict | None  # where a fresh run took its parameters: {"path", "format", "step"}
     changed: list[str]  # on resume: config keys whose value differs from the checkpoint's (``key: old -> new``)
+    tx: optax.GradientTransformation | None = None  # the optimizer, and the stage's loss: what a long-context
+    loss_fn: Any = None  #                            stage rebuilds its step from on its own mesh
+    long_context: long_context.Plan | None = None  # config.long_context's stages (None: no extension)
 
     def close(self) -> None:
         """Waits for the last checkpoint to be durable and releases run_dir (``fit`` does it)."""
@@ -233,6 +236,7 @@ def build(config) -> Run:
     if config.stage not in STAGES:
         raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
     defaults.check_ranges(config)
+    plan = long_context.parse(config, model_config(config.model))
     if config.train.on_nonfinite not in ("skip", "halt"):
         raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
     stage = STAGES[config.stage]
@@ -247,26 +251,36 @@ def build(config) -> Run:
     s, opt = config.schedule, config.optimizer
     schedule = optim.lr_schedule(s.peak_lr, s.warmup_steps, s.decay_steps, s.min_lr_ratio, s.anneal_steps,
                                  s.total_steps)
+    if plan is not None:
+        schedule = plan.schedule(schedule)
     tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                      clip_norm=opt.clip_norm or None, decay_embeddings=opt.decay_embeddings)
     data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
     ramp = optim.parse_ramp(list(s.ramp), data_seq)
 
-    loss_fn = stage.make_loss_fn(cfg, config)
+    run_layers = pipeline.make_run_layers(cfg, mesh, **config.pipeline)  # None: the plain scan
+    loss_fn = stage.make_loss_fn(cfg, config, run_layers)
     abstract = abstract_state(cfg, tx, mesh, stage)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     train_step = make_train_step(loss_fn, tx, mesh, shardings, schedule=schedule,
                                  microbatch_tokens=data_rows * data_seq // int(opt.grad_accum))
     eval_step = make_eval_step(loss_fn, mesh, shardings)
     data = stage.make_batches(config, tokenizer, "train")
+    if plan is not None:
+        data = long_context.StagedBatches(
+            data, lambda k: stage.make_batches(long_context.stage_config(config, plan, k), tokenizer, "train"))
     eval_batches = []
-    if config.logging.eval_every:  # read now: an eval split too small for one batch fails before step 1
+    gates = plan is not None and plan.gate.action != "off"
+    if config.logging.eval_every or gates:  # read now: an eval split too small for one batch fails before step 1
         stream = stage.make_batches(config, tokenizer, "eval")
         eval_batches = [b for _, b in zip(range(config.logging.eval_batches), stream)]
         if not eval_batches:
             raise DataError(f"the eval split (every data.holdout_every={config.data.holdout_every}-th record) holds "
                             f"too few records for one batch of data.batch_size={config.data.batch_size} rows; lower "
                             "data.holdout_every, or set logging.eval_every=0")
+    if plan is not None:
+        long_context.check_layouts(plan, cfg, tx, stage, int(config.data.batch_size))
+        long_context.check_gates(plan, tokenizer, long_context.retrieval_task(plan.gate, bool(config.data.add_bos)))
 
     lock = RunLock.acquire(config.run_dir)  # before the first write
     try:
@@ -279,7 +293,8 @@ def build(config) -> Run:
         raise
     return Run(config=config, stage=stage, cfg=cfg, tokenizer=tokenizer, mesh=mesh, schedule=schedule, ramp=ramp,
                state=state, train_step=train_step, eval_step=eval_step, data=data, eval_batches=eval_batches,
-               checkpoints=checkpoints, lock=lock, resumed_from=latest, init_from=init_from, changed=changed)
+               checkpoints=checkpoints, lock=lock, resumed_from=latest, init_from=init_from, changed=changed,
+               tx=tx, loss_fn=loss_fn, long_context=plan)
 
 
 def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainState, checkpoints: CheckpointManager,
@@ -332,10 +347,15 @@ def _banner(run: Run, stop_step: int) -> str:
     tokens = int(c.data.batch_size) * int(c.data.seq_len)
     start = (f"resumed from step {run.resumed_from}" if run.resumed_from is not None
              else f"started from {run.init_from['path']}" if run.init_from else "fresh parameters")
-    return (f"llama_jax {run.stage.name}: {run.cfg.num_params():,} parameters, {jax.device_count()} "
-            f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), mesh "
-            f"{dict(run.mesh.shape)}; {tokens:,} tokens per data batch; steps {step} -> {stop_step}; {start}; "
-            f"writing to {os.path.abspath(c.run_dir)}")
+    banner = (f"llama_jax {run.stage.name}: {run.cfg.num_params():,} parameters, {jax.device_count()} "
+              f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), mesh "
+              f"{dict(run.mesh.shape)}; {tokens:,} tokens per data batch; steps {step} -> {stop_step}; {start}; "
+              f"writing to {os.path.abspath(c.run_dir)}")
+    plan = run.long_context
+    if plan is None:
+        return banner
+    sizes = [plan.mesh_sizes(s.index) for s in plan.stages]
+    return f"{banner}\nlong-context stages from step {plan.start_step}:\n{long_context.describe(plan, sizes)}"
 
 
 def fit(run: Run, preemption: _Preemption | None = None) -> dict:
@@ -350,8 +370,8 @@ def fit(run: Run, preemption: _Preemption | None = None) -> dict:
 
 
 def _fit(run: Run, preemption: _Preemption) -> dict:
-    config, cfg, data = run.config, run.cfg, run.data
-    stop_step = int(config.train.steps or config.schedule.total_steps)
+    config, cfg, data, plan = run.config, run.cfg, run.data, run.long_context
+    stop_step = int(config.train.steps or (plan.end_step if plan else config.schedule.total_steps))
     data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
     is_main = jax.process_index() == 0
     logger = _Logger(Path(config.run_dir), is_main)
@@ -404,19 +424,32 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
         results = [run.eval_step(state, b) for b in run.eval_batches]
         return {k: float(np.mean([r[k] for r in jax.device_get(results)])) for k in results[0]}
 
+    active = -1  # the long-context stage whose mesh and step run.mesh and run.train_step are (-1: the base run's)
+    events = long_context.Events(evaluate=evaluate, log=lambda metrics: logger.write(step, metrics))
+
     progress = cli.progress(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
                             desc=run.stage.name, unit="step")
     position = None  # the data position before the batch being fetched: where to resume if the fetch fails
     try:
         try:
             while step < stop_step and not preemption.requested:
-                ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
+                if plan is not None and plan.stage_at(step) != active:
+                    active = plan.stage_at(step)
+                    state = long_context.enter_stage(run, state, active, step, events)
                 position = data.get_state()
-                with preemption.interruptible():
-                    batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
+                if active >= 0:  # a long-context stage: its own stream, rows in zig-zag order under CP
+                    with preemption.interruptible():
+                        batch = next(data)
+                    batch = long_context.zigzag(batch, plan.stages[active].context_parallel)
+                    seq_len = plan.stages[active].seq_len
+                else:
+                    ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
+                    with preemption.interruptible():
+                        batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
+                    if ramp_stage.seq_len != data_seq:
+                        batch = split_rows(batch, ramp_stage.seq_len)
+                    seq_len = ramp_stage.seq_len
                 position = None
-                if ramp_stage.seq_len != data_seq:
-                    batch = split_rows(batch, ramp_stage.seq_len)
                 if step == first_step:
                     cli.log(f"compiling the {run.stage.name} step for batches of "
                             f"{jax.tree.leaves(batch)[0].shape} ...")
@@ -434,8 +467,8 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
                     summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                     summary["skipped"] = float(sum(m["skipped"] for m in fetched))
                     tokens_per_s = window_tokens / elapsed
-                    mfu = cfg.flops_per_token(ramp_stage.seq_len) * tokens_per_s / (peak * jax.device_count())
-                    summary.update(tokens_per_s=tokens_per_s, seq_len=ramp_stage.seq_len, mfu=mfu)
+                    mfu = cfg.flops_per_token(seq_len) * tokens_per_s / (peak * jax.device_count())
+                    summary.update(tokens_per_s=tokens_per_s, seq_len=seq_len, mfu=mfu)
                     logger.write(step, summary)
                     progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
@@ -449,6 +482,8 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
                     settle()
                     save(None)
                 progress.update(1)
+            if plan is not None and step == plan.end_step > first_step and plan.gated(data.stage):
+                long_context.run_stage_gate(run, state, data.stage, step, events)  # the last stage's end
         except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
             pass
         settle()

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from llama_jax import data, model
+from llama_jax import data, model, pipeline
 from llama_jax.config import ModelConfig
 from llama_jax.losses import next_token_loss
 from llama_jax.train.step import LossFn, Stage
 
 
-def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: float = 0.0) -> LossFn:
-    """``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``; the LM head runs in vocabulary chunks."""
+def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: float = 0.0,
+                 run_layers: pipeline.RunLayers | None = None) -> LossFn:
+    """``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``; the LM head runs in vocabulary chunks.
+    ``run_layers``: a pipeline schedule for the block stack (``pipeline.make_run_layers``; None: the plain scan)."""
     network = model.Llama(cfg)
 
     def loss_fn(params, batch, rng, frozen=None):
         del rng, frozen  # no dropout, nothing frozen
         hidden = network.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                               output="hidden")  # [B, T, D]
+                               output="hidden", run_layers=run_layers)  # [B, T, D]
         head = model.lm_head_kernel(params, cfg).astype(jnp.dtype(cfg.dtype))  # [D, V]
         return next_token_loss(hidden, head, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
                                z_loss=z_loss, precision=cfg.resolved_matmul_precision)
@@ -30,9 +32,10 @@ def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: flo
     return loss_fn
 
 
-def loss_fn_from_config(cfg: ModelConfig, config) -> LossFn:
-    """The loss with the experiment config's chunking and z-loss (``config.optimizer``)."""
-    return make_loss_fn(cfg, chunk_size=config.optimizer.loss_chunk or None, z_loss=config.optimizer.z_loss)
+def loss_fn_from_config(cfg: ModelConfig, config, run_layers: pipeline.RunLayers | None = None) -> LossFn:
+    """The loss with the experiment config's chunking and z-loss (``config.optimizer``) and pipeline schedule."""
+    return make_loss_fn(cfg, chunk_size=config.optimizer.loss_chunk or None, z_loss=config.optimizer.z_loss,
+                        run_layers=run_layers)
 
 
 def _batches(config, tokenizer, split: str):

@@ -162,7 +162,10 @@ class PackedBatches:
         return self.batches.skipped + self._dropped
 
 
-def _loss_fn(cfg: ModelConfig, config) -> LossFn:
+def _loss_fn(cfg: ModelConfig, config, run_layers=None) -> LossFn:
+    if run_layers is not None:
+        raise ConfigError(f"the reward stage runs without a pipeline (config.pipeline.schedule="
+                          f"{config.pipeline.schedule!r}); pipelines run the pretrain and sft stages")
     if config.reward.packed and model.attention_impl(cfg, cached=False) != "dense":
         raise ConfigError(f"reward.packed rows share the prompt through ops.attention's shared-prefix rule, which "
                           f"the fused kernels do not implement; set model.attention=dense (not {cfg.attention!r}) "

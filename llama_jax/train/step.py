@@ -35,7 +35,8 @@ class Stage:
     """One training stage: a loss and a batch maker on the shared loop, step and checkpoint format."""
 
     name: str
-    make_loss_fn: Callable[[ModelConfig, Any], LossFn]  # (model config, experiment config) -> loss_fn
+    make_loss_fn: Callable[[ModelConfig, Any, Any], LossFn]  # (model config, experiment config, the pipeline's
+    #                                                          run_layers or None for the plain scan) -> loss_fn
     make_batches: Callable[[Any, Any, str], Iterator[dict]]  # (experiment config, tokenizer, "train" | "eval")
     extra_params: Callable[[ModelConfig, jax.Array], dict] | None = None  # leaves a Llama tree lacks, boxed with
     #                                                                        their logical axes (a reward head)
@@ -127,16 +128,18 @@ def _accumulate(grad_fn, params, frozen, microbatches: dict, rng: jax.Array, cou
         index, micro = xs
         (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), frozen)
         weight = aux.get(LOSS_WEIGHT, jnp.float32(1.0))
-        weighted = jax.tree.map(lambda x: x * weight, (loss, {k: v for k, v in aux.items() if k != LOSS_WEIGHT},
-                                                       grads))
+        weighted = jax.tree.map(lambda x: x.astype(jnp.float32) * weight,
+                                (loss, {k: v for k, v in aux.items() if k != LOSS_WEIGHT}, grads))
         return jax.tree.map(jnp.add, carry, (weighted, weight)), None
 
     first = jax.tree.map(lambda x: x[0], microbatches)
     (loss, aux), grads = jax.eval_shape(grad_fn, params, first, rng, frozen)
     weighted_aux = {k: v for k, v in aux.items() if k != LOSS_WEIGHT}
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, weighted_aux, grads))
+    # Sums in float32 (bfloat16 gradients would lose the small microbatches' share); the result in grads' dtype.
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, weighted_aux, grads))
     (total, weight), _ = jax.lax.scan(step, (zeros, jnp.float32(0.0)), (jnp.arange(count), microbatches))
-    loss, aux_mean, grads = jax.tree.map(lambda x: x / jnp.maximum(weight, 1e-30), total)
+    mean = jax.tree.map(lambda x: x / jnp.maximum(weight, 1e-30), total)
+    loss, aux_mean, grads = jax.tree.map(lambda x, like: x.astype(like.dtype), mean, (loss, weighted_aux, grads))
     if LOSS_WEIGHT in aux:
         aux_mean[LOSS_WEIGHT] = weight
     return loss, aux_mean, grads
