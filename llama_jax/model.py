@@ -80,16 +80,15 @@ def _fan_in_init(fan_in_axes: tuple[int, ...]):
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies [H/2] (float32), with Llama 3.1's long-context scaling when configured."""
     head_dim = cfg.resolved_head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    inv_freq = inv_freq.astype(np.float32)
+    inv_freq = (1.0 / cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(np.float32)
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
     wavelength = 2 * np.pi / inv_freq
     # Short wavelengths (< original / high_freq_factor) are kept, long ones (> original / low_freq_factor)
     # slowed by `factor`, and the band in between interpolates smoothly between the two.
-    smooth = (s.original_max_position / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smooth = np.clip(smooth, 0.0, 1.0)
+    smooth = np.clip((s.original_max_position / wavelength - s.low_freq_factor)
+                     / (s.high_freq_factor - s.low_freq_factor), 0.0, 1.0)
     scaled = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
     return scaled.astype(np.float32)
 
@@ -113,8 +112,7 @@ class RMSNorm(nn.Module):
         scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-        dtype = jnp.dtype(self.cfg.dtype)
-        return normed.astype(dtype) * scale.astype(dtype)
+        return normed.astype(self.cfg.dtype) * scale.astype(self.cfg.dtype)
 
 
 def attention_impl(cfg: ModelConfig, cached: bool) -> str:
@@ -226,10 +224,8 @@ def apply_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.
                  segment_ids: jax.Array) -> jax.Array:
     """Runs a slice ``[l, ...]`` of ``params["layers"]`` (l consecutive blocks) on hidden states x [B, T, D], as the
     full model's scan would: what one pipeline stage computes."""
-    length = jax.tree.leaves(layers)[0].shape[0]
-    stack = _block_stack(cfg, length)(cfg)
-    x, _ = stack.apply({"params": layers}, x, None, positions, segment_ids, (positions, segment_ids), 0)
-    return x
+    stack = _block_stack(cfg, jax.tree.leaves(layers)[0].shape[0])(cfg)
+    return stack.apply({"params": layers}, x, None, positions, segment_ids, (positions, segment_ids), 0)[0]
 
 
 class Llama(nn.Module):
@@ -261,7 +257,6 @@ class Llama(nn.Module):
         for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
             if arr.shape != (b, t):
                 raise DataError(f"{name} has shape {arr.shape}; expected tokens' shape {(b, t)}")
-
         keys = (positions, segment_ids)
         if cache is not None:  # this call's tokens join the cached ones at the write index
             keys = tuple(jax.lax.dynamic_update_slice(cache[name], new, (0, start))
@@ -292,20 +287,16 @@ class Llama(nn.Module):
             kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*new_kv))
 
         x = RMSNorm(cfg, name="final_norm")(x)
-        if output == "hidden":
-            result = x
-        else:
-            if cfg.tie_embeddings:
-                head = embedding.T
-            else:
-                head = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), _fan_in_init((0,)))
+        result = x
+        if output == "logits":
+            head = embedding.T if cfg.tie_embeddings else _param(self, "lm_head", (cfg.dim, cfg.vocab_size),
+                                                                 ("embed", "vocab"), _fan_in_init((0,)))
             result = jnp.einsum("BTD,DV->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32,
                                 precision=cfg.resolved_matmul_precision)
             result = nn.with_logical_constraint(result, ("batch", "length", "vocab"))
         if cache is None:
             return result
-        new_cache = {"k": kv[0], "v": kv[1], "positions": keys[0], "segment_ids": keys[1], "index": start + t}
-        return result, new_cache
+        return result, {"k": kv[0], "v": kv[1], "positions": keys[0], "segment_ids": keys[1], "index": start + t}
 
 
 # --- Helpers around the module ---------------------------------------------------------------------
@@ -389,26 +380,20 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: str | None = No
     """An empty KV cache for ``length`` slots: k/v [L, B, S, K, H], each slot's position and segment id, write index."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
-    return {
-        "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-        "positions": jnp.zeros((batch, length), jnp.int32),
-        "segment_ids": jnp.zeros((batch, length), jnp.int32),  # 0: empty slot, never attended to
-        "index": jnp.zeros((), jnp.int32),
-    }
+    slots = jnp.zeros((batch, length), jnp.int32)  # segment id 0: an empty slot, never attended to
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "positions": slots, "segment_ids": slots,
+            "index": jnp.zeros((), jnp.int32)}
 
 
 def stack_layers(params: Params, num_layers: int) -> Params:
     """``layers_0 .. layers_{L-1}`` (unscanned tree) -> one ``layers`` subtree with a leading L axis."""
     params = dict(params)
     blocks = [params.pop(f"layers_{i}") for i in range(num_layers)]
-    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
-    return params
+    return params | {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
 
 
 def unstack_layers(params: Params, num_layers: int) -> Params:
     """The inverse of ``stack_layers``."""
     params = dict(params)
     stacked = params.pop("layers")
-    for i in range(num_layers):
-        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return params
+    return params | {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
