@@ -140,7 +140,9 @@ BAD_VALUES = {  # one out-of-range value per checked key
     "schedule.peak_lr": -1e-3, "schedule.warmup_steps": -1, "schedule.decay_steps": 0, "schedule.min_lr_ratio": 1.5,
     "schedule.anneal_steps": -1, "schedule.total_steps": 0, "train.steps": -1, "checkpoint.every": 0,
     "checkpoint.keep_last": -1, "checkpoint.keep_every": -1, "logging.every": 0, "logging.eval_every": -1,
-    "logging.eval_batches": 0, "logging.peak_tflops": -1.0,
+    "logging.eval_batches": 0, "logging.peak_tflops": -1.0, "long_context.start_step": -1,
+    "long_context.gate.max_loss_increase": -0.1, "long_context.gate.min_retrieval": 1.5,
+    "long_context.gate.samples": 0, "dpo.beta": 0.0, "dpo.nll_coef": -0.2,
 }
 
 
@@ -150,10 +152,14 @@ def test_every_range_checked_key_has_a_bad_value_here():
 
 @pytest.mark.parametrize("key", sorted(BAD_VALUES))
 def test_p8_a_bad_count_or_ratio_is_a_config_error_naming_the_key(key, tmp_path):
-    c = runpy.run_path(str(TINY))["get_config"]()
+    stage_config = ROOT / "configs" / "dpo" / "tiny.py" if key.startswith("dpo.") else TINY  # the stage's own keys
+    c = runpy.run_path(str(stage_config))["get_config"]()
     c.run_dir = str(tmp_path / "run")
-    *section, leaf = key.split(".")
-    (c[section[0]] if section else c)[leaf] = BAD_VALUES[key]
+    *sections, leaf = key.split(".")
+    section = c
+    for name in sections:
+        section = section[name]
+    section[leaf] = BAD_VALUES[key]
     with pytest.raises(ConfigError, match=rf"config key {key} = "):
         loop.build(c)
     assert not (tmp_path / "run").exists()
