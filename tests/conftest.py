@@ -1,6 +1,7 @@
 """Suite-wide setup: 8 simulated CPU devices for sharding tests, and no model-hub access."""
 
 import os
+import time
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -67,3 +68,16 @@ def global_batches(its: list, steps: int | None = None) -> list:
         assert all(p is not None for p in parts), f"processes ended at different batches (batch {len(out)})"
         out.append(joined(parts))
     return out
+
+
+def wait_for(predicate, proc, timeout: float = 120, poll: float = 0.002) -> bool:
+    """Polls ``predicate`` until it holds (True) or ``timeout`` seconds pass (False); a training subprocess ``proc``
+    that exits first is an AssertionError carrying its stderr."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(poll)
+    return False

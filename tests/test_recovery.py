@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import wait_for
 
 from llama_jax import checkpoint, config, model
 from llama_jax.checkpoint import CheckpointManager
@@ -235,24 +236,14 @@ def _train_command(corpus, run_dir, *overrides):
             "--config.logging.progress=false", *overrides]
 
 
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    return False
-
-
 def test_p2_a_second_run_on_the_same_run_dir_is_refused(corpus, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=_env(),
                              stderr=subprocess.PIPE, text=True)
     try:
         metrics = run_dir / "metrics.jsonl"
-        assert _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, first)
+        assert wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, first, timeout=300,
+                        poll=0.05)
         second = subprocess.run(_train_command(corpus, run_dir), env=_env(), capture_output=True, text=True,
                                 timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]

@@ -7,13 +7,13 @@ import runpy
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import wait_for
 
 from llama_jax import config, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
@@ -85,23 +85,12 @@ def _env():
     return env
 
 
-def _wait_for(predicate, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        time.sleep(0.002)
-    return False
-
-
 def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=_env(),
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
-    assert _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     last_step = read_metrics(run_dir)[-1]["step"]
@@ -119,7 +108,7 @@ def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
         names = os.listdir(checkpoints) if checkpoints.is_dir() else []
         return any(n.isdigit() for n in names) and any("tmp" in n for n in names)
 
-    caught = _wait_for(saving_after_a_complete_one, proc)
+    caught = wait_for(saving_after_a_complete_one, proc)
     proc.kill()
     proc.wait()
     assert caught, "never saw a checkpoint being written"
