@@ -276,3 +276,15 @@ def test_cli_bad_arguments_are_errors_without_traceback(tiny_checkpoint, tmp_pat
     assert capsys.readouterr().err.startswith("error: ")
     with pytest.raises(CheckpointError):  # the Python API raises; only the command prints
         r.evaluate_checkpoint(str(tmp_path / "missing"), r.Task(), [200], [0.5])
+
+
+def test_copy_drills_repeat_one_random_string_and_are_deterministic(tmp_path):
+    texts = list(r.copy_documents(200, seed=9))
+    assert texts == list(r.copy_documents(200, seed=9)) and texts != list(r.copy_documents(200, seed=8))
+    for text in texts:
+        copies = text.split(" | ")
+        assert len(copies) >= 2 and len(set(copies)) == 1  # everything after the first copy is a copy
+        assert re.fullmatch(r"[0-9a-z]{3,7}( [0-9a-z]{3,7})*", copies[0])
+    assert len({t.split(" | ")[0] for t in texts}) == 200  # a fresh string each time: nothing to memorise
+    summary = r.write_copy_corpus(tmp_path / "copy.jsonl", 20, seed=9)
+    assert summary["documents"] == 20 and list(JsonlSource(str(tmp_path / "copy.jsonl"))) == texts[:20]

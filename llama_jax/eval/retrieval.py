@@ -487,11 +487,36 @@ def write_training_corpus(path: str | Path, tok: Tokenizer, count: int, min_leng
                           task: Task | None = None, seed: int = 0) -> dict:
     """Writes ``count`` training documents as JSON Lines {"text": ...}; returns a summary."""
     task = task or Task("passkey")
-    with open(path, "w", encoding="utf-8") as f:
-        for text in training_documents(tok, count, min_length, max_length, task=task, seed=seed):
-            f.write(json.dumps({"text": text}) + "\n")
+    _write_texts(path, training_documents(tok, count, min_length, max_length, task=task, seed=seed))
     return {"path": str(path), "documents": count, "task": dataclasses.asdict(task), "tokenizer": tok.name,
             "min_length": min_length, "max_length": max_length, "seed": seed}
+
+
+_COPY_ALPHABET = list("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def copy_documents(count: int, *, seed: int = 0) -> Iterator[str]:
+    """Random strings said again and again ("k3x 90qz | k3x 90qz | k3x 90qz"), 2 to ~200 characters per copy:
+    everything after the first copy is predictable only by copying from earlier in the text, the skill retrieval
+    rests on (an induction circuit). The tiny byte model picks it up from these in a few thousand steps and not
+    from passkey documents alone, whose few answer digits are too rare a signal (README, "Long context")."""
+    for index in range(count):
+        rng = np.random.default_rng([int(seed), 2, index])
+        words = ["".join(rng.choice(_COPY_ALPHABET, size=int(rng.integers(3, 8)))) for _ in range(rng.integers(1, 12))]
+        text = " ".join(words)
+        yield " | ".join([text] * int(rng.integers(2, 2 + 200 // (len(text) + 2))))
+
+
+def write_copy_corpus(path: str | Path, count: int, *, seed: int = 0) -> dict:
+    """Writes ``count`` ``copy_documents`` as JSON Lines {"text": ...}; returns a summary."""
+    _write_texts(path, copy_documents(count, seed=seed))
+    return {"path": str(path), "documents": count, "seed": seed}
+
+
+def _write_texts(path: str | Path, texts: Iterator[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
