@@ -43,6 +43,10 @@ The data config (``config.data``; see configs/pretrain/tiny.py):
     document_mask   documents only: True (the paper's), attention stays within each document of a packed row;
                     False, a row is one sequence (segment id 1, positions 0..T-1 across the row), so attention
                     crosses documents: the ablation of plain causal packing. The targets counted are the same.
+    whole_documents documents only: False (grain's concat-then-split), rows are cut wherever they end; True, a
+                    document that fits in a row but not in what is left of the current one opens the next row, the
+                    rest of the current one being padding (longer documents are still cut). For long-context
+                    stages, whose documents are as long as the rows: cut, a needle is parted from its question.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ DEFAULTS = dict(
     on_error="raise",  # malformed records: "raise" (file:line) or "skip" (counted)
     holdout_every=1000,  # every n-th record of each source is the eval split (0: none)
     document_mask=True,  # documents: attention within each document of a row (False: across the whole row)
+    whole_documents=False,  # documents: True, one that fits in a row is never cut (it opens the next row instead)
 )
 KINDS = {"documents": FORMATS, "chat": ("chat",), "preference": ("preference",)}
 # ``PATH[:FORMAT]`` without a format: by file extension; .jsonl by the shape of its first record (see source_spec).
@@ -169,11 +174,20 @@ class DocumentRows:
     counting along the row), while ``loss_mask`` still leaves out the first token of each next document, so both
     settings score the same targets."""
 
-    def __init__(self, seq_len: int, document_mask: bool = True):
-        self.length, self.document_mask = seq_len + 1, document_mask
+    def __init__(self, seq_len: int, document_mask: bool = True, whole_documents: bool = False):
+        self.length, self.document_mask, self.whole_documents = seq_len + 1, document_mask, whole_documents
 
     def take(self, stream: RowStream) -> list[np.ndarray]:
-        return stream.take(self.length)
+        if not self.whole_documents:
+            return stream.take(self.length)
+        pieces, left = [], self.length
+        while left and (document := stream.current()) is not None:
+            rest = len(document) - stream.offset
+            if pieces and left < rest <= self.length:
+                break  # it fits in a row of its own: padding here, and it opens the next row whole
+            pieces += stream.take(min(left, rest))
+            left -= len(pieces[-1])
+        return pieces
 
     def batch(self, rows: Sequence[Sequence[np.ndarray]]) -> dict[str, np.ndarray]:
         batch = rows_to_batch(pack_rows(rows, self.length))
@@ -362,10 +376,16 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     if not document_mask and data_kind != "documents":
         raise ConfigError(f"data.document_mask=False applies to packed documents only; these sources are {data_kind} "
                           "data, whose rows keep each record to itself")
+    whole_documents = data_cfg["whole_documents"]
+    if not isinstance(whole_documents, bool):
+        raise ConfigError(f"data.whole_documents must be true or false, got {whole_documents!r}")
+    if whole_documents and data_kind != "documents":
+        raise ConfigError(f"data.whole_documents=True applies to packed documents only; {data_kind} rows always "
+                          "keep their records whole")
     if data_kind == "documents":
         sources = [make_source(s, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, on_error=on_error)
                    for s in specs]
-        layout = DocumentRows(seq_len, document_mask)
+        layout = DocumentRows(seq_len, document_mask, whole_documents)
         tokenize = _document_tokenizer(tokenizer, bool(data_cfg["add_bos"]))
     elif data_kind == "chat":
         sources = [ChatSource(_path(s), tokenizer, max_tokens=seq_len + 1, on_error=on_error) for s in specs]
