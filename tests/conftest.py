@@ -1,7 +1,10 @@
 """Suite-wide setup: 8 simulated CPU devices for sharding tests, and no model-hub access."""
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,6 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # --- helpers several test files share (plain functions: import them with `from conftest import ...`) -----------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(*args: str, devices: int | None = None, timeout: float = 7200) -> str:
+    """``python -m ARGS`` as a user runs it from the repository, on the CPU (``devices`` simulated ones, or one);
+    its stdout (asserts exit 0)."""
+    flags = f"--xla_force_host_platform_device_count={devices}" if devices else ""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def successor_params(cfg, successor: dict):

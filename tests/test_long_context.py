@@ -4,14 +4,11 @@ zig-zag batch under context parallelism, the forward-pass greedy decoder and the
 import json
 import os
 import runpy
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import global_batches, processes
+from conftest import ROOT, global_batches, processes, run_module
 
 from llama_jax import config, generate, model, optim, sharding
 from llama_jax.data import make_batches, merge_states
@@ -21,7 +18,6 @@ from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train import long_context, loop
 from llama_jax.train.pretrain import make_loss_fn
 
-ROOT = Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -240,12 +236,8 @@ LONG_8B = str(ROOT / "configs" / "pretrain" / "llama3_8b_long_context.py")
 
 def run_plan(*args: str, devices: int | None = None) -> tuple[dict, str]:
     """The real ``python -m llama_jax.plan`` command; its JSON result and its console table."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices else ""
-    out = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--config", LONG_8B, *args], env=env,
-                         capture_output=True, text=True, timeout=3000)
-    assert out.returncode == 0, out.stderr[-3000:]
-    *table, last = out.stdout.strip().splitlines()
+    *table, last = run_module("llama_jax.plan", "--config", LONG_8B, *args, devices=devices,
+                              timeout=3000).strip().splitlines()
     return json.loads(last), "\n".join(table)
 
 
@@ -289,11 +281,8 @@ TINY_LONG = ROOT / "configs" / "pretrain" / "tiny_long_context.py"
 
 
 def run_command(*args: str) -> dict:
-    """A real ``python -m llama_jax...`` command on one CPU device; the JSON object of its last stdout line."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=7200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """A real ``python -m llama_jax...`` command; the JSON object of its last stdout line."""
+    return json.loads(run_module(*args).strip().splitlines()[-1])
 
 
 @pytest.mark.slow  # the README's recipe at toy scale: ~30 minutes on 2 quiet cores

@@ -9,16 +9,14 @@ calculator: `synthetic.tool_use_rates`) on held-out questions whose expressions 
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_module
 
 from llama_jax import generate
 from llama_jax.tools import calls, runner, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
 SFT_TINY = ROOT / "configs" / "sft" / "tiny.py"
 TINY_LONG = ROOT / "configs" / "pretrain" / "tiny_long_context.py"
 FORM = "wolfram_alpha"  # Llama 3.1's built-in math tool: a ~250-byte dialog (the JSON form's is ~1,060)
@@ -35,10 +33,7 @@ def rates(path: Path, records: list[dict]) -> dict[str, float]:
 
 
 def train(*overrides: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    command = [sys.executable, "-m", "llama_jax.train", *overrides, "--config.logging.progress=False"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_module("llama_jax.train", *overrides, "--config.logging.progress=False")
 
 
 @pytest.mark.slow  # ~25 minutes on 2 quiet cores, most of it the base run
