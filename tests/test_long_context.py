@@ -59,6 +59,7 @@ def test_stages_resolve_rows_steps_and_start_steps():
     ([dict(seq_len=128, steps=1, weights=[0.0])], "one weight >= 0 per data source"),
     ([dict(seq_len=128, steps=2, warmup_steps=1)], "needs an lr"),
     ([dict(seq_len=128, steps=2, grad_accum=3)], "do not split into grad_accum=3"),
+    ([dict(seq_len=128, steps=2, whole_documents="yes")], r"stages\[0\].whole_documents must be true or false"),
 ])
 def test_bad_stages_are_config_errors_naming_the_key(stages, message):
     with pytest.raises(ConfigError, match=message):
@@ -130,6 +131,19 @@ def test_each_stage_reads_a_fresh_stream_at_its_length_and_weights(tmp_path):
     again = make_batches(plan.data_config(data, 1), TOK)
     np.testing.assert_array_equal(next(again)["tokens"], long_rows["tokens"])  # deterministic
     assert plan.data_config(data, 1)["seed"] != plan.data_config(data, 2)["seed"]
+
+
+def test_a_stage_can_keep_its_documents_whole(tmp_path):
+    """At 1,024 tokens the ~900-byte documents fit a row: cut by default (a row then opens with the rest of one),
+    never with the stage's whole_documents (every row opens with a document's first letter, s or L)."""
+    sources = write_sources(tmp_path)
+    plan = plan_of([dict(seq_len=1024, steps=8, batch_size=1), dict(seq_len=1024, steps=8, whole_documents=True)],
+                   sources=sources, add_bos=False, holdout_every=0)
+    data = tiny_config([]).data.to_dict() | dict(sources=sources, add_bos=False, holdout_every=0)
+    assert [plan.data_config(data, k)["whole_documents"] for k in (0, 1)] == [False, True]
+    cut, whole = (make_batches(plan.data_config(data, k), TOK) for k in (0, 1))
+    assert any(next(cut)["tokens"][0, 0] not in (ord("s"), ord("L")) for _ in range(12))
+    assert all(next(whole)["tokens"][0, 0] in (ord("s"), ord("L")) for _ in range(12))
 
 
 def test_staged_state_names_its_stage_and_resumes_on_any_process_count(tmp_path):

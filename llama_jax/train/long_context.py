@@ -19,9 +19,12 @@ A stage (one dict of ``long_context.stages``):
     grad_accum          microbatches per step (default optimizer.grad_accum)
     weights             one per data source (default data.sources' weights); 0 leaves a source out of the stage,
                         e.g. a long-document source weighted up for the long stages only
+    whole_documents     the stage's ``data.whole_documents`` (default: data's): True, a document that fits in a row
+                        is never cut, so a long document's beginning and end (a needle and its question) share a row
 
 Data. Each stage reads a fresh stream at its own length and row count, seeded by (data.seed, stage): documents
-longer than a row are split across the row's next batches, shorter ones packed, as in any pretraining batch. Why
+longer than a row are split across the row's next batches, shorter ones packed, as in any pretraining batch (with
+``whole_documents``, one that fits in a row opens the next one instead of being cut). Why
 not carry each row's position over from the stage before: with the tokens per step constant, the row count changes
 with the length, and a position belongs to its row; fresh streams follow one rule for every stage. The cost is
 that a stage may meet documents an earlier stage read, as a new epoch would. The held-out split is the same in every
@@ -65,7 +68,7 @@ from llama_jax.train.step import Stage as TrainingStage
 from llama_jax.train.step import abstract_state, make_eval_step, make_train_step
 
 STAGE_KEYS = ("seq_len", "steps", "tokens", "batch_tokens", "batch_size", "lr", "end_lr", "warmup_steps",
-              "context_parallel", "grad_accum", "weights")
+              "context_parallel", "grad_accum", "weights", "whole_documents")
 GATE_ACTIONS = ("off", "warn", "stop")
 _SEED_STRIDE = 1_000_003  # stage k reads with data seed + (k + 1) * this: apart from the per-source offsets (+ i)
 
@@ -85,6 +88,7 @@ class Stage:
     end_lr: float | None
     warmup_steps: int
     weights: tuple[float, ...]  # per data source; 0: left out
+    whole_documents: bool  # documents that fit in a row are never cut (data.whole_documents)
 
     @property
     def end_step(self) -> int:
@@ -173,7 +177,7 @@ class Plan:
         s = self.stages[index]
         sources = [dict(spec, weight=w) for spec, w in zip(data_cfg["sources"], s.weights)]
         return {**dict(data_cfg), "seq_len": s.seq_len, "batch_size": s.rows, "sources": sources,
-                "seed": int(data_cfg["seed"]) + (index + 1) * _SEED_STRIDE}
+                "whole_documents": s.whole_documents, "seed": int(data_cfg["seed"]) + (index + 1) * _SEED_STRIDE}
 
 
 def parse(config, cfg: ModelConfig) -> Plan | None:
@@ -226,8 +230,12 @@ def parse(config, cfg: ModelConfig) -> Plan | None:
             if len(weights) != len(sources) or any(not w >= 0 for w in weights) or not any(weights):
                 raise ConfigError(f"{key}.weights={list(entry['weights'])}: expected one weight >= 0 per data source "
                                   f"({len(sources)}), not all 0")
+        whole = entry.get("whole_documents", data.get("whole_documents", False))
+        if not isinstance(whole, bool):
+            raise ConfigError(f"{key}.whole_documents must be true or false, got {whole!r}")
         stages.append(Stage(index=i, seq_len=seq_len, start_step=step, steps=steps, rows=rows, grad_accum=grad_accum,
-                            context_parallel=cp, lr=lr, end_lr=end_lr, warmup_steps=warmup, weights=weights))
+                            context_parallel=cp, lr=lr, end_lr=end_lr, warmup_steps=warmup, weights=weights,
+                            whole_documents=whole))
         step += steps
     g = section.gate
     if g.action not in GATE_ACTIONS:
