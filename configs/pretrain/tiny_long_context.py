@@ -55,10 +55,12 @@ def get_config(data_dir: str = "runs/passkey-data"):
                       min_lr_ratio=0.1)
     c.long_context.start_step = BASE_STEPS
     # Weights: shakespeare, short passkey, copy, passkey at 512, 1024, 2048 tokens.
-    c.long_context.stages = [dict(seq_len=n, steps=steps, lr=4e-4, end_lr=1e-4, warmup_steps=5, weights=weights)
+    # Whole documents: cut at a row's end, a long passkey document's needle and question land in different rows.
+    c.long_context.stages = [dict(seq_len=n, steps=steps, lr=2e-4, end_lr=5e-5, warmup_steps=5, weights=weights,
+                                  whole_documents=True)
                              for n, steps, weights in ((512, 80, [0.15, 0.25, 0.25, 1, 0, 0]),
-                                                       (1024, 80, [0.15, 0.25, 0.25, 0.3, 1, 0]),
-                                                       (2048, 160, [0.15, 0.25, 0.25, 0.2, 0.3, 1]))]
+                                                       (1024, 480, [0.15, 0.25, 0.25, 0.3, 1, 0]),
+                                                       (2048, 480, [0.15, 0.25, 0.25, 0.2, 0.3, 1]))]
     c.long_context.gate.update(action="warn", min_retrieval=0.8, max_loss_increase=0.05, samples=2)
     c.train.steps = 0  # 0: to the end of the last stage
     c.checkpoint.update(every=100, keep_last=2)
