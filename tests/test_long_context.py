@@ -300,6 +300,10 @@ def run_command(*args: str) -> dict:
 
 
 @pytest.mark.slow  # the README's recipe at toy scale: ~45 minutes on 2 quiet cores (20 the base run, 20 the stages)
+# Known to fail (run in full, README): 6 of 10 at 2,040 tokens after the stages (10 of 10 at 1,024), loss +3.8%; the
+# variant at lr 3e-4 reached 8 of 10 at +5.4%. strict: the day it passes, this marker must go.
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="retrieval at 2,040 tokens reaches 0.6 after the stages, short of 0.7 (README)")
 @pytest.mark.skipif(not os.environ.get("LLAMA_JAX_SHAKESPEARE"), reason="LLAMA_JAX_SHAKESPEARE is unset")
 def test_tiny_model_extended_from_256_to_2048_tokens_retrieves_the_passkey(tmp_path):
     """configs/pretrain/tiny_long_context.py through the commands of its docstring: the base run at 256 tokens

@@ -9,11 +9,12 @@
 
 The directory after ':' receives the corpora on first use (deterministic): passkey prompts of 170 to 250 tokens with
 their answers and copy drills (``eval.retrieval.copy_documents``) for the base run, and for each stage passkey
-prompts that fit its rows whole. The base run mixes them with the Shakespeare plays ($LLAMA_JAX_SHAKESPEARE), the
+prompts that fit its rows, which the stages keep whole (``whole_documents``: cut at a row's end, a needle and its
+question land in different rows). The base run mixes them with the Shakespeare plays ($LLAMA_JAX_SHAKESPEARE), the
 natural text of the held-out loss the gates watch. The byte model has to learn to copy a 5-digit key from wherever
 it sits (an induction circuit): from passkey documents alone it did not in 800 steps; with the copy drills it does
-between steps 2,100 and 3,300 (README, "Long context"). The extension does not yet carry retrieval to 2,048 tokens
-(measured there). The stages keep 2,048 tokens per step and run with gates that warn.
+between steps 2,100 and 3,300. The stages keep 2,048 tokens per step and run with gates that warn; what they reach,
+and the variants that did less, are in the README ("Long context").
 """
 
 from pathlib import Path
