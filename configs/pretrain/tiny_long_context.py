@@ -29,7 +29,7 @@ CORPORA = {  # name: writer(path)
     # One source per stage, of prompts that fit its rows whole (a split document teaches no retrieval).
     "passkey_512.jsonl": lambda path: write_training_corpus(path, ByteTokenizer(), 2000, 256, 500, seed=5),
     "passkey_1024.jsonl": lambda path: write_training_corpus(path, ByteTokenizer(), 1500, 500, 1010, seed=10),
-    "passkey_2048.jsonl": lambda path: write_training_corpus(path, ByteTokenizer(), 1000, 1010, 2040, seed=20),
+    "passkey_2048.jsonl": lambda path: write_training_corpus(path, ByteTokenizer(), 1000, 1536, 2040, seed=20),
     "copy.jsonl": lambda path: write_copy_corpus(path, 20_000, seed=9),
 }
 
@@ -57,11 +57,11 @@ def get_config(data_dir: str = "runs/passkey-data"):
     c.long_context.start_step = BASE_STEPS
     # Weights: shakespeare, short passkey, copy, passkey at 512, 1024, 2048 tokens.
     # Whole documents: cut at a row's end, a long passkey document's needle and question land in different rows.
-    c.long_context.stages = [dict(seq_len=n, steps=steps, lr=2e-4, end_lr=5e-5, warmup_steps=5, weights=weights,
+    c.long_context.stages = [dict(seq_len=n, steps=steps, lr=3e-4, end_lr=7.5e-5, warmup_steps=5, weights=weights,
                                   whole_documents=True)
-                             for n, steps, weights in ((512, 80, [0.15, 0.25, 0.25, 1, 0, 0]),
-                                                       (1024, 480, [0.15, 0.25, 0.25, 0.3, 1, 0]),
-                                                       (2048, 480, [0.15, 0.25, 0.25, 0.2, 0.3, 1]))]
+                             for n, steps, weights in ((512, 80, [0.4, 0.25, 0.25, 1, 0, 0]),
+                                                       (1024, 240, [0.4, 0.25, 0.25, 0.3, 1, 0]),
+                                                       (2048, 720, [0.4, 0.25, 0.25, 0.2, 0.3, 1]))]
     c.long_context.gate.update(action="warn", min_retrieval=0.8, max_loss_increase=0.05, samples=2)
     c.train.steps = 0  # 0: to the end of the last stage
     c.checkpoint.update(every=100, keep_last=2)
