@@ -56,7 +56,6 @@ def get_config(data_dir: str = "runs/passkey-data"):
                       min_lr_ratio=0.1)
     c.long_context.start_step = BASE_STEPS
     # Weights: shakespeare, short passkey, copy, passkey at 512, 1024, 2048 tokens.
-    # Whole documents: cut at a row's end, a long passkey document's needle and question land in different rows.
     c.long_context.stages = [dict(seq_len=n, steps=steps, lr=3e-4, end_lr=7.5e-5, warmup_steps=5, weights=weights,
                                   whole_documents=True)
                              for n, steps, weights in ((512, 80, [0.4, 0.25, 0.25, 1, 0, 0]),
