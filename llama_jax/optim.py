@@ -1,4 +1,4 @@
-"""The Llama 3 optimiser: AdamW with global-norm clipping, the warmup + cosine schedule, the batch ramp.
+"""The Llama 3 optimiser: AdamW with global-norm clipping, the warmup + cosine schedule (the batch ramp: train.phases).
 
     schedule = lr_schedule(peak_lr=8e-5, warmup_steps=8_000, decay_steps=1_200_000)   # 405B recipe
     tx = adamw(schedule)                                    # betas (0.9, 0.95), eps 1e-8, decay 0.1, clip 1.0
@@ -10,10 +10,6 @@ embeddings would decay towards zero). ``decay_embeddings=True`` decays the embed
 """
 
 from __future__ import annotations
-
-import dataclasses
-import math
-from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,47 +70,3 @@ def adamw(schedule: optax.Schedule | float, *, b1: float = 0.9, b2: float = 0.95
     opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                       mask=lambda p: decay_mask(p, decay_embeddings))
     return opt if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), opt)
-
-
-# --- The batch-size / sequence-length ramp -----------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RampStage:
-    """From ``start_tokens`` on, a step takes ``batches`` data batches, cut into rows of ``seq_len`` tokens."""
-
-    start_tokens: float
-    seq_len: int
-    batches: int = 1
-
-
-def parse_ramp(entries: Sequence[Mapping], data_seq_len: int) -> tuple[RampStage, ...]:
-    """Config entries -> stages; empty means one stage at the data's own sequence length."""
-    stages = tuple(RampStage(float(e["start_tokens"]), int(e["seq_len"]), int(e.get("batches", 1)))
-                   for e in entries) or (RampStage(0.0, data_seq_len, 1),)
-    if stages[0].start_tokens != 0:
-        raise ConfigError(f"the first ramp stage must start at 0 tokens, got {stages[0].start_tokens}")
-    for a, b in zip(stages, stages[1:]):
-        if b.start_tokens <= a.start_tokens:
-            raise ConfigError(f"ramp stages must start at increasing token counts: {stages}")
-    for s in stages:
-        if s.batches < 1 or s.seq_len < 1 or data_seq_len % s.seq_len:
-            raise ConfigError(f"ramp stage {s}: seq_len must divide data.seq_len ({data_seq_len}), batches >= 1")
-    return stages
-
-
-def ramp_position(step: int, stages: Sequence[RampStage], tokens_per_batch: int) -> tuple[RampStage, int]:
-    """The stage a step belongs to and the tokens seen before that step.
-
-    A stage lasts until the tokens seen reach the next stage's ``start_tokens`` (its last step may overshoot).
-    """
-    tokens, first_step = 0, 0
-    for i, stage in enumerate(stages):
-        per_step = tokens_per_batch * stage.batches
-        end = stages[i + 1].start_tokens if i + 1 < len(stages) else math.inf
-        steps_here = math.inf if end == math.inf else math.ceil(max(end - tokens, 0) / per_step)
-        if step < first_step + steps_here:
-            return stage, tokens + (step - first_step) * per_step
-        tokens += steps_here * per_step
-        first_step += steps_here
-    raise AssertionError("unreachable: the last stage never ends")

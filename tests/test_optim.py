@@ -1,4 +1,4 @@
-"""The Llama 3 schedule at the paper's numbers, AdamW against a NumPy AdamW, the batch ramp."""
+"""The Llama 3 schedule at the paper's numbers, AdamW against a NumPy AdamW."""
 
 import jax
 import jax.numpy as jnp
@@ -69,31 +69,6 @@ def test_adamw_step_matches_numpy_and_decay_mask():
     expected = numpy_adamw(flat(params), flat(grads), 1e-2, flat(mask))
     for k, v in flat(ours).items():
         np.testing.assert_allclose(v, expected[k], rtol=1e-5, atol=1e-7, err_msg=k)
-
-
-def test_paper_batch_ramp():
-    """4M tokens per step at seq 4096 -> 8M at seq 8192 after 252M tokens -> 16M after 2.87T tokens, all from
-    one stream of 4M-token data batches (512 rows x 8192): 1, then 2, then 4 batches a step."""
-    stages = optim.parse_ramp([dict(start_tokens=0, seq_len=4096, batches=1),
-                               dict(start_tokens=252e6, seq_len=8192, batches=2),
-                               dict(start_tokens=2.87e12, seq_len=8192, batches=4)], data_seq_len=8192)
-    per_batch = 512 * 8192  # 4,194,304 tokens
-
-    def position(step):
-        return optim.ramp_position(step, stages, per_batch)
-
-    first_8k = 61  # 60 steps of 4M tokens are 251.7M < 252M; after 61 steps, 255.9M
-    first_16m = first_8k + 342_101  # (2.87e12 - 61 * 4M) / 8M = 342,100.2 -> 342,101 steps of 8M tokens
-    assert position(0) == (stages[0], 0)
-    assert position(first_8k - 1) == (stages[0], 60 * per_batch)
-    assert position(first_8k) == (stages[1], 61 * per_batch)
-    assert position(first_8k + 1)[1] - position(first_8k)[1] == 2 * per_batch  # 8M tokens a step
-    stage, tokens = position(first_16m)
-    assert stage is stages[2] and tokens >= 2.87e12 > position(first_16m - 1)[1]
-    assert position(first_16m - 1)[0] is stages[1]
-    assert position(first_16m + 1)[1] - tokens == 4 * per_batch  # 16M tokens a step
-    with pytest.raises(ConfigError, match="divide"):
-        optim.parse_ramp([dict(start_tokens=0, seq_len=3000)], data_seq_len=8192)
 
 
 def test_adamw_on_device_arrays():

@@ -9,6 +9,8 @@ calculator: `synthetic.tool_use_rates`) on held-out questions whose expressions 
 """
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,7 @@ def test_tiny_model_learns_to_call_the_calculator_and_use_its_result(tmp_path):
     synthetic.write_jsonl(tmp_path / "calc.jsonl", train_dialogs)
 
     base, sft = tmp_path / "base", tmp_path / "sft"
+    subprocess.run([sys.executable, str(TINY_LONG), str(tmp_path / "data")], check=True)  # the base run's corpora
     train(f"--config={TINY_LONG}:{tmp_path / 'data'}", f"--config.run_dir={base}", "--config.train.steps=5000")
     before = rates(base, held_out)
     # The longest dialog has ~290 bytes: one per row of 320.

@@ -19,7 +19,7 @@ from llama_jax import config, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.data import make_batches
 from llama_jax.tokenizer import get_tokenizer
-from llama_jax.train import create_state, loop, make_train_step, state_shardings
+from llama_jax.train import create_state, loop, make_train_step, phases, state_shardings
 from llama_jax.train.pretrain import make_loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +233,27 @@ def test_tiny_model_learns_shakespeare(tmp_path):
     assert summary["eval_loss"] < unigram_entropy - 0.5, (summary["eval_loss"], unigram_entropy)
 
 
+def test_resume_is_bit_identical_across_ramp_phases(corpus, tmp_path):
+    """A batch ramp (rows of 32 tokens, then two data batches of 64 a step from 1,536 tokens on): 6 steps straight ==
+    stop inside the first phase, stop at its end, resume. The same steps, shapes, losses and state."""
+    ramp = [dict(start_tokens=0, seq_len=32, batches=1), dict(start_tokens=1536, seq_len=64, batches=2)]
+
+    def run(run_dir, steps):
+        return loop.run(tiny_config(corpus, run_dir, train=dict(steps=steps), schedule=dict(ramp=ramp),
+                                    logging=dict(eval_every=0)))
+
+    run(tmp_path / "straight", 6)
+    for steps in (2, 3, 6):
+        run(tmp_path / "resumed", steps)
+    straight = read_metrics(tmp_path / "straight")
+    assert [m["seq_len"] for m in straight if "loss" in m] == [32] * 3 + [64] * 3  # 512 tokens a step, then 1,024
+    assert losses_by_step(tmp_path / "straight") == losses_by_step(tmp_path / "resumed")
+    a, b = (CheckpointManager(tmp_path / name).restore(6) for name in ("straight", "resumed"))
+    for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert a.data_state == b.data_state
+
+
 @pytest.mark.parametrize("name", ["tiny", "demo", "llama3_8b", "llama3_405b"])
 def test_configs_build(name):
     """Every experiment file yields a valid model config, schedule and ramp (nothing is allocated)."""
@@ -240,7 +261,7 @@ def test_configs_build(name):
     cfg = loop.model_config(c.model)
     s = c.schedule
     lr = optim.lr_schedule(s.peak_lr, s.warmup_steps, s.decay_steps, s.min_lr_ratio, s.anneal_steps, s.total_steps)
-    optim.parse_ramp(list(s.ramp), c.data.seq_len)
+    phases.parse_ramp(list(s.ramp), c.data.seq_len)
     assert c.data.batch_size * c.data.seq_len % c.optimizer.grad_accum == 0
     if name == "llama3_405b":
         assert cfg == config.get("llama3.1-405b", remat="full")
@@ -268,16 +289,16 @@ def test_console_says_what_the_run_is_doing(corpus, tmp_path):
 
 
 @pytest.mark.slow  # ~6 minutes on 2 busy cores: 8 compiles of the step on 8 simulated devices
-def test_resume_is_bit_identical_across_long_context_stages(corpus, tmp_path):
-    """Base steps at 128 tokens, a stage of 256-token rows, then one of 512 with context parallelism 2 (the state
-    re-sharded onto fsdp=4,sequence=2), gates on (warn): 7 steps straight == stop in the middle of the first stage,
+def test_resume_is_bit_identical_across_long_context_phases(corpus, tmp_path):
+    """Base steps at 128 tokens, a phase of 256-token rows, then one of 512 with context parallelism 2 (the state
+    re-sharded onto fsdp=4,sequence=2), gates on (warn): 7 steps straight == stop in the middle of the first phase,
     stop at its end, resume there. Same losses, parameters, optimizer state, data state, reference loss and gates."""
-    stages = [dict(seq_len=256, batch_size=8, steps=3), dict(seq_len=512, batch_size=4, steps=2, context_parallel=2)]
+    extension = [dict(seq_len=256, batch_size=8, steps=3), dict(seq_len=512, batch_size=4, steps=2, context_parallel=2)]
 
     def run(run_dir, steps):
         c = tiny_config(corpus, run_dir, train=dict(steps=steps), logging=dict(eval_every=100, eval_batches=1))
         c.data.update(seq_len=128, add_bos=True)
-        c.long_context.update(start_step=2, stages=stages)
+        c.long_context.update(start_step=2, phases=extension)
         c.long_context.gate.update(action="warn", min_retrieval=1.0, depths=[0.5], samples=1)
         return loop.run(c)
 
@@ -290,10 +311,10 @@ def test_resume_is_bit_identical_across_long_context_stages(corpus, tmp_path):
     assert [m["seq_len"] for m in straight if "loss" in m] == [128] * 2 + [256] * 3 + [512] * 2
 
     def events(metrics):
-        return [m for m in metrics if "gate_stage" in m or "eval_loss_before_extension" in m]
+        return [m for m in metrics if "gate_phase" in m or "eval_loss_before_extension" in m]
 
     assert events(straight) == events(resumed)
-    assert [(m["step"], m.get("gate_stage")) for m in events(straight)] == [(2, None), (5, 0.0), (7, 1.0)]
+    assert [(m["step"], m.get("gate_phase")) for m in events(straight)] == [(2, None), (5, 1.0), (7, 2.0)]
     a = CheckpointManager(tmp_path / "straight").restore(7)
     b = CheckpointManager(tmp_path / "resumed").restore(7)
     for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):

@@ -35,9 +35,9 @@ def get_config(data_path: str = ""):
     c.model.update(attention="flash", context_parallel="all_gather")
     c.mesh = "tensor=8,fsdp=-1"
     c.long_context.start_step = c.schedule.total_steps  # after the 8K run
-    c.long_context.stages = [dict(seq_len=seq_len, batch_size=rows, tokens=STAGE_TOKENS, context_parallel=cp,
+    c.long_context.phases = [dict(seq_len=seq_len, batch_size=rows, tokens=STAGE_TOKENS, context_parallel=cp,
                                   grad_accum=accum) for seq_len, rows, cp, accum in STAGES]
-    c.long_context.stages.append(dict(seq_len=131_072, batch_size=32, tokens=40e6, context_parallel=2, grad_accum=1,
+    c.long_context.phases.append(dict(seq_len=131_072, batch_size=32, tokens=40e6, context_parallel=2, grad_accum=1,
                                       lr=3e-6, end_lr=0.0))  # the paper's annealing
     c.long_context.gate.update(action="stop", task="needle", min_retrieval=0.9, max_loss_increase=0.02)
     return c

@@ -37,7 +37,7 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
         clip_norm=1.0,  # global gradient norm clip (0: off)
         decay_embeddings=False,  # see llama_jax.optim for why the embedding is not decayed by default
-        grad_accum=1,  # microbatches per data batch (a ramp stage with batches=k accumulates k times as many)
+        grad_accum=1,  # microbatches per data batch (a ramp point with batches=k accumulates k times as many)
         z_loss=0.0,  # coefficient of mean(logsumexp^2)
         loss_chunk=8192,  # vocabulary columns per cross-entropy chunk (0: whole vocabulary at once)
     )
@@ -55,18 +55,18 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
         on_nonfinite="skip",  # a step with non-finite loss/gradient is never applied: "skip" (counted) or "halt"
     )
     c.checkpoint = dict(every=1000, keep_last=3, keep_every=0, async_save=True)
-    # Long-context extension (llama_jax.train.long_context): stages of growing sequence length, one run.
+    # Long-context extension (llama_jax.train.long_context): phases of growing sequence length, one run.
     c.long_context = dict(
-        start_step=0,  # the step the first stage begins at; before it: data.seq_len, the ramp, the base schedule
+        start_step=0,  # the step the first phase begins at; before it: data.seq_len, the ramp, the base schedule
         # [dict(seq_len, steps | tokens, batch_tokens | batch_size, lr, end_lr, warmup_steps, context_parallel,
-        # grad_accum, weights)]: see llama_jax.train.long_context. [] means no extension.
-        stages=[],
-        gate=dict(  # at the end of each stage longer than data.seq_len
+        # grad_accum, weights, whole_documents)]: see llama_jax.train.long_context. [] means no extension.
+        phases=[],
+        gate=dict(  # at the end of each phase longer than data.seq_len
             action="off",  # "off" | "warn" (log, go on) | "stop" (checkpoint, then an error)
             max_loss_increase=0.02,  # held-out loss at data.seq_len: at most this much (relative) above its value
-            #                          before the first longer stage
+            #                          before the first longer phase
             task="passkey",  # retrieval prompts (llama_jax.eval.retrieval): "passkey" | "needle"
-            min_retrieval=0.9,  # greedy exact-match accuracy at the stage's length
+            min_retrieval=0.9,  # greedy exact-match accuracy at the phase's length
             depths=[0.0, 0.25, 0.5, 0.75, 1.0],  # where the needle sits in the prompts
             samples=2,  # prompts per depth
         ),

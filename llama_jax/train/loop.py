@@ -1,25 +1,12 @@
 """The training loop of every stage: ``python -m llama_jax.train --config configs/<stage>/<name>.py``.
 
-    run = build(config)        # stage, mesh, sharded state (fresh, from init_from, or resumed), step, data
+    run = build(config)        # stage, phases, sharded state (fresh, from init_from, or resumed), data (train.build)
     summary = fit(run)         # step, log, evaluate, checkpoint until train.steps; returns the last metrics
 
-``config.stage`` picks the stage (``STAGES``); the stage brings its loss and batches, the loop is the same for all.
-Resuming restores params, optimizer state, step, RNG and the data streams' position, so a resumed run takes
-exactly the steps an uninterrupted one would have taken; a run directory with a checkpoint always resumes, before
-``init_from`` (a llama_jax run or step directory, a Hugging Face or a Meta directory) is looked at.
-
-Failure and recovery:
-- one run writes a run directory at a time: ``build`` takes ``<run_dir>/lock`` (``train.lock``) before anything is
-  written, and a second run on the same directory is refused, naming the holder;
-- every key's range and the eval split are checked by ``build``, before step 1;
-- resume takes the newest checkpoint that verifies (``checkpoint``: checksums); newer ones that do not are
-  reported and moved aside (``<step>.corrupt-<time>``), never used;
-- SIGTERM (preemption) at any moment, waiting for data included, saves one checkpoint of the current step and
-  returns normally (exit status 0);
-- a data error (a malformed record under ``data.on_error="raise"``) or ``train.on_nonfinite="halt"`` saves the
-  current step, whose state is sound, before the error is raised: fix the cause and rerun to resume;
-- a checkpoint records whether it is healthy (some step since the previous one was applied), and retention always
-  keeps the newest healthy one.
+The stage brings its loss and batches and the phases the shape of each step; the loop is the same for all and knows
+no feature by name. A resumed run takes exactly the steps an uninterrupted one would have taken. SIGTERM saves the
+current step and returns normally; a data error or a halt on a non-finite loss saves the current step before the
+error is raised (docs/recovery.md).
 
 Run directory:
     <run_dir>/checkpoints/<step>/   (llama_jax.checkpoint)
@@ -31,39 +18,25 @@ Only process 0 writes logs; every process takes part in checkpointing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
-from llama_jax import checkpoint, cli, model, optim, pipeline, sharding
-from llama_jax.checkpoint import CheckpointManager
-from llama_jax.config import ModelConfig
-from llama_jax.data import concat_batches, merge_states, split_rows
-from llama_jax.errors import CheckpointError, ConfigError, DataError, LlamaJaxError
-from llama_jax.tokenizer import Tokenizer, get_tokenizer
-from llama_jax.train import defaults, dpo, long_context, pretrain, reward, sft
-from llama_jax.train.lock import RunLock
-from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
+from llama_jax import cli, model
+from llama_jax.data import merge_states
+from llama_jax.errors import CheckpointError, LlamaJaxError
+from llama_jax.train.build import STAGES, Run, build, model_config, start_from
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE, reward.STAGE, dpo.STAGE)}
-
-
-def model_config(section: Mapping) -> ModelConfig:
-    """``config.model``: every ModelConfig field (configs fill them from a preset: train/defaults.py)."""
-    fields = section.to_dict() if hasattr(section, "to_dict") else dict(section)  # nested ConfigDicts -> dicts
-    return ModelConfig.from_dict(fields)
+__all__ = ["STAGES", "Run", "build", "fit", "model_config", "run", "start_from"]
 
 
 def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
@@ -170,176 +143,52 @@ def _tokens(batch: Mapping) -> int:
                if getattr(path[-1], "key", None) == "tokens")
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything ``fit`` needs, made by ``build``."""
-
-    config: Any
-    stage: Stage
-    cfg: ModelConfig
-    tokenizer: Tokenizer
-    mesh: jax.sharding.Mesh
-    schedule: optax.Schedule
-    ramp: tuple[optim.RampStage, ...]
-    state: TrainState
-    train_step: Any
-    eval_step: Any
-    data: Iterator[dict]
-    eval_batches: list[dict]  # the held-out batches every evaluation uses (read by build; [] without eval)
-    checkpoints: CheckpointManager
-    lock: RunLock  # this run's hold on run_dir; ``close`` releases it
-    resumed_from: int | None
-    init_from: dict | None  # where a fresh run took its parameters: {"path", "format", "step"}
-    changed: list[str]  # on resume: config keys whose value differs from the checkpoint's (``key: old -> new``)
-    tx: optax.GradientTransformation | None = None  # the optimizer, and the stage's loss: what a long-context
-    loss_fn: Any = None  #                            stage rebuilds its step from on its own mesh
-    long_context: long_context.Plan | None = None  # config.long_context's stages (None: no extension)
-
-    def close(self) -> None:
-        """Waits for the last checkpoint to be durable and releases run_dir (``fit`` does it)."""
-        try:
-            self.checkpoints.close()
-        finally:
-            self.lock.release()
 
 
-def start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, dict]:
-    """A Llama tree to start a stage from (any format), checked against the architecture the config names."""
-    params, source_cfg, metadata = checkpoint.load(path, shardings=mesh if _is_stacked(path) else None)
-    if not source_cfg.scan_layers:
-        params = model.stack_layers(params, source_cfg.num_layers)
-    differences = source_cfg.architecture_differences(cfg)
-    if differences:
-        raise ConfigError(f"init_from {path} is not the model config.model describes (checkpoint vs config):\n  "
-                          + "\n  ".join(differences))
-    llama = {k: params[k] for k in model.param_shapes(cfg)}  # a stage's extra leaves (a reward head) stay behind
-    source = {"path": os.path.abspath(path), "format": metadata.get("format", "llama_jax"),
-              "step": metadata.get("step"), "stage": metadata.get("stage")}
-    return llama, source_cfg, source
+class _Health:
+    """Which steps were skipped as non-finite, read one step late so the host never waits on the device, and
+    whether the next checkpoint is healthy (some step since the previous one was applied)."""
+
+    def __init__(self, halt: bool, last_saved: int):
+        self.halt, self.last_saved = halt, last_saved
+        self.pending = None  # (step, its `skipped` flag)
+        self.skipped_total = self.since_save = self.skipped_since_save = 0
+
+    def took(self, step: int, skipped_flag) -> None:
+        self.settle()
+        self.pending = (step, skipped_flag)
+        self.since_save += 1
+
+    def settle(self) -> None:
+        """Reads the pending step's flag; raises if it was skipped and on_nonfinite is "halt"."""
+        if self.pending is None:
+            return
+        (at, flag), self.pending = self.pending, None
+        if int(flag):
+            self.skipped_total += 1
+            self.skipped_since_save += 1
+            if self.halt:
+                raise LlamaJaxError(
+                    f"non-finite loss or gradient at step {at}; the update was not applied. Set "
+                    "train.on_nonfinite='skip' to skip such steps and go on, or lower the learning rate")
+
+    def saved(self, step: int) -> bool:
+        """Whether the checkpoint about to be written at ``step`` is healthy; resets the counts."""
+        healthy = self.since_save == 0 or self.skipped_since_save < self.since_save
+        self.last_saved, self.since_save, self.skipped_since_save = step, 0, 0
+        return healthy
 
 
-def _is_stacked(path: str) -> bool:
-    """Whether ``checkpoint.load`` can place this source straight onto the mesh's shardings (stacked, unquantized
-    llama_jax trees, HF and Meta directories); per-layer trees are stacked on the host first."""
-    if checkpoint.detect_format(path) != "llama_jax":
-        return True
-    metadata = checkpoint.read_metadata(checkpoint.resolve_step_dir(path))
-    return metadata.get("param_layout") == "stacked" and not metadata.get("quantization")
-
-
-def build(config) -> Run:
-    """A run from an experiment config (see configs/<stage>/*.py): resumed from ``run_dir`` when it holds a
-    checkpoint, else started from ``init_from`` or from fresh parameters. Every key's range and the data (eval
-    split included) are checked first; then run_dir's lock is taken, held until ``fit`` (or ``Run.close``) ends."""
-    if not config.run_dir:
-        raise ConfigError("config.run_dir is empty: pass --config.run_dir=/path/to/run")
-    if config.stage not in STAGES:
-        raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
-    defaults.check_ranges(config)
-    plan = long_context.parse(config, model_config(config.model))
-    if config.train.on_nonfinite not in ("skip", "halt"):
-        raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
-    stage = STAGES[config.stage]
-    if stage.configure is not None:
-        stage = stage.configure(config)
-    cfg = model_config(config.model)
-    tokenizer = get_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids; the model's vocabulary "
-                          f"is only {cfg.vocab_size}")
-    mesh = sharding.make_mesh(config.mesh or None)
-    s, opt = config.schedule, config.optimizer
-    schedule = optim.lr_schedule(s.peak_lr, s.warmup_steps, s.decay_steps, s.min_lr_ratio, s.anneal_steps,
-                                 s.total_steps)
-    if plan is not None:
-        schedule = plan.schedule(schedule)
-    tx = optim.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                     clip_norm=opt.clip_norm or None, decay_embeddings=opt.decay_embeddings)
-    data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
-    ramp = optim.parse_ramp(list(s.ramp), data_seq)
-
-    run_layers = pipeline.make_run_layers(cfg, mesh, **config.pipeline)  # None: the plain scan
-    loss_fn = stage.make_loss_fn(cfg, config, run_layers)
-    abstract = abstract_state(cfg, tx, mesh, stage)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    train_step = make_train_step(loss_fn, tx, mesh, shardings, schedule=schedule,
-                                 microbatch_tokens=data_rows * data_seq // int(opt.grad_accum))
-    eval_step = make_eval_step(loss_fn, mesh, shardings)
-    data = stage.make_batches(config, tokenizer, "train")
-    if plan is not None:
-        data = long_context.StagedBatches(
-            data, lambda k: stage.make_batches(long_context.stage_config(config, plan, k), tokenizer, "train"))
-    eval_batches = []
-    gates = plan is not None and plan.gate.action != "off"
-    if config.logging.eval_every or gates:  # read now: an eval split too small for one batch fails before step 1
-        stream = stage.make_batches(config, tokenizer, "eval")
-        eval_batches = [b for _, b in zip(range(config.logging.eval_batches), stream)]
-        if not eval_batches:
-            raise DataError(f"the eval split (every data.holdout_every={config.data.holdout_every}-th record) holds "
-                            f"too few records for one batch of data.batch_size={config.data.batch_size} rows; lower "
-                            "data.holdout_every, or set logging.eval_every=0")
-    if plan is not None:
-        long_context.check_layouts(plan, cfg, tx, stage, int(config.data.batch_size))
-        long_context.check_gates(plan, tokenizer, long_context.retrieval_task(plan.gate, bool(config.data.add_bos)))
-
-    lock = RunLock.acquire(config.run_dir)  # before the first write
-    try:
-        checkpoints = CheckpointManager(config.run_dir, keep_last=config.checkpoint.keep_last,
-                                        keep_every=config.checkpoint.keep_every or None,
-                                        async_save=config.checkpoint.async_save)
-        state, latest, init_from, changed = _start(config, stage, cfg, tx, mesh, abstract, checkpoints, data)
-    except BaseException:
-        lock.release()
-        raise
-    return Run(config=config, stage=stage, cfg=cfg, tokenizer=tokenizer, mesh=mesh, schedule=schedule, ramp=ramp,
-               state=state, train_step=train_step, eval_step=eval_step, data=data, eval_batches=eval_batches,
-               checkpoints=checkpoints, lock=lock, resumed_from=latest, init_from=init_from, changed=changed,
-               tx=tx, loss_fn=loss_fn, long_context=plan)
-
-
-def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainState, checkpoints: CheckpointManager,
-           data) -> tuple[TrainState, int | None, dict | None, list[str]]:
-    """(state, step resumed from, init_from, changed config keys): resumed from the newest checkpoint that verifies
-    (reporting and moving aside newer ones that do not), else from ``init_from``, else fresh."""
-    leftovers = checkpoints.remove_leftovers()  # this run holds the lock: nobody else is writing them
-    if leftovers:
-        cli.log(f"removed what interrupted saves left in {checkpoints.directory}: {', '.join(leftovers)}")
-    if not checkpoints.present_steps():
-        if config.init_from:
-            start, _, init_from = start_from(config.init_from, cfg, mesh)
-            return create_state(cfg, tx, mesh, config.seed, stage=stage, params=start), None, init_from, []
-        return create_state(cfg, tx, mesh, config.seed, stage=stage), None, None, []
-    restored = checkpoints.restore(params_target=abstract.params, opt_state_target=abstract.opt_state)
-    for step, why in restored.skipped:
-        moved = checkpoints.set_aside(step, "corrupt")
-        cli.log(f"warning: checkpoint step {step} cannot be used: {why}\n  moved to {moved}; resuming from "
-                f"step {restored.step}, the newest checkpoint that verifies")
-    init_from = restored.metadata.get("init_from")
-    changed = config_changes(restored.metadata.get("stage_config") or {}, config.to_dict())
-    frozen = None
-    if stage.frozen is not None:  # not in the checkpoint: rebuilt from where the run started
-        if not init_from:
-            raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
-                                  "from the run's init_from on resume, but its checkpoint records none")
-        start, _, _ = start_from(init_from["path"], cfg, mesh)
-        frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
-    state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
-                       opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)
-    state = jax.device_put(state, jax.tree.map(lambda a: a.sharding, abstract))
-    data.set_state(restored.data_state)
-    return state, restored.step, init_from, changed
-
-
-def config_changes(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]:
-    """``key: saved -> current`` for every experiment-config key whose value differs (nested keys dotted)."""
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            changes += config_changes(old, new, f"{prefix}{key}.")
-        elif json.dumps(old, default=str) != json.dumps(new, default=str):  # tuples and lists compare equal
-            changes.append(f"{prefix}{key}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
-    return changes
+def _save(run: Run, state, step: int, health: _Health, data_state: dict | None) -> None:
+    """A checkpoint of ``step``, unless it has one; ``data_state`` None: the stream's current position."""
+    if step == health.last_saved:
+        return
+    extra_params = sorted(set(state.params) - set(model.param_shapes(run.cfg)))  # the stage's own leaves
+    run.checkpoints.save(step, params=state.params, cfg=run.cfg, stage=run.stage.name, opt_state=state.opt_state,
+                         data_state=_gather_data_state(run.data.get_state() if data_state is None else data_state),
+                         rng=state.rng, stage_config=run.config.to_dict(),
+                         tokenizer={"name": run.tokenizer.name, "sha256": run.tokenizer.sha256}, mesh=run.mesh,
+                         init_from=run.init_from, extra_params=extra_params, healthy=health.saved(step))
 
 
 def _banner(run: Run, stop_step: int) -> str:
@@ -351,11 +200,7 @@ def _banner(run: Run, stop_step: int) -> str:
               f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), mesh "
               f"{dict(run.mesh.shape)}; {tokens:,} tokens per data batch; steps {step} -> {stop_step}; {start}; "
               f"writing to {os.path.abspath(c.run_dir)}")
-    plan = run.long_context
-    if plan is None:
-        return banner
-    sizes = [plan.mesh_sizes(s.index) for s in plan.stages]
-    return f"{banner}\nlong-context stages from step {plan.start_step}:\n{long_context.describe(plan, sizes)}"
+    return banner if len(run.plan.phases) == 1 else f"{banner}\nphases:\n{run.plan.describe()}"
 
 
 def fit(run: Run, preemption: _Preemption | None = None) -> dict:
@@ -370,16 +215,14 @@ def fit(run: Run, preemption: _Preemption | None = None) -> dict:
 
 
 def _fit(run: Run, preemption: _Preemption) -> dict:
-    config, cfg, data, plan = run.config, run.cfg, run.data, run.long_context
-    stop_step = int(config.train.steps or (plan.end_step if plan else config.schedule.total_steps))
-    data_seq, data_rows = int(config.data.seq_len), int(config.data.batch_size)
+    config, data = run.config, run.data
+    stop_step = int(config.train.steps or run.plan.end_step or config.schedule.total_steps)
     is_main = jax.process_index() == 0
     logger = _Logger(Path(config.run_dir), is_main)
-    peak = float(config.logging.peak_tflops) * 1e12 or measure_peak_flops()
-    tokenizer_info = {"name": run.tokenizer.name, "sha256": run.tokenizer.sha256}
     state, step = run.state, int(run.state.step)
-    first_step = step
-    extra_params = sorted(set(state.params) - set(model.param_shapes(cfg)))  # the stage's own leaves
+    first_step, phase = step, None
+    health = _Health(config.train.on_nonfinite == "halt", last_saved=first_step)
+    window = _Window(run.cfg, float(config.logging.peak_tflops) * 1e12 or measure_peak_flops())
     cli.log(_banner(run, stop_step))
     if run.changed:
         cli.log("warning: the config differs from the one the checkpoint was saved with:\n  "
@@ -387,91 +230,35 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
     if run.resumed_from is not None:
         logger.write(step, {"resumed_from": float(run.resumed_from)})
 
-    summary: dict = {}
-    window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
-    skipped_total = 0
-    pending = None  # (step, its `skipped` flag): read one step late, so the host never waits on the device
-    last_saved = first_step  # the newest step with a checkpoint, or where this run began (nothing new to save)
-    since_save = skipped_since_save = 0  # steps taken, and skipped as non-finite, since then: is the next healthy?
-
-    def settle() -> None:
-        """Reads the pending step's `skipped` flag; raises if it was skipped and on_nonfinite is "halt"."""
-        nonlocal pending, skipped_total, skipped_since_save
-        if pending is None:
-            return
-        (at, flag), pending = pending, None
-        if int(flag):
-            skipped_total += 1
-            skipped_since_save += 1
-            if config.train.on_nonfinite == "halt":
-                raise LlamaJaxError(
-                    f"non-finite loss or gradient at step {at}; the update was not applied. Set "
-                    "train.on_nonfinite='skip' to skip such steps and go on, or lower the learning rate")
-
-    def save(data_state: dict | None) -> None:
-        """A checkpoint of the current step, unless it has one; ``data_state`` None: the stream's position."""
-        nonlocal last_saved, since_save, skipped_since_save
-        if step == last_saved:
-            return
-        healthy = since_save == 0 or skipped_since_save < since_save
-        run.checkpoints.save(step, params=state.params, cfg=cfg, stage=run.stage.name, opt_state=state.opt_state,
-                             data_state=_gather_data_state(data.get_state() if data_state is None else data_state),
-                             rng=state.rng, stage_config=config.to_dict(), tokenizer=tokenizer_info, mesh=run.mesh,
-                             init_from=run.init_from, extra_params=extra_params, healthy=healthy)
-        last_saved, since_save, skipped_since_save = step, 0, 0
-
     def evaluate() -> dict[str, float]:
-        results = [run.eval_step(state, b) for b in run.eval_batches]
-        return {k: float(np.mean([r[k] for r in jax.device_get(results)])) for k in results[0]}
+        results = jax.device_get([run.eval_step(state, b) for b in run.eval_batches])
+        return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
-    active = -1  # the long-context stage whose mesh and step run.mesh and run.train_step are (-1: the base run's)
-    events = long_context.Events(evaluate=evaluate, log=lambda metrics: logger.write(step, metrics))
-
+    boundary = dict(evaluate=evaluate if run.eval_batches else None, memo=data.memo,
+                    log=lambda metrics: logger.write(step, metrics))
     progress = cli.progress(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
                             desc=run.stage.name, unit="step")
-    position = None  # the data position before the batch being fetched: where to resume if the fetch fails
+    summary, position = {}, None  # position: the data's before the batch being fetched (resume there if it fails)
     try:
         try:
             while step < stop_step and not preemption.requested:
-                if plan is not None and plan.stage_at(step) != active:
-                    active = plan.stage_at(step)
-                    state = long_context.enter_stage(run, state, active, step, events)
+                if run.plan.at(step) is not phase:
+                    phase = run.plan.at(step)
+                    state = _enter(run, state, phase, step, boundary)
                 position = data.get_state()
-                if active >= 0:  # a long-context stage: its own stream, rows in zig-zag order under CP
-                    with preemption.interruptible():
-                        batch = next(data)
-                    batch = long_context.zigzag(batch, plan.stages[active].context_parallel)
-                    seq_len = plan.stages[active].seq_len
-                else:
-                    ramp_stage, _ = optim.ramp_position(step, run.ramp, data_rows * data_seq)
-                    with preemption.interruptible():
-                        batch = concat_batches([next(data) for _ in range(ramp_stage.batches)])
-                    if ramp_stage.seq_len != data_seq:
-                        batch = split_rows(batch, ramp_stage.seq_len)
-                    seq_len = ramp_stage.seq_len
+                with preemption.interruptible():
+                    batch = next(data)
                 position = None
                 if step == first_step:
-                    cli.log(f"compiling the {run.stage.name} step for batches of "
-                            f"{jax.tree.leaves(batch)[0].shape} ...")
+                    cli.log(f"compiling the {run.stage.name} step for batches of {jax.tree.leaves(batch)[0].shape} ...")
                 state, metrics = run.train_step(state, batch)
                 step += 1
-                since_save += 1
-                settle()
-                pending = (step - 1, metrics["skipped"])
-                window_tokens += _tokens(batch) * jax.process_count()
-                window_metrics.append(metrics)
-
+                health.took(step - 1, metrics["skipped"])
+                window.add(metrics, _tokens(batch) * jax.process_count())
                 if step % config.logging.every == 0 or step == stop_step:
-                    fetched = [_scalars(m) for m in window_metrics]
-                    elapsed = time.perf_counter() - window_start
-                    summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                    summary["skipped"] = float(sum(m["skipped"] for m in fetched))
-                    tokens_per_s = window_tokens / elapsed
-                    mfu = cfg.flops_per_token(seq_len) * tokens_per_s / (peak * jax.device_count())
-                    summary.update(tokens_per_s=tokens_per_s, seq_len=seq_len, mfu=mfu)
+                    summary = window.flush(phase.seq_len)
                     logger.write(step, summary)
-                    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                    window_start, window_tokens, window_metrics = time.perf_counter(), 0, []
+                    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_s']:,.0f}")
                 if run.eval_batches and (step % config.logging.eval_every == 0 or step == stop_step):
                     evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
                     summary.update(evaluated)
@@ -479,14 +266,14 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
                     if is_main:
                         progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
                 if step % config.checkpoint.every == 0 and step < stop_step:
-                    settle()
-                    save(None)
+                    health.settle()
+                    _save(run, state, step, health, None)
                 progress.update(1)
-            if plan is not None and step == plan.end_step > first_step and plan.gated(data.stage):
-                long_context.run_stage_gate(run, state, data.stage, step, events)  # the last stage's end
+            if step == run.plan.end_step and step > first_step:  # the last phase's end
+                run.hooks.end(phase, state.params, phase.mesh, **boundary)
         except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
             pass
-        settle()
+        health.settle()
     except CheckpointError:
         logger.close()
         raise
@@ -494,19 +281,54 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
         progress.close()
         logger.close()
         with contextlib.suppress(LlamaJaxError):
-            settle()
-        save(position)
+            health.settle()
+        _save(run, state, step, health, position)
         run.checkpoints.wait()
         cli.log(f"saved a checkpoint of step {step} before stopping on: {e}\nRemove the cause and rerun the "
                 "same command to resume from it.")
         raise
     progress.close()
-    save(position)
+    _save(run, state, step, health, position)
     run.checkpoints.wait()
     logger.close()
-    summary.update(step=step, preempted=preemption.requested, skipped_total=skipped_total,
+    summary.update(step=step, preempted=preemption.requested, skipped_total=health.skipped_total,
                    skipped_records=len(data.skipped))
     return summary
+
+
+def _enter(run: Run, state, phase, step: int, boundary: dict):
+    """Into ``phase`` at ``step``: the end hook of the phase whose stream the data is in, if it is another (so a run
+    resumed at a phase's end runs it then), the phase's enter hook, then its layout and data shape."""
+    ended = run.plan.owner(run.data.stream)
+    if ended is not None and ended.index != phase.index:
+        run.hooks.end(ended, state.params, ended.mesh, **boundary)
+    run.hooks.enter(phase, **boundary)
+    state = run.enter(phase, state)
+    if len(run.plan.phases) > 1:
+        cli.log(f"step {step}: phase {phase.index}: {phase.rows} x {phase.seq_len} tokens per step until "
+                f"{'the end' if phase.end_step is None else f'step {phase.end_step}'}, mesh {dict(run.mesh.shape)}")
+    return state
+
+
+class _Window:
+    """The metrics of the steps since the last log line, averaged, with tokens/s and MFU."""
+
+    def __init__(self, cfg, peak_flops: float):
+        self.cfg, self.peak = cfg, peak_flops
+        self.start, self.tokens, self.metrics = time.perf_counter(), 0, []
+
+    def add(self, metrics, tokens: int) -> None:
+        self.metrics.append(metrics)
+        self.tokens += tokens
+
+    def flush(self, seq_len: int) -> dict:
+        fetched = [_scalars(m) for m in self.metrics]
+        tokens_per_s = self.tokens / (time.perf_counter() - self.start)
+        summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        summary.update(skipped=float(sum(m["skipped"] for m in fetched)), tokens_per_s=tokens_per_s, seq_len=seq_len,
+                       mfu=self.cfg.flops_per_token(seq_len) * tokens_per_s / (self.peak * jax.device_count()))
+        self.start, self.tokens, self.metrics = time.perf_counter(), 0, []
+        return summary
 
 
 def run(config) -> dict:
