@@ -76,7 +76,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 import llama_jax
-from llama_jax import checksums, model, sharding
+from llama_jax import model, sharding
+from llama_jax.checkpoint import checksums
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from llama_jax.formats import hf as hf_format
