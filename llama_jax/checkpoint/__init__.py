@@ -1,5 +1,5 @@
-"""The llama_jax checkpoint: one orbax format for every stage (format, restore, a run's manager, checksums), and
-``load`` / ``export`` of every weight format (any_format). Failure and recovery: docs/recovery.md."""
+"""The llama_jax checkpoint: one orbax format for every stage, a run's ``CheckpointManager``, and ``load`` /
+``export`` of every weight format (llama_jax, Hugging Face, Meta). Failure and recovery: docs/recovery.md."""
 
 from llama_jax.checkpoint.any_format import (
     FORMATS,
@@ -18,9 +18,8 @@ from llama_jax.checkpoint.format import (
     check_structure,
     is_checkpoint_dir,
     read_metadata,
-    resolve_step_dir,
 )
-from llama_jax.checkpoint.manager import CheckpointManager
+from llama_jax.checkpoint.manager import CheckpointManager, resolve_step_dir
 from llama_jax.checkpoint.restore import Restored, restore_dir
 
 __all__ = [

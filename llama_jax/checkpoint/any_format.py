@@ -30,13 +30,12 @@ from llama_jax.checkpoint.format import (
     check_structure,
     is_checkpoint_dir,
     make_metadata,
-    newest_that_verifies,
     orbax_checkpointer,
     read_metadata,
-    resolve_step_dir,
     save_args,
     warn,
 )
+from llama_jax.checkpoint.manager import newest_that_verifies, resolve_step_dir
 from llama_jax.checkpoint.restore import restore_dir, saved_tree
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError
@@ -128,7 +127,6 @@ def _param_shardings(shardings, params, cfg: ModelConfig):
     if params is None or quantized.mode_of(params) is None:
         return model.param_shardings(cfg, shardings)
     return sharding.logical_to_sharding(quantized.logical_axes(params, model.logical_axes(cfg)), shardings)
-
 
 
 def save_params(path: str, params, cfg: ModelConfig, *, stage: str = "export", tokenizer: dict | None = None,

@@ -16,9 +16,11 @@
 layout is recorded, never guessed from keys: "stacked" (per-layer leaves under ``layers`` with a leading L axis;
 what training saves) or "per_layer" (``layers_0 ...``; quantized inference trees).
 
-A step is *complete* with ``commit_success.txt``, ``params/`` and ``metadata/metadata.json``; it *verifies* when,
-besides, its metadata and every item match the checksums metadata.json records. Why, and what each command does
-with a step that does not: docs/recovery.md.
+orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it once every item is durable. A step is
+*complete* with ``commit_success.txt``, ``params/`` and ``metadata/metadata.json``; *intact* when, besides, its
+metadata is unaltered and every item present (``check_structure``); and it *verifies* when every array and the data
+state are what metadata.json records (``verify_tree``, ``read_data_state``). What each command does with a step
+that does not, and why: docs/recovery.md.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -44,13 +46,10 @@ from llama_jax.ops import quantized
 FORMAT_VERSION = 2
 LAYOUTS = ("stacked", "per_layer")
 CHECKPOINTS_DIR = "checkpoints"
-_COMMIT_FILE = "commit_success.txt"  # orbax's completion marker (atomicity_types.COMMIT_SUCCESS_FILE)
 METADATA_FILE = os.path.join("metadata", "metadata.json")
+_COMMIT_FILE = "commit_success.txt"  # orbax's completion marker (atomicity_types.COMMIT_SUCCESS_FILE)
 _DATA_STATE = os.path.join("data_state", "data_state.json")
 _SELF_SUM = "metadata_sha256"  # metadata.json's own checksum (over every other key)
-
-T = TypeVar("T")
-
 
 def orbax_checkpointer(*, background: bool = False) -> ocp.AbstractCheckpointer:
     """orbax's writer and reader of a step directory's items; ``background``: a save goes on after ``save``
@@ -243,41 +242,3 @@ def read_data_state(directory: str, metadata: dict) -> dict | None:
         raise CorruptCheckpointError(f"{path} differs from what was saved (sha256 mismatch)")
     return data_state
 
-
-# --- the steps of a run -------------------------------------------------------------------------------------
-
-
-def step_numbers(directory: str) -> list[int]:
-    """The steps of every step directory in ``directory`` (a run's checkpoints/), complete or not, ascending."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
-def resolve_step_dir(path: str) -> str:
-    """A step directory itself, or the newest complete step of a run directory."""
-    if is_checkpoint_dir(path):
-        return path
-    run_checkpoints = os.path.join(path, CHECKPOINTS_DIR)
-    for step in reversed(step_numbers(run_checkpoints)):
-        if is_checkpoint_dir(os.path.join(run_checkpoints, str(step))):
-            return os.path.join(run_checkpoints, str(step))
-    raise CheckpointError(f"no complete checkpoint in {run_checkpoints}")
-
-
-def newest_that_verifies(directory: str, read: Callable[[str], T]) -> tuple[int, T, list[tuple[int, str]]]:
-    """(step, ``read(its directory)``) of the newest step in ``directory`` (a run's checkpoints/) that ``read``
-    gets without a CorruptCheckpointError, and (step, why) of each newer one it skipped, newest first.
-
-    CorruptCheckpointError listing every step when none verifies; CheckpointError when there is none.
-    """
-    skipped = []
-    for step in reversed(step_numbers(directory)):
-        try:
-            return step, read(os.path.join(directory, str(step))), skipped
-        except CorruptCheckpointError as e:
-            skipped.append((step, str(e)))
-    if skipped:
-        raise CorruptCheckpointError(f"no checkpoint in {directory} verifies:\n  "
-                                     + "\n  ".join(why for _, why in skipped))
-    raise CheckpointError(f"no complete checkpoint in {directory}")

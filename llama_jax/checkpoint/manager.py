@@ -1,4 +1,5 @@
-"""The checkpoints of one training run: save (in the background), restore the newest step that verifies, retention.
+"""The checkpoints of one run, ``<run_dir>/checkpoints/<step>/``: save (in the background), restore the newest step
+that verifies (the one rule, which ``load`` of a run directory shares: ``newest_that_verifies``), retention.
 
     manager = CheckpointManager(run_dir, keep_last=3, keep_every=1000)
     manager.save(step, params=params, cfg=cfg, stage="pretrain", opt_state=opt_state, data_state=it_state)
@@ -17,7 +18,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import jax
 from jax.experimental import multihost_utils
@@ -29,15 +31,15 @@ from llama_jax.checkpoint.format import (
     is_checkpoint_dir,
     jsonable,
     make_metadata,
-    newest_that_verifies,
     orbax_checkpointer,
     save_args,
-    step_numbers,
     warn,
 )
 from llama_jax.checkpoint.restore import Restored, restore_dir
 from llama_jax.config import ModelConfig
-from llama_jax.errors import CheckpointError, ConfigError
+from llama_jax.errors import CheckpointError, ConfigError, CorruptCheckpointError
+
+T = TypeVar("T")
 
 
 class CheckpointManager:
@@ -196,3 +198,42 @@ def _check_params(params, cfg: ModelConfig, extra_params: Sequence[str]) -> None
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+# --- the steps of a run ---------------------------------------------------------------------------------
+
+
+def step_numbers(directory: str) -> list[int]:
+    """The steps of every step directory in ``directory`` (a run's checkpoints/), complete or not, ascending."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def resolve_step_dir(path: str) -> str:
+    """A step directory itself, or the newest complete step of a run directory."""
+    if is_checkpoint_dir(path):
+        return path
+    run_checkpoints = os.path.join(path, CHECKPOINTS_DIR)
+    for step in reversed(step_numbers(run_checkpoints)):
+        if is_checkpoint_dir(os.path.join(run_checkpoints, str(step))):
+            return os.path.join(run_checkpoints, str(step))
+    raise CheckpointError(f"no complete checkpoint in {run_checkpoints}")
+
+
+def newest_that_verifies(directory: str, read: Callable[[str], T]) -> tuple[int, T, list[tuple[int, str]]]:
+    """(step, ``read(its directory)``) of the newest step in ``directory`` (a run's checkpoints/) that ``read``
+    gets without a CorruptCheckpointError, and (step, why) of each newer one it skipped, newest first.
+
+    CorruptCheckpointError listing every step when none verifies; CheckpointError when there is none.
+    """
+    skipped = []
+    for step in reversed(step_numbers(directory)):
+        try:
+            return step, read(os.path.join(directory, str(step))), skipped
+        except CorruptCheckpointError as e:
+            skipped.append((step, str(e)))
+    if skipped:
+        raise CorruptCheckpointError(f"no checkpoint in {directory} verifies:\n  "
+                                     + "\n  ".join(why for _, why in skipped))
+    raise CheckpointError(f"no complete checkpoint in {directory}")
