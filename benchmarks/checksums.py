@@ -24,8 +24,8 @@ import time
 import jax
 import optax
 
-from llama_jax import checksums, config, model
-from llama_jax.checkpoint import CheckpointManager
+from llama_jax import config, model
+from llama_jax.checkpoint import CheckpointManager, checksums
 
 STATE_8B_BYTES = 3 * 4 * config.get("llama3.1-8b").num_params()  # float32 params and two AdamW moments
 
