@@ -10,8 +10,9 @@ import sys
 import jax
 import pytest
 
-from llama_jax import aot, budget, config, pipeline, plan, sharding
+from llama_jax import config, pipeline, plan, sharding
 from llama_jax.errors import ConfigError
+from llama_jax.plan import aot, command, memory
 
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -26,7 +27,7 @@ TINY = config.get("tiny", vocab_size=8192)
 def test_param_shards_are_exact():
     cfg = config.get("llama3.1-8b")
     sizes = sharding.parse_mesh("data=2,fsdp=8", 16)
-    assert sum(budget.param_bytes(cfg, sizes)) == cfg.num_params() * 2 / 8  # every dim divides by 8
+    assert sum(memory.param_bytes(cfg, sizes)) == cfg.num_params() * 2 / 8  # every dim divides by 8
     big = config.get("llama3.1-405b", num_layers=128)
     layout = sharding.parse_mesh("stage=16,fsdp=64,tensor=8", 8192)  # the paper's TP8 x PP16 x DP64
     d, layers = big.dim, big.num_layers
@@ -34,7 +35,7 @@ def test_param_shards_are_exact():
     norms = 2 * d  # the two RMSNorm scales per layer: split by fsdp only, not by tensor
     want_layers = ((per_layer - norms) / 512 + norms / 64) * 2 * 8  # 8 layers per stage
     want_outer = 2 * big.vocab_size * d * 2 / 512 + d * 2 / 64  # embedding and LM head on every stage, final norm
-    assert budget.param_bytes(big, layout) == pytest.approx((want_layers, want_outer), rel=1e-12)
+    assert memory.param_bytes(big, layout) == pytest.approx((want_layers, want_outer), rel=1e-12)
 
 
 def _check(cfg, mesh_spec, seq, batch, **pipe):
@@ -154,9 +155,16 @@ def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
     flops = next(line for line in table if "compiled FLOPs" in line)
     assert "caveat: cost_analysis counts each loop body once" in flops and "flops_per_token" in flops
     assert result["compiled"]["flops_caveat"] == plan.FLOPS_CAVEAT
-    only_json = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--model", "llama3.1-405b", "--inference",
-                                "--weights", "fp8", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    inference = [sys.executable, "-m", "llama_jax.plan", "--model", "llama3.1-405b", "--inference"]
+    only_json = subprocess.run([*inference, "--weight-dtype", "fp8", "--json"], env=env, capture_output=True,
+                               text=True, timeout=120)
     assert json.loads(only_json.stdout)["fits_80gb"] and len(only_json.stdout.strip().splitlines()) == 1
+    assert json.loads(only_json.stdout)["weight_dtype"] == "fp8" and only_json.stderr == ""
+    # The old spelling works for one release and says so.
+    old = subprocess.run([*inference, "--weights", "fp8", "--json"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert old.returncode == 0 and old.stdout == only_json.stdout
+    assert old.stderr == "deprecated: --weights -> use --weight-dtype\n"
     bad = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--aot", "--topology", "v9:2x2"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: topology 'v9:2x2'")
@@ -165,7 +173,7 @@ def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
 def test_405b_inference_fits_one_node_in_fp8_not_bf16():
     cfg = config.get("llama3.1-405b")
     bf16 = plan.inference_budget(cfg, tensor=8, batch=1, context=8192)
-    fp8 = plan.inference_budget(cfg, tensor=8, batch=1, context=8192, weights="fp8")
+    fp8 = plan.inference_budget(cfg, tensor=8, batch=1, context=8192, weight_dtype="fp8")
     assert bf16.weights == cfg.num_params() * 2 / 8
     assert bf16.total > plan.H100_BYTES > fp8.total
     d, f = cfg.dim, cfg.ffn_dim
@@ -178,24 +186,26 @@ def test_405b_inference_fits_one_node_in_fp8_not_bf16():
 def test_bad_input():
     cfg = config.get("tiny")
     with pytest.raises(ConfigError, match="do not divide"):
-        budget.train_budget(cfg, "data=2,fsdp=4", 256, 4)
+        memory.train_budget(cfg, "data=2,fsdp=4", 256, 4)
     with pytest.raises(ConfigError, match="unknown axis"):
-        budget.train_budget(cfg, "pipeline=4", 256, 4)
+        memory.train_budget(cfg, "pipeline=4", 256, 4)
     with pytest.raises(ConfigError, match="stage=4: give a pipeline schedule"):
-        budget.train_budget(cfg, "stage=4", 256, 4)
+        memory.train_budget(cfg, "stage=4", 256, 4)
+    with pytest.raises(ConfigError, match="cannot parse 'fsdp'"):
+        memory.train_budget(cfg, "fsdp", 256, 4)
     with pytest.raises(ConfigError, match="fp8"):
-        plan.inference_budget(cfg, tensor=1, batch=1, context=16, weights="int4")
+        plan.inference_budget(cfg, tensor=1, batch=1, context=16, weight_dtype="int4")
 
 
 def test_the_answer_states_remat_and_says_when_it_does_not_fit(capsys):
     # The 405B preset trains without remat; the paper's layouts assume it. The plan says which it used, and why a
     # layout does not fit.
     flags = ["--model", "llama3.1-405b", "--mesh", "tensor=8,fsdp=1024", "--seq", "8192", "--batch", "1024"]
-    without = plan.run(plan.parser.parse_args(flags))
+    without = command.run(command.parser.parse_args(flags))
     text = capsys.readouterr().out
     assert without["remat"] == "none" and "remat none" in text.splitlines()[0]
     assert "does NOT fit in an H100's 80 GB" in text and "use --remat full" in text
-    with_remat = plan.run(plan.parser.parse_args([*flags, "--remat", "full"]))
+    with_remat = command.run(command.parser.parse_args([*flags, "--remat", "full"]))
     text = capsys.readouterr().out
     assert with_remat["analytic_gb"] < 80 < without["analytic_gb"]
     assert "fits in an H100's 80 GB" in text and "--remat full" not in text

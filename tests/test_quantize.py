@@ -192,5 +192,5 @@ def test_405b_fits_one_8x80gb_node_in_fp8_not_in_bf16():
     assert per_device["bf16"] + kv_cache > 80e9 > per_device["fp8"] + kv_cache
     # The planner's analytic count of the same weights agrees with the real trees' shards.
     for weights, exact in per_device.items():
-        analytic = plan.inference_budget(cfg, tensor=8, batch=1, context=8192, weights=weights).weights
+        analytic = plan.inference_budget(cfg, tensor=8, batch=1, context=8192, weight_dtype=weights).weights
         assert analytic == pytest.approx(exact, rel=1e-3)

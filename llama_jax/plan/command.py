@@ -6,10 +6,10 @@ compiled for the real chips.
     python -m llama_jax.plan --config configs/pretrain/llama3_8b.py --aot --topology v5p:8x8x8   # the run you train
     python -m llama_jax.plan --table4 --aot --topology v5p:16x16x16   # the paper's 405B layouts, compiled for v5p
     python -m llama_jax.plan --config configs/pretrain/llama3_8b_long_context.py [--aot]   # one row per stage
-    python -m llama_jax.plan --model llama3.1-405b --inference --tensor 8 --weights fp8 --context 8192
+    python -m llama_jax.plan --model llama3.1-405b --inference --tensor 8 --weight-dtype fp8 --context 8192
 
-The analytic figure is ``llama_jax.budget``'s term by term (``--json`` names every one). ``--aot`` lowers and
-compiles the real train step (``llama_jax.aot``) and adds the compiler's own per-device figures: with
+The analytic figure is ``llama_jax.plan.memory``'s term by term (the JSON result names every one). ``--aot`` lowers
+and compiles the real train step (``llama_jax.plan.aot``) and adds the compiler's own per-device figures: with
 ``--topology`` for that TPU slice (``--slices`` for multi-slice) through libtpu's compile-only devices, without one
 for simulated CPU devices (one per mesh position); ``--topology h100:8 --slices 8`` compiles for 64 H100s the same
 way (jax's CUDA plugin, no GPU). Pipelines: a ``stage`` axis in ``--mesh`` and ``--pipeline
@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from collections.abc import Sequence
 
 import jax
 
-from llama_jax import aot, budget, cli, config, optim, sharding
+from llama_jax import cli, config, optim, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
+from llama_jax.plan import aot, memory
 from llama_jax.train import long_context
 
 GB = 1e9
@@ -54,42 +54,14 @@ FLOPS_CAVEAT = ("cost_analysis counts each loop body once (the scanned layers, t
                 "ModelConfig.flops_per_token")
 
 
-@dataclasses.dataclass(frozen=True)
-class InferenceBudget:
-    weights: float
-    kv_cache: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.kv_cache
-
-
-def inference_budget(cfg: ModelConfig, *, tensor: int, batch: int, context: int,
-                     weights: str = "bf16") -> InferenceBudget:
-    """Per-device bytes to serve ``cfg`` split ``tensor`` ways: weights (bf16, or the paper's FP8: SwiGLU
-    kernels e4m3 with a float32 scale per output channel, first and last layers kept bf16) and a bf16 KV cache
-    for ``batch`` sequences of ``context`` tokens."""
-    if weights not in ("bf16", "fp8"):
-        raise ConfigError(f"weights must be 'bf16' or 'fp8', got {weights!r}")
-    d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
-    total = cfg.num_params() * 2.0
-    if weights == "fp8":
-        quantized = layers - 2
-        # gate/up [D, F] -> F scales, down [F, D] -> D scales: 3 D F bytes instead of 6 D F, plus the scales.
-        total -= quantized * (3 * d * f * (2 - 1) - (2 * f + d) * 4)
-    kv_heads_per_device = max(cfg.num_kv_heads / tensor, 1)  # beyond K devices, kv heads are replicated
-    kv = 2 * layers * batch * context * kv_heads_per_device * cfg.resolved_head_dim * 2
-    return InferenceBudget(weights=total / tensor, kv_cache=kv)
-
-
 def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backend: str, attention: str = "dense",
                grad_accum: int = 1, pipeline: dict | None = None, loss_chunk: int | None = 8192,
                compile_on: tuple[str | None, int] | None = None) -> dict:
     """The analytic budget (and with ``compile_on=(topology, slices)`` the compiled step's figures) as one dict
     of GB and counts."""
     pipeline = pipeline or dict(schedule="none", microbatches=1, circular_repeats=2)
-    sizes = sharding.parse_mesh(mesh_spec, budget._mesh_product(mesh_spec))
-    b = budget.train_budget(cfg, sizes, seq, batch, backend=backend, attention=attention, grad_accum=grad_accum,
+    sizes = sharding.parse_mesh(mesh_spec, memory.mesh_device_count(mesh_spec))
+    b = memory.train_budget(cfg, sizes, seq, batch, backend=backend, attention=attention, grad_accum=grad_accum,
                             loss_chunk=loss_chunk, **pipeline)
     result = {"mesh": sizes, "seq": seq, "batch": batch, "grad_accum": grad_accum, "remat": cfg.remat,
               "pipeline": pipeline, "backend": backend, "analytic_gb": b.total / GB,
@@ -185,7 +157,7 @@ def table4_rows(topology: str | None = None) -> list[dict]:
         compile_on = None if chips is None else (topology, row["gpus"] // chips)
         planned = plan_train(cfg, spec, row["seq"], batch, backend=backend, grad_accum=row["grad_accum"],
                              pipeline=TABLE4_PIPELINE, compile_on=compile_on)
-        flash = budget.train_budget(cfg, spec, row["seq"], batch, backend=backend, attention="flash",
+        flash = memory.train_budget(cfg, spec, row["seq"], batch, backend=backend, attention="flash",
                                     grad_accum=row["grad_accum"], **TABLE4_PIPELINE)
         rows.append({**row, "num_layers": TABLE4_LAYERS, "tokens_per_batch": batch * row["seq"], **planned,
                      "fits_80gb": planned["analytic_gb"] * GB <= H100_BYTES, "flash_gb": flash.total / GB})
@@ -223,6 +195,19 @@ def _print_table4(rows: list[dict]) -> None:
 
 # --- Command line -----------------------------------------------------------------------------------------
 
+
+class _DeprecatedFlag(argparse.Action):
+    """An old spelling kept for one release: it works as ``new`` does and says so on stderr."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"deprecated: {option_string} -> use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 parser = cli.parser("python -m llama_jax.plan", __doc__.split("\n")[0], config=True)
 parser.add_argument("--model", default="llama3.1-8b", help="preset name (llama_jax.config.PRESETS); with --config, "
                                                            "the config's model")
@@ -239,7 +224,7 @@ parser.add_argument("--microbatches", type=int, default=None, help="pipeline mic
 parser.add_argument("--repeats", type=int, default=None, help="circular: rounds of the stage ring")
 parser.add_argument("--attention", default="dense", choices=("dense", "flash"),
                     help="analytic attention memory: this model's dense scores, or a fused kernel's for comparison")
-parser.add_argument("--backend", default=None, choices=sorted(budget.BACKENDS),
+parser.add_argument("--backend", default=None, choices=sorted(memory.BACKENDS),
                     help="compiler the analytic model assumes (default: the --topology's or --aot's, else gpu)")
 parser.add_argument("--aot", action="store_true", help="also compile the real train step (nothing runs)")
 parser.add_argument("--topology", default=None,
@@ -249,10 +234,13 @@ parser.add_argument("--slices", type=int, default=1, help="TPU slices (or GPU ho
                                                           "network")
 parser.add_argument("--table4", action="store_true", help="the paper's 405B layouts")
 parser.add_argument("--inference", action="store_true", help="serving memory instead of training")
-parser.add_argument("--weights", default="bf16", choices=("bf16", "fp8"))
+parser.add_argument("--weight-dtype", default="bf16", choices=memory.WEIGHT_DTYPES,
+                    help="inference: bf16, or the paper's fp8 SwiGLU kernels")
+parser.add_argument("--weights", dest="weight_dtype", choices=memory.WEIGHT_DTYPES, action=_DeprecatedFlag,
+                    new="--weight-dtype")
 parser.add_argument("--tensor", type=int, default=8, help="inference: devices the weights are split over")
 parser.add_argument("--context", type=int, default=8192, help="inference: KV cache length")
-parser.add_argument("--json", action="store_true", help="print only the JSON result")
+parser.add_argument("--json", action="store_true", help="print only the JSON result (no table above it)")
 
 
 def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None, int, dict, int | None]:
@@ -280,7 +268,7 @@ def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | 
 def _devices(args: argparse.Namespace, mesh_spec: str) -> int:
     if args.topology:
         return math.prod(aot.parse_topology(args.topology)[1]) * args.slices
-    return budget._mesh_product(mesh_spec) if "-1" not in mesh_spec else jax.device_count()
+    return memory.mesh_device_count(mesh_spec) if "-1" not in mesh_spec else jax.device_count()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -300,10 +288,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
     if args.inference:
-        bf16 = inference_budget(cfg, tensor=args.tensor, batch=args.batch or 1, context=args.context)
-        chosen = inference_budget(cfg, tensor=args.tensor, batch=args.batch or 1, context=args.context,
-                                  weights=args.weights)
-        result = {"model": args.model, "weights": args.weights, "tensor": args.tensor,
+        bf16 = memory.inference_budget(cfg, tensor=args.tensor, batch=args.batch or 1, context=args.context)
+        chosen = memory.inference_budget(cfg, tensor=args.tensor, batch=args.batch or 1, context=args.context,
+                                         weight_dtype=args.weight_dtype)
+        result = {"model": args.model, "weight_dtype": args.weight_dtype, "tensor": args.tensor,
                   "weights_gb_per_device": chosen.weights / GB, "kv_gb_per_device": chosen.kv_cache / GB,
                   "total_gb_per_device": chosen.total / GB, "fits_80gb": chosen.total <= H100_BYTES,
                   "bf16_total_gb_per_device": bf16.total / GB}
@@ -366,7 +354,7 @@ def _train_lines(r: dict) -> list[str]:
 
 
 def _inference_lines(r: dict) -> list[str]:
-    return [f"{r['model']} inference, {r['weights']} weights over {r['tensor']} devices, per device: weights "
+    return [f"{r['model']} inference, {r['weight_dtype']} weights over {r['tensor']} devices, per device: weights "
             f"{_gb(r['weights_gb_per_device'])} + KV cache {_gb(r['kv_gb_per_device'])} = "
             f"{_gb(r['total_gb_per_device'])}, {_fits(r['total_gb_per_device'], H100_BYTES / GB, 'an H100')} "
             f"(bf16 weights: {_gb(r['bf16_total_gb_per_device'])})"]
@@ -375,20 +363,3 @@ def _inference_lines(r: dict) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.main(parser, run, argv)
 
-
-def _simulated_devices(argv: list[str]) -> int | None:
-    """Devices --aot without --topology needs simulated on the CPU: the --mesh (or --config.mesh) flag's product (XLA
-    reads the flag when the backend starts)."""
-    for i, arg in enumerate(argv):
-        spec = (arg.split("=", 1)[1] if arg.startswith(("--mesh=", "--config.mesh=")) else argv[i + 1]
-                if arg in ("--mesh", "--config.mesh") else None)
-        if spec and "-1" not in spec:
-            return budget._mesh_product(spec)
-    return None
-
-
-if __name__ == "__main__":
-    count = _simulated_devices(sys.argv) if "--aot" in sys.argv and "--topology" not in sys.argv else None
-    if count and "device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
-    raise SystemExit(main())

@@ -1,7 +1,8 @@
-"""The analytic memory model of a train step: per-device bytes from shapes alone, term by term.
+"""The analytic memory model of a train step (and of serving): per-device bytes from shapes alone, term by term.
 
-    b = budget.train_budget(config.get("llama3.1-8b", remat="full"), "fsdp=64", seq=8192, batch=64, backend="tpu")
+    b = memory.train_budget(config.get("llama3.1-8b", remat="full"), "fsdp=64", seq=8192, batch=64, backend="tpu")
     b.total, b.terms          # {"params": ..., "opt_state": ..., "grads": ..., "saved_activations": ..., ...}
+    memory.inference_budget(config.get("llama3.1-405b"), tensor=8, batch=1, context=8192, weight_dtype="fp8")
 
 It models ``llama_jax.train``'s pretraining step (AdamW, the chunked loss, dense attention, the pipeline
 schedules) on the mesh's shards. Every term is what that step holds at its peak, per device:
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -87,6 +89,8 @@ BACKENDS = {
                    ffn_rematted=4, embed_saved=24, embed_backward=8, embed_rematted=12, float32_activations=False,
                    table_copies=0.0, stack_copy=0.0, overhead=1.0),
 }
+
+WEIGHT_DTYPES = ("bf16", "fp8")  # how served weights are stored (inference_budget)
 
 
 def _itemsize(dtype: str) -> int:
@@ -184,7 +188,7 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
     ``microbatches``, ``circular_repeats``: the pipeline over the mesh's ``stage`` axis (llama_jax.pipeline);
     ``attention``: "dense" (this model) or "flash" (a fused kernel that keeps no scores, for comparison).
     """
-    sizes = mesh if isinstance(mesh, dict) else sharding.parse_mesh(mesh, _mesh_product(mesh))
+    sizes = mesh if isinstance(mesh, dict) else sharding.parse_mesh(mesh, mesh_device_count(mesh))
     sizes = {axis: sizes.get(axis, 1) for axis in sharding.MESH_AXES}
     remat = cfg.remat if remat is None else remat
     if backend not in BACKENDS:
@@ -247,5 +251,37 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
                        pipeline_ticks=ticks, bubble=bubble)
 
 
-def _mesh_product(spec: str) -> int:
-    return math.prod(int(p.split("=")[1]) for p in spec.split(",") if p.strip() and p.split("=")[1].strip() != "-1")
+def mesh_device_count(spec: str) -> int:
+    """The devices a mesh spec names: the product of its sizes, an axis of -1 (the rest) counted as 1. A malformed
+    spec counts what it can; ``sharding.parse_mesh`` then says what is wrong with it."""
+    return math.prod(int(size) for size in re.findall(r"=\s*(-?\d+)", spec) if int(size) != -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceBudget:
+    """Per-device bytes of serving a model."""
+
+    weights: float
+    kv_cache: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache
+
+
+def inference_budget(cfg: ModelConfig, *, tensor: int, batch: int, context: int,
+                     weight_dtype: str = "bf16") -> InferenceBudget:
+    """Per-device bytes to serve ``cfg`` split ``tensor`` ways: weights (bf16, or the paper's FP8: SwiGLU
+    kernels e4m3 with a float32 scale per output channel, first and last layers kept bf16) and a bf16 KV cache
+    for ``batch`` sequences of ``context`` tokens."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    total = cfg.num_params() * 2.0
+    if weight_dtype == "fp8":
+        quantized = layers - 2
+        # gate/up [D, F] -> F scales, down [F, D] -> D scales: 3 D F bytes instead of 6 D F, plus the scales.
+        total -= quantized * (3 * d * f * (2 - 1) - (2 * f + d) * 4)
+    kv_heads_per_device = max(cfg.num_kv_heads / tensor, 1)  # beyond K devices, kv heads are replicated
+    kv = 2 * layers * batch * context * kv_heads_per_device * cfg.resolved_head_dim * 2
+    return InferenceBudget(weights=total / tensor, kv_cache=kv)
