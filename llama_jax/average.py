@@ -65,6 +65,8 @@ def average(paths: Sequence[str], weights: Sequence[float] | None = None) -> tup
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths) or not all(np.isfinite(w) and w > 0 for w in weights):
         raise ConfigError(f"--weights must be {len(paths)} positive numbers, one per source; got {weights}")
+    for path in paths:  # a missing or unreadable last source fails now, not after the others are read
+        checkpoint.detect_format(path)
     total = sum(weights)  # the sum is divided once, at the end: equal weights then average exactly
     first = accumulator = None
     for path, weight in zip(cli.progress(paths, desc="averaging", unit="checkpoint"), weights):
