@@ -1,17 +1,27 @@
 """What every ``python -m llama_jax.<command>`` shares: flags, start-up, experiment configs, errors, output.
 
-    parser = cli.parser("python -m llama_jax.generate", __doc__)
-    cli.add_checkpoint(parser)                  # --checkpoint, spelled the same in every command
+    parser = cli.parser("python -m llama_jax.score", __doc__)
+    cli.add_checkpoint(parser)                  # --checkpoint, spelled, typed and explained the same in every command
+    cli.add_input(parser)                       # --input records.jsonl
+    cli.add_out(parser)                         # --out scored.jsonl
     cli.add_mesh(parser)                        # --mesh data=2,fsdp=4
+    cli.deprecate(parser, positional=("--input", "--out"), renamed={"--reward": "--checkpoint"})  # for one release
     def run(args) -> dict: ...                  # human lines on stdout / progress on stderr; returns the result
     def main(argv=None) -> int:
         return cli.main(parser, run, argv)
+
+One grammar for all commands: the model is ``--checkpoint`` (a second one is named by its role: ``--reward``), records
+come in through ``--data`` (training-style sources) or ``--input`` (a file of records to process), what the command
+writes is ``--out``; no positional arguments. A flag shared by commands is declared here once (``add_*``), with one
+help text; a command's description says what its inputs are. Old spellings registered with ``deprecate`` still work
+and print ``deprecated: <old> -> use <new>`` on stderr.
 
 One policy for all commands:
 - multi-host first: ``--coordinator``, ``--num-processes``, ``--process-id`` (or the JAX_* environment, SLURM and
   TPU VM detection) are handed to ``distributed.initialize()`` before anything touches a device;
 - a ``LlamaJaxError`` prints ``error: <message>`` on stderr and exits 2, never a traceback; so do bad flags;
-- progress bars go to stderr (process 0 only); the result is one JSON object on the last line of stdout.
+- progress bars go to stderr (process 0 only); the result is one JSON object on the last line of stdout, the path
+  the command wrote under ``out``.
 
 Experiment configs (``configs/<stage>/<name>.py``, a ``get_config([arg])`` returning an ml_collections ConfigDict)
 are loaded with ``--config path.py[:arg]`` and changed with ``--config.<section>.<key>=<value>``: scalars parse as
@@ -181,7 +191,7 @@ def data_sources(specs: Sequence[str]) -> list[dict]:
 
 
 def add_tokenizer(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default=None, metavar="NAME",
+    p.add_argument("--tokenizer", default=None, metavar="NAME|PATH",
                    help="llama3 | byte | path of a tokenizer.model (default: the checkpoint's)")
 
 
