@@ -45,8 +45,9 @@ posttrain-demo: $(INSTALLED) $(CORPUS)
 		--config.run_dir=$(PT)/rm --config.reward.packed=true --config.data.seq_len=192 \
 		--config.schedule.decay_steps=100 --config.schedule.total_steps=100 --config.logging.eval_every=50
 	$(BIN)/python -m llama_jax.rejection_sample --checkpoint $(PT)/sft --reward $(PT)/rm \
-		$(PT)/data/prompts.jsonl $(PT)/samples.jsonl --samples 8 --max-new-tokens 48 --batch-size 32 --keep-samples
-	$(TASK) annotate $(PT)/samples.jsonl $(PT)/pairs.jsonl
+		--input $(PT)/data/prompts.jsonl --out $(PT)/samples.jsonl --samples 8 --max-new-tokens 48 --batch-size 32 \
+		--keep-samples
+	$(TASK) annotate --input $(PT)/samples.jsonl --out $(PT)/pairs.jsonl
 	$(TRAIN) --config configs/sft/tiny.py:$(PT)/samples.jsonl --config.init_from=$(PT)/sft \
 		--config.run_dir=$(PT)/rs-sft --config.schedule.peak_lr=5e-4 --config.schedule.decay_steps=60 \
 		--config.schedule.total_steps=60 --config.logging.eval_every=60
@@ -56,9 +57,11 @@ posttrain-demo: $(INSTALLED) $(CORPUS)
 	$(TRAIN) --config configs/dpo/tiny.py:$(PT)/pairs.jsonl --config.init_from=$(PT)/rs-sft \
 		--config.run_dir=$(PT)/dpo-b --config.schedule.decay_steps=60 --config.schedule.total_steps=60 \
 		--config.logging.eval_every=30 --config.data.seed=1 --config.schedule.peak_lr=2e-4
-	test -d $(PT)/average || $(BIN)/python -m llama_jax.average $(PT)/average $(PT)/dpo-a $(PT)/dpo-b
-	$(TASK) winrate --prompts $(PT)/data/heldout.jsonl --baseline sft pretrained=runs/demo sft=$(PT)/sft \
-		rs-sft=$(PT)/rs-sft dpo-a=$(PT)/dpo-a dpo-b=$(PT)/dpo-b average=$(PT)/average
+	test -d $(PT)/average || $(BIN)/python -m llama_jax.average --checkpoint $(PT)/dpo-a --checkpoint $(PT)/dpo-b \
+		--out $(PT)/average
+	$(TASK) winrate --input $(PT)/data/heldout.jsonl --baseline sft --checkpoint pretrained=runs/demo \
+		--checkpoint sft=$(PT)/sft --checkpoint rs-sft=$(PT)/rs-sft --checkpoint dpo-a=$(PT)/dpo-a \
+		--checkpoint dpo-b=$(PT)/dpo-b --checkpoint average=$(PT)/average
 
 # The planner's TPU-compile tests need libtpu. Installed into the venv it would make every jax start on a machine
 # without TPUs print libtpu's warnings (the demo's too), so it lives in its own folder that only the test runs put on

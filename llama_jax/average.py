@@ -1,14 +1,15 @@
 """Model averaging: the weighted mean of the parameters of several checkpoints, as Llama 3 averaged the models of
 experiments with different data or hyperparameters at each post-training stage.
 
-    python -m llama_jax.average OUT SRC [SRC ...] [--weights 2,1,1]
+    python -m llama_jax.average --checkpoint runs/sft-a --checkpoint runs/sft-b [--weights 2,1] --out runs/avg
     params, cfg = average(["runs/sft-a", "runs/sft-b"], weights=[1, 1])
 
 Sources may be in any format ``checkpoint.load`` reads (llama_jax run or step directories, Hugging Face and Meta
 directories). They must be the same network (architecture and parameter dtype), hold the same tree (a reward head
 in all of them or in none) and carry the same tokenizer where they record one; the first difference is an error.
 The mean is accumulated in float32, one source at a time (one parameter tree and one accumulator in memory), then
-cast back to the stored dtype. OUT is a params-only llama_jax checkpoint whose metadata lists sources and weights.
+cast back to the stored dtype. ``--out`` is a new params-only llama_jax checkpoint whose metadata lists sources and
+weights. (The old spelling ``average OUT SRC [SRC ...]`` works for one release.)
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def average(paths: Sequence[str], weights: Sequence[float] | None = None) -> tup
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(weights) != len(paths) or not all(np.isfinite(w) and w > 0 for w in weights):
         raise ConfigError(f"--weights must be {len(paths)} positive numbers, one per source; got {weights}")
+    for path in paths:  # a missing or unreadable last source fails now, not after the others are read
+        checkpoint.detect_format(path)
     total = sum(weights)  # the sum is divided once, at the end: equal weights then average exactly
     first = accumulator = None
     for path, weight in zip(cli.progress(paths, desc="averaging", unit="checkpoint"), weights):
@@ -80,10 +83,12 @@ def average(paths: Sequence[str], weights: Sequence[float] | None = None) -> tup
         tokenizer
 
 
-parser = cli.parser("python -m llama_jax.average", __doc__.split("\n\n")[0])
-parser.add_argument("out", metavar="OUT", help="new directory for the averaged params-only checkpoint")
-parser.add_argument("sources", metavar="SRC", nargs="+", help="checkpoints to average (any format llama_jax reads)")
-parser.add_argument("--weights", default=None, help="comma-separated positive weights, one per SRC (default: equal)")
+parser = cli.parser("python -m llama_jax.average", __doc__)
+cli.add_checkpoint(parser, repeated=True)
+cli.add_out(parser)
+parser.add_argument("--weights", default=None, metavar="W,W,...",
+                    help="comma-separated positive weights, one per --checkpoint (default: equal)")
+cli.deprecate(parser, positional=("--out", "--checkpoint"))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -92,9 +97,9 @@ def run(args: argparse.Namespace) -> dict:
         weights = None if args.weights is None else [float(w) for w in args.weights.split(",")]
     except ValueError:
         raise ConfigError(f"--weights {args.weights!r} is not a comma-separated list of numbers") from None
-    params, cfg, tokenizer = average(args.sources, weights)
-    weights = weights or [1.0] * len(args.sources)
-    sources = [os.path.abspath(path) for path in args.sources]
+    params, cfg, tokenizer = average(args.checkpoint, weights)
+    weights = weights or [1.0] * len(args.checkpoint)
+    sources = [os.path.abspath(path) for path in args.checkpoint]
     extra = sorted(set(params) - set(model.param_shapes(cfg)))
     checkpoint.save_params(args.out, params, cfg, stage="average", tokenizer=tokenizer,
                            stage_config={"sources": sources, "weights": weights}, extra_params=extra)

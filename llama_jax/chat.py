@@ -100,7 +100,10 @@ def terminal_tools(names: Sequence[str]) -> dict:
 
 parser = cli.parser("python -m llama_jax.chat", __doc__.split("\n")[0])
 cli.add_checkpoint(parser)
+cli.add_tokenizer(parser)
 cli.add_sampling(parser)
+cli.add_max_new_tokens(parser)
+cli.add_seed(parser)
 cli.add_mesh(parser)
 parser.add_argument("--system", default=None, help="system prompt")
 parser.add_argument("--tools", default=None, help="turn on tools: a comma-separated subset of "

@@ -1,17 +1,27 @@
 """What every ``python -m llama_jax.<command>`` shares: flags, start-up, experiment configs, errors, output.
 
-    parser = cli.parser("python -m llama_jax.generate", __doc__)
-    cli.add_checkpoint(parser)                  # --checkpoint, spelled the same in every command
+    parser = cli.parser("python -m llama_jax.score", __doc__)
+    cli.add_checkpoint(parser)                  # --checkpoint, spelled, typed and explained the same in every command
+    cli.add_input(parser)                       # --input records.jsonl
+    cli.add_out(parser)                         # --out scored.jsonl
     cli.add_mesh(parser)                        # --mesh data=2,fsdp=4
+    cli.deprecate(parser, positional=("--input", "--out"), renamed={"--reward": "--checkpoint"})  # for one release
     def run(args) -> dict: ...                  # human lines on stdout / progress on stderr; returns the result
     def main(argv=None) -> int:
         return cli.main(parser, run, argv)
+
+One grammar for all commands: the model is ``--checkpoint`` (a second one is named by its role: ``--reward``), records
+come in through ``--data`` (training-style sources) or ``--input`` (a file of records to process), what the command
+writes is ``--out``; no positional arguments. A flag shared by commands is declared here once (``add_*``), with one
+help text; a command's description says what its inputs are. Old spellings registered with ``deprecate`` still work
+and print ``deprecated: <old> -> use <new>`` on stderr.
 
 One policy for all commands:
 - multi-host first: ``--coordinator``, ``--num-processes``, ``--process-id`` (or the JAX_* environment, SLURM and
   TPU VM detection) are handed to ``distributed.initialize()`` before anything touches a device;
 - a ``LlamaJaxError`` prints ``error: <message>`` on stderr and exits 2, never a traceback; so do bad flags;
-- progress bars go to stderr (process 0 only); the result is one JSON object on the last line of stdout.
+- progress bars go to stderr (process 0 only); the result is one JSON object on the last line of stdout, the path
+  the command wrote under ``out``.
 
 Experiment configs (``configs/<stage>/<name>.py``, a ``get_config([arg])`` returning an ml_collections ConfigDict)
 are loaded with ``--config path.py[:arg]`` and changed with ``--config.<section>.<key>=<value>``: scalars parse as
@@ -26,6 +36,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,10 +53,86 @@ CONFIG_PREFIX = "--config."
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the library's error policy: ``error: <message>`` on stderr, exit status 2."""
+    """argparse with the library's error policy (``error: <message>`` on stderr, exit status 2) and the old
+    spellings that ``deprecate`` registered, rewritten to the grammar before parsing."""
+
+    old_positional: tuple[str, ...] = ()
+    old_flags: dict[str, str] = {}
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # Subcommands' parsers are called here too, each with its own words.
+        args = list(sys.argv[1:] if args is None else args)
+        if self.old_positional or self.old_flags:
+            args = self._modern(args)
+        return super().parse_known_args(args, namespace)
+
+    def _modern(self, argv: list[str]) -> list[str]:
+        """``argv`` with the old spellings replaced by the new ones; says so in one line on stderr."""
+        modern, old, new, positional, i = [], [], [], 0, 0
+        while i < len(argv):
+            token = argv[i]
+            if token == "--" or not token.startswith("-") or token == "-" or _is_number(token):
+                for value in argv[i + 1:] if token == "--" else [token]:
+                    flag = self._positional_flag(positional)
+                    positional += 1
+                    modern.append(value if flag is None else f"{flag}={value}")  # "=": "-x" stays a value
+                    if flag is not None:
+                        old.append(value)
+                        new += [flag, value]
+                i = len(argv) if token == "--" else i + 1
+                continue
+            name, equals, value = token.partition("=")
+            current = self.old_flags.get(name, name)
+            values = argv[i + 1:i + 1 + (0 if equals else self._values_after(current, argv[i + 1:]))]
+            modern += [current + equals + value, *values]
+            if current != name:
+                old += [token, *values]
+                new += [current + equals + value, *values]
+            i += 1 + len(values)
+        if old:
+            print(f"deprecated: {shlex.join(old)} -> use {shlex.join(new)}", file=sys.stderr)
+        return modern
+
+    def _positional_flag(self, index: int) -> str | None:
+        """The flag the ``index``-th old positional argument now is: extra ones repeat the last if it repeats."""
+        if index < len(self.old_positional):
+            return self.old_positional[index]
+        last = self.old_positional[-1] if self.old_positional else None
+        action = self._option_string_actions.get(last)
+        return last if isinstance(action, argparse._AppendAction) else None
+
+    def _values_after(self, name: str, following: list[str]) -> int:
+        """How many of the ``following`` words are values of option ``name``."""
+        action = self._option_string_actions.get(name)
+        if action is None:  # an abbreviation argparse will resolve, if unique
+            matches = [a for flag, a in self._option_string_actions.items() if flag.startswith(name)]
+            action = matches[0] if len(set(map(id, matches))) == 1 else None
+        if action is None or action.nargs == 0:
+            return 0
+        if action.nargs is None or isinstance(action.nargs, int):
+            return action.nargs or 1
+        values = 0
+        while values < len(following) and not (following[values].startswith("-") and len(following[values]) > 1):
+            values += 1
+        return min(values, 1) if action.nargs == "?" else values
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def deprecate(p: ArgumentParser, *, positional: Sequence[str] = (), renamed: dict[str, str] | None = None) -> None:
+    """Old spellings ``p`` accepts for one release: ``positional`` names the flag each old positional argument
+    becomes, in order (extra ones repeat the last flag where it repeats); ``renamed`` maps old flags to new ones.
+    They work and print ``deprecated: <old> -> use <new>`` on stderr."""
+    p.old_positional, p.old_flags = tuple(positional), dict(renamed or {})
 
 
 def parser(prog: str, doc: str | None, *, config: bool = False) -> ArgumentParser:
@@ -62,9 +149,28 @@ def parser(prog: str, doc: str | None, *, config: bool = False) -> ArgumentParse
     return p
 
 
-def add_checkpoint(p: argparse.ArgumentParser, *, required: bool = True, help: str | None = None) -> None:
-    p.add_argument("--checkpoint", required=required, metavar="PATH",
-                   help=help or "llama_jax run or step directory, Hugging Face directory or Meta directory")
+# --- the shared flags: one spelling, one meaning, one help text (a command's description says the rest) --------
+
+
+def add_checkpoint(p: argparse.ArgumentParser, *, required: bool = True, repeated: bool = False) -> None:
+    """``--checkpoint``; ``repeated``: a command that takes several (``--checkpoint A --checkpoint B``)."""
+    p.add_argument("--checkpoint", required=required, metavar="PATH", action="append" if repeated else "store",
+                   help="llama_jax run or step directory, Hugging Face directory or Meta directory")
+
+
+def add_reward(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward", required=True, metavar="PATH",
+                   help="the reward model: a reward-stage run or step directory")
+
+
+def add_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, metavar="PATH",
+                   help="JSON Lines file of the records the command reads (their fields: see the description)")
+
+
+def add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the file or directory the command writes (see the description)")
 
 
 def add_mesh(p: argparse.ArgumentParser) -> None:
@@ -72,8 +178,8 @@ def add_mesh(p: argparse.ArgumentParser) -> None:
                    help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=-1' (default: every device on fsdp)")
 
 
-def add_data(p: argparse.ArgumentParser, help: str | None = None) -> None:
-    p.add_argument("--data", action="append", metavar="PATH[:FORMAT]", help=help or (
+def add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", metavar="PATH[:FORMAT]", help=(
         "a data source (file, directory or glob; repeat for a mixture of equal weights). FORMAT: text, jsonl, "
         "tokens, chat, preference; default from the extension: .txt/.md text (a document per blank-line-separated "
         "paragraph), .npy tokens, .jsonl chat / preference / jsonl by the keys of its first record"))
@@ -84,14 +190,49 @@ def data_sources(specs: Sequence[str]) -> list[dict]:
     return [data.source_spec(spec) for spec in specs]
 
 
-def add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", default=None, help="llama3 | byte | path of a tokenizer.model (default: the "
-                                                     "checkpoint's)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+def add_tokenizer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None, metavar="NAME|PATH",
+                   help="llama3 | byte | path of a tokenizer.model (default: the checkpoint's)")
+
+
+def add_seed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the command's random draws (the same seed, the same "
+                                                       "result)")
+
+
+def add_batch_size(p: argparse.ArgumentParser, default: int | None) -> None:
+    p.add_argument("--batch-size", type=int, default=default, metavar="N",
+                   help="records (prompts, replies or rows) that go through the model together")
+
+
+def add_on_error(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="a record the command cannot use: raise an error naming its file and line, or skip it "
+                        "(left out and counted in the result)")
+
+
+def add_max_new_tokens(p: argparse.ArgumentParser, default: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default, metavar="N", help="tokens sampled per reply at most")
+
+
+def add_samples(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("--samples", type=int, default=default, metavar="K", help="replies sampled per prompt")
+
+
+def add_temperature(p: argparse.ArgumentParser, default: float = 0.0) -> None:
+    p.add_argument("--temperature", type=float, default=default, help="sampling temperature (0: greedy)")
+
+
+def add_sampling(p: argparse.ArgumentParser, temperature: float = 0.0) -> None:
+    """``--temperature``, ``--top-k``, ``--top-p``: how tokens are drawn (``sampling_kwargs`` adds ``--seed``)."""
+    add_temperature(p, temperature)
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="draw from the K likeliest tokens only")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="draw from the likeliest tokens whose probabilities add up to P only")
+
+
+def add_no_bos(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-bos", action="store_true", help="do not start prompts with <|begin_of_text|>")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

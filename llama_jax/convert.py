@@ -4,12 +4,12 @@
     python -m llama_jax.convert --checkpoint runs/sft/ --to meta --num-shards 8 --out exported-meta/
     python -m llama_jax.convert --checkpoint llama-3.2-1b-hf/ --to llama_jax --out ckpt/
 
-The source format is detected from its files (``--from`` only checks it). OUT must not exist yet (or be an empty
-directory); it appears only when the conversion has succeeded. The tokenizer's identity and the context length
+The source format is detected from its files (``--from`` only checks it). ``--out`` must not exist yet (or be an
+empty directory); it appears only when the conversion has succeeded. The tokenizer's identity and the context length
 travel with the weights (an HF export also gets tokenizer files and a generation config); where the source does
 not record them (a Meta or HF directory from elsewhere), the tokenizer is inferred from a tokenizer.model there or a
-Llama 3 vocabulary, else give ``--tokenizer``; Meta's context length from its RoPE scaling, else ``--max-seq-len``.
-A quantized checkpoint converts only to llama_jax.
+Llama 3 vocabulary, else give ``--tokenizer`` (it also replaces a recorded one); Meta's context length from its
+RoPE scaling, else ``--max-seq-len``. A quantized checkpoint converts only to llama_jax.
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.tokenizer import from_identity
 
 parser = cli.parser("python -m llama_jax.convert", __doc__)
-cli.add_checkpoint(parser, help="source: llama_jax run or step directory, Hugging Face directory or Meta directory")
+cli.add_checkpoint(parser)
 parser.add_argument("--from", dest="src_format", choices=checkpoint.FORMATS,
                     help="expected format of the source (default: detected from its files)")
 parser.add_argument("--to", dest="dst_format", choices=checkpoint.FORMATS, required=True)
-parser.add_argument("--out", required=True, metavar="DIR", help="new directory to write")
+cli.add_out(parser)
 parser.add_argument("--num-shards", type=int, default=1, help="model-parallel shards of a Meta export")
 parser.add_argument("--max-shard-gb", type=float, default=5.0, help="size of HF safetensors shards")
-parser.add_argument("--tokenizer", default=None, help="the model's tokenizer where the source does not record it "
-                                                      "(or to replace it): llama3 | byte | path of a tokenizer.model")
+cli.add_tokenizer(parser)
 parser.add_argument("--max-seq-len", type=int, default=None,
                     help="the model's context length where the source does not record it (Meta's params.json)")
 

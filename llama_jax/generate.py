@@ -343,10 +343,13 @@ def print_stream(tok, token_stream: Iterator[int], out=None) -> list[int]:
 
 parser = cli.parser("python -m llama_jax.generate", __doc__.split("\n")[0])
 cli.add_checkpoint(parser)
+cli.add_tokenizer(parser)
 cli.add_sampling(parser)
+cli.add_max_new_tokens(parser)
+cli.add_seed(parser)
 cli.add_mesh(parser)
 parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable: a batch)")
-parser.add_argument("--no-bos", action="store_true", help="do not start prompts with <|begin_of_text|>")
+cli.add_no_bos(parser)
 
 
 def run(args: argparse.Namespace) -> dict:

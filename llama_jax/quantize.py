@@ -75,9 +75,10 @@ def quantize_checkpoint(src: str, dst: str, mode: str = "fp8") -> dict:
     return {"mode": mode, "bytes_before": before, "bytes_after": param_bytes(qparams), "out": dst}
 
 
-parser = cli.parser("python -m llama_jax.quantize", "Quantize a checkpoint's feed-forward weights to fp8 or int8.")
+parser = cli.parser("python -m llama_jax.quantize", "Quantize a checkpoint's feed-forward weights to fp8 or int8; "
+                                                   "--out is the new directory of the quantized checkpoint.")
 cli.add_checkpoint(parser)
-parser.add_argument("--out", required=True, metavar="DIR", help="new directory for the quantized checkpoint")
+cli.add_out(parser)
 parser.add_argument("--mode", choices=MODES, default="fp8")
 
 

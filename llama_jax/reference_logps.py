@@ -7,9 +7,9 @@
 Reads the DPO config's preference sources (every record of every file, in order), encodes each record as the DPO
 stage does (the config's tokenizer and data.seq_len), and writes it with the column ``reference_logps``: for each
 reply the sums of the reference's log-probs over its dpo_mask and loss_mask targets, with the reference's identity
-(``checkpoint.identity``), the tokenizer and seq_len (layout: ``data.preference``). The reference is the config's
-init_from (the checkpoint DPO starts from), or ``--checkpoint``. Records the DPO stage cannot use are errors naming
-file and line, or with the config's ``data.on_error="skip"`` left out and counted.
+(``checkpoint.identity``), the tokenizer and seq_len (layout: ``data.preference``), to ``--out`` (a new file). The
+reference is the config's init_from (the checkpoint DPO starts from), or ``--checkpoint``. Records the DPO stage
+cannot use are errors naming file and line, or with the config's ``data.on_error="skip"`` left out and counted.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from llama_jax.errors import ConfigError, DataError
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import dpo, loop
 
-parser = cli.parser("python -m llama_jax.reference_logps", __doc__.split("\n")[0], config=True)
-cli.add_checkpoint(parser, required=False, help="the reference model (default: the config's init_from)")
-parser.add_argument("--out", help="JSONL file to write (must not exist); required")  # checked in run: --help with
-#                                                                                    --config parses without it
-parser.add_argument("--batch-size", type=int, default=16, help="records per forward pass")
+parser = cli.parser("python -m llama_jax.reference_logps", __doc__, config=True)
+cli.add_checkpoint(parser, required=False)
+cli.add_out(parser)
+cli.add_batch_size(parser, 16)
 cli.add_mesh(parser)
 
 
@@ -56,8 +55,6 @@ def run(args: argparse.Namespace) -> dict:
     config = args.config
     if config is None or config.stage != "dpo":
         raise ConfigError("--config must be a DPO experiment config (configs/dpo/*.py[:data])")
-    if not args.out:
-        raise ConfigError("--out is required: the JSONL file to write")
     reference = args.checkpoint or config.init_from
     if not reference:
         raise ConfigError("no reference model: pass --checkpoint or set the config's init_from")
@@ -101,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
             flush(pending, f)
             written += len(pending)
     os.replace(partial, args.out)
-    return {"output": os.path.abspath(args.out), "records": written, "skipped": len(skipped),
+    return {"out": os.path.abspath(args.out), "records": written, "skipped": len(skipped),
             "skipped_lines": skipped, "reference": identity}
 
 

@@ -1,8 +1,8 @@
 """Rejection sampling (Llama 3, section 4.2.2): K samples per prompt from the policy, the reward model's favourite
 kept as an SFT chat record.
 
-    python -m llama_jax.rejection_sample --checkpoint runs/sft --reward runs/rm prompts.jsonl out.jsonl \\
-        --samples 10 --temperature 1.0 --top-p 0.9 --max-new-tokens 256 [--system-prompt "Be brief."]
+    python -m llama_jax.rejection_sample --checkpoint runs/sft --reward runs/rm --input prompts.jsonl \\
+        --out out.jsonl --samples 10 --temperature 1.0 --top-p 0.9 --max-new-tokens 256 [--system-prompt "Be brief."]
     records = best_of_k(policy, scorer, prompts, Settings(samples=10), seed=0)    # the same, in Python
 
 Prompts are ``data.prompts`` records ({"prompt": str | [messages], "id": ...}). Each prompt is prefilled once and its
@@ -19,10 +19,13 @@ sample of the highest score, ties to the lowest index (the best of all if none i
 (identities: ``checkpoint.identity``; with ``--keep-samples`` also "samples": the K texts). The SFT stage reads it
 as a chat record. The steering system prompt stays out of "messages" unless ``--keep-system-prompt``.
 
-Prompts go in batches of ``--batch-size``; batch b samples with a seed drawn from (--seed, b) and is appended to OUT
-and fsynced when done. A rerun keeps OUT's complete batches, drops the records of one a kill cut short, and goes on
-from there: a killed run loses at most the batch in flight and ends with exactly the records of an uninterrupted
-one. A rerun whose settings or checkpoints differ from OUT's records is refused.
+``--checkpoint`` is the policy, ``--reward`` the reward model, ``--input`` the prompts, ``--out`` the records
+written. Prompts go in batches of ``--batch-size``; batch b samples with a seed drawn from (--seed, b) and is
+appended to OUT and fsynced when done. A rerun keeps OUT's complete batches, drops the records of one a kill cut
+short, and goes on from there: a killed run loses at most the batch in flight and ends with exactly the records of
+an uninterrupted one. A rerun whose settings or checkpoints differ from OUT's records is refused. Malformed prompt
+records and prompts too long to continue by ``--max-new-tokens`` are errors, or skipped with ``--on-error skip``.
+(The old spelling ``... prompts.jsonl out.jsonl`` works for one release.)
 """
 
 from __future__ import annotations
@@ -156,21 +159,23 @@ def _done_batches(out: Path, batches: list[list[PromptRecord]], header: dict) ->
     return done
 
 
-parser = cli.parser("python -m llama_jax.rejection_sample", __doc__.split("\n")[0])
-cli.add_checkpoint(parser, help="the policy: any checkpoint llama_jax reads")
-parser.add_argument("--reward", required=True, metavar="PATH", help="the reward model (a reward-stage checkpoint)")
-parser.add_argument("prompts", help="JSONL prompt records ({\"prompt\", \"id\"})")
-parser.add_argument("output", help="JSONL SFT records to write or resume")
-cli.add_sampling(parser)
-parser.set_defaults(temperature=1.0)
-parser.add_argument("--samples", type=int, default=10, help="K samples per prompt")
+parser = cli.parser("python -m llama_jax.rejection_sample", __doc__)
+cli.add_checkpoint(parser)
+cli.add_reward(parser)
+cli.add_input(parser)
+cli.add_out(parser)
+cli.add_tokenizer(parser)
+cli.add_sampling(parser, temperature=1.0)
+cli.add_max_new_tokens(parser)
+cli.add_seed(parser)
+cli.add_samples(parser, 10)
 parser.add_argument("--system-prompt", default=None, help="steering system prompt, for sampling only")
 parser.add_argument("--keep-system-prompt", action="store_true", help="keep the steering prompt in the records")
 parser.add_argument("--keep-samples", action="store_true", help="write every sample's text too")
-parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (K rows each)")
+cli.add_batch_size(parser, 8)
 parser.add_argument("--score-batch-size", type=int, default=32, help="sequences per reward-model forward pass")
-parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                    help="malformed prompt records and prompts too long to continue: error, or skip and count")
+cli.add_on_error(parser)
+cli.deprecate(parser, positional=("--input", "--out"))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -183,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
     if scorer.tokenizer.sha256 != policy.tokenizer.sha256:
         raise ConfigError(f"the policy's tokenizer ({policy.tokenizer.name}) and the reward model's "
                           f"({scorer.tokenizer.name}) differ: the reward model could not read the samples")
-    prompts, skipped = read_prompts(args.prompts, policy.tokenizer, on_error=args.on_error)
+    prompts, skipped = read_prompts(args.input, policy.tokenizer, on_error=args.on_error)
     room = policy.cfg.max_seq_len - settings.max_new_tokens
     for p in prompts:
         if len(encode_prompt(policy.tokenizer, sampled_messages(p.messages, settings.system_prompt))) > room:
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     batches = [prompts[i:i + settings.batch_size] for i in range(0, len(prompts), settings.batch_size)]
     header = {"policy": checkpoint.identity(args.checkpoint), "reward": checkpoint.identity(args.reward),
               "sampling": dataclasses.asdict(settings)}
-    out = Path(args.output)
+    out = Path(args.out)
     done = _done_batches(out, batches, header)
     cli.log(f"rejection sampling: {len(prompts)} prompts x {settings.samples} samples, {len(batches)} batches, "
             f"{done} already in {out}")
@@ -205,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
             f.write("".join(json.dumps({**r, **header}) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
-    return {"output": str(out.resolve()), "prompts": len(prompts), "resumed_batches": done,
+    return {"out": str(out.resolve()), "prompts": len(prompts), "resumed_batches": done,
             "sampled_batches": len(batches) - done, "skipped": len(skipped), "skipped_lines": skipped}
 
 

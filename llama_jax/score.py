@@ -1,4 +1,5 @@
-"""Reward-model scores of prompt/reply records: ``python -m llama_jax.score --reward CKPT in.jsonl out.jsonl``.
+"""Reward-model scores of prompt/reply records: ``python -m llama_jax.score --checkpoint RM --input in.jsonl --out
+out.jsonl``, where RM is a reward-stage run or step directory.
 
     scorer = Scorer.load("runs/rm")                       # a checkpoint of the reward stage
     ids = encode_replies(scorer.tokenizer, "Hi", ["Hello!", "Go away."])    # prompt + reply ids, one per reply
@@ -9,7 +10,8 @@ Records (JSON Lines): {"prompt": str | [messages], "response": reply} gets "scor
 (``data.preference``: a reply is a string, an assistant message, or messages from the assistant's to the
 assistant's). A reply is scored as the reward stage scores it: the templated prompt's ids, then the reply's, and
 the head read at its last token (the closing <|eot_id|>). A malformed record is an error naming file and line, or
-with ``--on-error skip`` left out of the output and counted; so is a sequence longer than ``--max-tokens``.
+with ``--on-error skip`` left out of the output and counted; so is a sequence longer than ``--max-tokens``. The
+output file must not exist. (The old spelling ``--reward RM in.jsonl out.jsonl`` works for one release.)
 """
 
 from __future__ import annotations
@@ -119,30 +121,30 @@ def read_records(path: str, tokenizer: Tokenizer, *, max_tokens: int, on_error: 
     return records, skipped
 
 
-parser = cli.parser("python -m llama_jax.score", __doc__.split("\n")[0])
-parser.add_argument("--reward", required=True, metavar="PATH", help="the reward model: a reward-stage run or step "
-                                                                    "directory")
-parser.add_argument("input", help="JSONL records with prompt and response(s)")
-parser.add_argument("output", help="JSONL file to write (must not exist)")
-parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+parser = cli.parser("python -m llama_jax.score", __doc__)
+cli.add_checkpoint(parser)
+cli.add_input(parser)
+cli.add_out(parser)
+cli.add_batch_size(parser, 16)
 parser.add_argument("--max-tokens", type=int, default=None, help="longest prompt + reply (default: max_seq_len)")
-parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-parser.add_argument("--tokenizer", default=None, help="llama3 | byte | path (default: the checkpoint's)")
+cli.add_on_error(parser)
+cli.add_tokenizer(parser)
 cli.add_mesh(parser)
+cli.deprecate(parser, positional=("--input", "--out"), renamed={"--reward": "--checkpoint"})
 
 
 def run(args: argparse.Namespace) -> dict:
-    if os.path.exists(args.output):
-        raise ConfigError(f"{args.output} already exists; choose another output file")
+    if os.path.exists(args.out):
+        raise ConfigError(f"{args.out} already exists; choose another output file")
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
-    scorer = Scorer.load(args.reward, tokenizer=args.tokenizer, batch_size=args.batch_size, mesh=mesh)
+    scorer = Scorer.load(args.checkpoint, tokenizer=args.tokenizer, batch_size=args.batch_size, mesh=mesh)
     records, skipped = read_records(args.input, scorer.tokenizer, on_error=args.on_error,
                                     max_tokens=args.max_tokens or scorer.cfg.max_seq_len)
     flat = [ids for _, sequences in records for ids in sequences]
     scores = np.zeros(len(flat), np.float32)
     for start in cli.progress(range(0, len(flat), args.batch_size), desc="score", unit="batch"):
         scores[start:start + args.batch_size] = scorer.score(flat[start:start + args.batch_size])
-    partial = f"{args.output}.partial"
+    partial = f"{args.out}.partial"
     with open(partial, "w") as f:
         at = 0
         for record, sequences in records:
@@ -150,9 +152,9 @@ def run(args: argparse.Namespace) -> dict:
             at += len(sequences)
             record = {**record, **({"score": values[0]} if "response" in record else {"scores": values})}
             f.write(json.dumps(record) + "\n")
-    os.replace(partial, args.output)
-    return {"output": os.path.abspath(args.output), "records": len(records), "replies": len(flat),
-            "skipped": len(skipped), "skipped_lines": skipped, "reward": checkpoint.identity(args.reward)}
+    os.replace(partial, args.out)
+    return {"out": os.path.abspath(args.out), "records": len(records), "replies": len(flat),
+            "skipped": len(skipped), "skipped_lines": skipped, "reward": checkpoint.identity(args.checkpoint)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,8 +33,8 @@ def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):
     a, b = random_params(CFG, 0), random_params(CFG, 1)
     checkpoint.save_params(str(tmp_path / "a"), a, CFG, tokenizer=BYTE)
     checkpoint.export(str(tmp_path / "b"), "hf", b, CFG)  # no tokenizer recorded: compatible with any
-    done = _run("llama_jax.average", str(tmp_path / "avg"), str(tmp_path / "a"), str(tmp_path / "b"),
-                "--weights", "3,1")
+    done = _run("llama_jax.average", "--checkpoint", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "b"),
+                "--weights", "3,1", "--out", str(tmp_path / "avg"))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["weights"] == [3.0, 1.0] and result["sources"] == [str(tmp_path / "a"), str(tmp_path / "b")]
@@ -74,11 +74,12 @@ def test_mismatched_sources_are_refused(tmp_path, capsys):
     for source, needle in (("wider", "ffn_dim: 128 vs 256"), ("headed", "['reward_head']"),
                            ("llama3", "tokenizer llama3")):
         out = str(tmp_path / f"avg-{source}")
-        assert average.main([out, str(tmp_path / "a"), str(tmp_path / source)]) == 2
+        assert average.main(["--out", out, "--checkpoint", str(tmp_path / "a"), "--checkpoint",
+                             str(tmp_path / source)]) == 2
         err = capsys.readouterr().err
         assert "error: " in err and needle in err.rsplit("error: ", 1)[1] and "Traceback" not in err, err
         assert not os.path.exists(out)
-    assert average.main([str(tmp_path / "x"), str(tmp_path / "a"), "--weights", "1,2"]) == 2
+    assert average.main(["--out", str(tmp_path / "x"), "--checkpoint", str(tmp_path / "a"), "--weights", "1,2"]) == 2
     assert "one per source" in capsys.readouterr().err
 
 
@@ -86,7 +87,8 @@ def test_reward_heads_average_with_the_rest(tmp_path):
     trees = [{**random_params(CFG, s), "reward_head": np.full(CFG.dim, float(s), np.float32)} for s in (1, 3)]
     for i, tree in enumerate(trees):
         checkpoint.save_params(str(tmp_path / str(i)), tree, CFG, extra_params=["reward_head"])
-    assert average.main([str(tmp_path / "avg"), str(tmp_path / "0"), str(tmp_path / "1")]) == 0
+    assert average.main(["--out", str(tmp_path / "avg"), "--checkpoint", str(tmp_path / "0"), "--checkpoint",
+                         str(tmp_path / "1")]) == 0
     got, _, metadata = checkpoint.load(str(tmp_path / "avg"))
     assert metadata["extra_params"] == ["reward_head"]
     np.testing.assert_array_equal(np.asarray(got["reward_head"]), np.full(CFG.dim, 2.0, np.float32))
@@ -95,5 +97,6 @@ def test_reward_heads_average_with_the_rest(tmp_path):
 @pytest.mark.parametrize("weights", ["0,1", "1,x", "nan,1"])
 def test_bad_weights(tmp_path, capsys, weights):
     checkpoint.save_params(str(tmp_path / "a"), random_params(CFG, 0), CFG)
-    assert average.main([str(tmp_path / "o"), str(tmp_path / "a"), str(tmp_path / "a"), "--weights", weights]) == 2
+    assert average.main(["--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "a"), "--checkpoint",
+                         str(tmp_path / "a"), "--weights", weights]) == 2
     assert "error: " in capsys.readouterr().err

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from llama_jax import (
+    average,
     chat,
     checkpoint,
     cli,
@@ -35,10 +36,11 @@ TINY = str(ROOT / "configs" / "pretrain" / "tiny.py")
 COMMANDS = {"train": train, "convert": convert, "generate": generate, "chat": chat, "quantize": quantize,
             "plan": plan, "eval.retrieval": retrieval, "tools.synthetic": synthetic, "score": score,
             "rejection_sample": rejection_sample, "reference_logps": reference_logps, "eval.word_count": word_count,
-            "eval": perplexity}
+            "eval": perplexity, "average": average}
 WITH_CHECKPOINT = {"convert": ["--to", "hf", "--out", "OUT"], "generate": ["--prompt", "x"], "chat": [],
                    "quantize": ["--out", "OUT"], "eval.retrieval": [], "eval": ["--data", "x.txt"],
-                   "rejection_sample": ["--reward", "OUT", "prompts.jsonl", "OUT"]}
+                   "rejection_sample": ["--reward", "OUT", "--input", "prompts.jsonl", "--out", "OUT"],
+                   "score": ["--input", "x.jsonl", "--out", "OUT"], "average": ["--out", "OUT"]}
 WITH_MESH = {"generate": ["--prompt", "x"], "chat": [], "eval": ["--data", "x.txt"]}
 
 

@@ -78,7 +78,8 @@ def test_best_of_k_keeps_the_best_usable_sample(models, tmp_path):
 
 def _command(models, prompts, out, *extra):
     return [sys.executable, "-m", "llama_jax.rejection_sample", f"--checkpoint={models[0]}", f"--reward={models[1]}",
-            str(prompts), str(out), "--samples=3", "--max-new-tokens=24", "--batch-size=1", "--seed=5", *extra]
+            f"--input={prompts}", f"--out={out}", "--samples=3", "--max-new-tokens=24", "--batch-size=1", "--seed=5",
+            *extra]
 
 
 def _env():

@@ -163,7 +163,8 @@ def test_score_command(pretrained, tmp_path):
     src.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n" + '{"prompt": "x"}\n')
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    command = [sys.executable, "-m", "llama_jax.score", f"--reward={rm}", str(src), str(tmp_path / "out.jsonl")]
+    command = [sys.executable, "-m", "llama_jax.score", f"--checkpoint={rm}", f"--input={src}",
+               f"--out={tmp_path / 'out.jsonl'}"]
     bad = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and f"error: {src}:4:" in bad.stderr and "Traceback" not in bad.stderr
     good = subprocess.run([*command, "--on-error=skip", "--batch-size=2"], env=env, capture_output=True, text=True,

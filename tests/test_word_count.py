@@ -63,6 +63,21 @@ def test_annotate_ranks_samples_by_the_judge():
         wc.annotate([{"messages": prompt}])
 
 
+def test_the_commands_write_where_out_says(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert wc.main(["data", "--out", str(data), "--sft", "2", "--preference", "2", "--prompts", "2",
+                    "--heldout", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["out"] == str(data) and len((data / "prompts.jsonl").read_text().splitlines()) == 2
+    samples, pairs = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    samples.write_text(json.dumps({"messages": [{"role": "user", "content": "Write 2 words about love."},
+                                                {"role": "assistant", "content": "A."}],
+                                   "usable": [True, True], "samples": ["Sweet heart.", "A."]}) + "\n")
+    assert wc.main(["annotate", "--input", str(samples), "--out", str(pairs)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"out": str(pairs), "pairs": 1}
+    assert json.loads(pairs.read_text())["chosen"] == "Sweet heart."
+
+
 def test_win_rates_of_models_with_known_replies(tmp_path):
     """Two models whose greedy reply is fixed: "A." (1 word) and "A B." (2 words)."""
     cfg = config.get("tiny", vocab_size=272, dim=272, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64)

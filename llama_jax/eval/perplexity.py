@@ -13,7 +13,8 @@ Data: ``--data PATH[:FORMAT]`` (repeatable; text, JSONL, .npy token arrays, chat
 every document of it (``--split all``); or an experiment config's data section (``--config``), or without either the
 data section the checkpoint was trained with: then the held-out documents (``--split heldout``), by default only
 the batches the training loop evaluates (``logging.eval_batches``), in the same order and packing, so the result is
-the run's logged eval loss. ``--max-batches 0`` scores the whole split.
+the run's logged eval loss. ``--max-batches 0`` scores the whole split. ``--batch-size`` rows per batch: the data
+config's, 8 with --data. ``--tokenizer`` (else the checkpoint's, else the data config's) reads the data.
 
 What is counted: every target the batch's ``loss_mask`` keeps (documents: each next token inside a document, its
 end-of-text included; chats: the assistant's tokens). ``loss`` is their mean negative log-likelihood (nats),
@@ -173,15 +174,13 @@ parser = cli.parser("python -m llama_jax.eval", __doc__, config=True)
 cli.add_checkpoint(parser)
 cli.add_data(parser)
 cli.add_mesh(parser)
-parser.add_argument("--tokenizer", default=None, help="llama3 | byte | path of a tokenizer.model (default: the "
-                                                      "checkpoint's, else the data config's)")
+cli.add_tokenizer(parser)
 parser.add_argument("--split", choices=SPLITS, default=None,
                     help="all: every document; heldout: the documents the data config holds out for eval "
                          "(default: all with --data, heldout with a config)")
 parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the data config's; with "
                                                               "--data the model's max_seq_len, at most 2048)")
-parser.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the data config's; "
-                                                                 "with --data 8)")
+cli.add_batch_size(parser, None)
 parser.add_argument("--max-batches", type=int, default=None,
                     help="score at most this many batches, 0 for all (default: all with --data; with a config its "
                          "logging.eval_batches, i.e. what the training loop evaluates)")

@@ -8,8 +8,13 @@
     rows = win_rates({"sft": "runs/sft", "dpo": "runs/dpo"}, "heldout.jsonl", baseline="sft")
 
     python -m llama_jax.eval.word_count data --out runs/posttrain/data
-    python -m llama_jax.eval.word_count annotate samples.jsonl prefs.jsonl    # rejection_sample --keep-samples output
-    python -m llama_jax.eval.word_count winrate --prompts heldout.jsonl --baseline sft sft=runs/sft dpo=runs/dpo
+    python -m llama_jax.eval.word_count annotate --input samples.jsonl --out prefs.jsonl   # of rejection_sample
+    python -m llama_jax.eval.word_count winrate --input heldout.jsonl --baseline sft \\
+        --checkpoint sft=runs/sft --checkpoint dpo=runs/dpo
+
+``annotate``'s input is rejection_sample's output written with ``--keep-samples``; ``winrate`` names each
+``--checkpoint`` NAME=PATH and compares them with the one ``--baseline`` names. (The old spellings ``annotate SAMPLES
+OUT`` and ``winrate --prompts FILE NAME=PATH ...`` work for one release.)
 
 The judge: a reply's words are its whitespace-separated pieces; its score is ``-|words - N|`` (0 is a reply that
 obeys), and of two replies the one with the higher score wins. The data (``write_datasets``) is made to leave a
@@ -206,41 +211,47 @@ def format_table(rows: Sequence[Mapping], baseline: str) -> str:
     return "\n".join(lines)
 
 
-parser = cli.parser("python -m llama_jax.eval.word_count", __doc__.split("\n")[0])
+parser = cli.parser("python -m llama_jax.eval.word_count", __doc__)
 commands = parser.add_subparsers(dest="command", required=True)
 data_parser = commands.add_parser("data", help="write the synthetic datasets")
-data_parser.add_argument("--out", required=True, help="directory to write sft/preference/prompts/heldout.jsonl")
-data_parser.add_argument("--seed", type=int, default=0)
+cli.add_out(data_parser)
+cli.add_seed(data_parser)
 data_parser.add_argument("--sft", type=int, default=2000, help="SFT records")
 data_parser.add_argument("--preference", type=int, default=2000, help="preference records")
 data_parser.add_argument("--prompts", type=int, default=256, help="prompts for rejection sampling")
 data_parser.add_argument("--heldout", type=int, default=128, help="held-out prompts")
-annotate_parser = commands.add_parser("annotate", help="preference pairs of rejection-sampling samples")
-annotate_parser.add_argument("samples", help="rejection_sample output written with --keep-samples")
-annotate_parser.add_argument("output", help="preference JSONL to write")
-win_parser = commands.add_parser("winrate", help="compliance and win rate of checkpoints on held-out prompts")
-win_parser.add_argument("--prompts", required=True, help="held-out prompt file")
-win_parser.add_argument("--baseline", required=True, help="the NAME the others are compared with")
-win_parser.add_argument("--samples", type=int, default=4, help="sampled replies per prompt")
-win_parser.add_argument("--temperature", type=float, default=1.0)
-win_parser.add_argument("--seed", type=int, default=0)
-win_parser.add_argument("--max-new-tokens", type=int, default=48)
-win_parser.add_argument("checkpoints", nargs="+", metavar="NAME=CHECKPOINT")
+annotate_parser = commands.add_parser("annotate", help="preference pairs of rejection-sampling samples",
+                                      description="--input: rejection_sample's output written with --keep-samples; "
+                                                  "--out: the preference JSONL to write")
+cli.add_input(annotate_parser)
+cli.add_out(annotate_parser)
+cli.deprecate(annotate_parser, positional=("--input", "--out"))
+win_parser = commands.add_parser("winrate", help="compliance and win rate of checkpoints on held-out prompts",
+                                 description="--input: the held-out prompt file; each --checkpoint is NAME=PATH")
+cli.add_input(win_parser)
+cli.add_checkpoint(win_parser, repeated=True)
+win_parser.add_argument("--baseline", required=True, metavar="NAME", help="the NAME the others are compared with")
+cli.add_samples(win_parser, 4)
+cli.add_temperature(win_parser, 1.0)
+cli.add_seed(win_parser)
+cli.add_max_new_tokens(win_parser, 48)
+cli.deprecate(win_parser, positional=("--checkpoint",), renamed={"--prompts": "--input"})
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.command == "data":
-        return write_datasets(args.out, seed=args.seed, sft=args.sft, preference=args.preference,
-                              prompts=args.prompts, heldout=args.heldout)
+        paths = write_datasets(args.out, seed=args.seed, sft=args.sft, preference=args.preference,
+                               prompts=args.prompts, heldout=args.heldout)
+        return {"out": os.path.abspath(args.out), **paths}
     if args.command == "annotate":
-        with open(args.samples) as f:
+        with open(args.input) as f:
             pairs = annotate(json.loads(line) for line in f if line.strip())
-        Path(args.output).write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        return {"output": os.path.abspath(args.output), "pairs": len(pairs)}
-    checkpoints = dict(spec.split("=", 1) for spec in args.checkpoints if "=" in spec)
-    if len(checkpoints) != len(args.checkpoints):
-        raise ConfigError(f"checkpoints are NAME=PATH, got {args.checkpoints}")
-    rows = win_rates(checkpoints, args.prompts, baseline=args.baseline, samples=args.samples,
+        Path(args.out).write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        return {"out": os.path.abspath(args.out), "pairs": len(pairs)}
+    checkpoints = dict(spec.split("=", 1) for spec in args.checkpoint if "=" in spec)
+    if len(checkpoints) != len(args.checkpoint):
+        raise ConfigError(f"name each --checkpoint NAME=PATH, got {args.checkpoint}")
+    rows = win_rates(checkpoints, args.input, baseline=args.baseline, samples=args.samples,
                      temperature=args.temperature, seed=args.seed, max_new_tokens=args.max_new_tokens)
     print(format_table(rows, args.baseline))
     return {"baseline": args.baseline, "rows": rows}

@@ -134,9 +134,9 @@ def write_jsonl(path: str | Path, records: Sequence[dict]) -> None:
 
 
 parser = cli.parser("python -m llama_jax.tools.synthetic", __doc__.split("\n")[0])
-parser.add_argument("--out", required=True, help="JSONL file to write")
+cli.add_out(parser)
 parser.add_argument("--num", type=int, default=1000, help="number of dialogs")
-parser.add_argument("--seed", type=int, default=0)
+cli.add_seed(parser)
 parser.add_argument("--form", choices=get_args(Form), default="json", help="how the tool is offered")
 
 

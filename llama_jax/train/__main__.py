@@ -6,13 +6,15 @@ PATH[:FORMAT]`` (repeatable) replaces ``data.sources`` without writing JSON:
 
     python -m llama_jax.train --config configs/pretrain/tiny.py --data my.jsonl --config.run_dir=/tmp/mine
 
-Rerunning the same command resumes from the newest complete checkpoint in ``run_dir``. On a pod, start one process
-per host with ``--coordinator``, ``--num-processes``, ``--process-id`` (or let SLURM / the TPU VM tell them).
+The run directory (checkpoints, metrics) is ``--config.run_dir``: the result's ``out``. Rerunning the same command
+resumes from the newest complete checkpoint in ``run_dir``. On a pod, start one process per host with
+``--coordinator``, ``--num-processes``, ``--process-id`` (or let SLURM / the TPU VM tell them).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from llama_jax import cli
@@ -28,7 +30,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError("--config is required, e.g. --config configs/pretrain/tiny.py")
     if args.data:
         args.config.data.sources = cli.data_sources(args.data)
-    return loop.run(args.config)
+    metrics = loop.run(args.config)
+    return {"out": os.path.abspath(args.config.run_dir), **(metrics or {})}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
