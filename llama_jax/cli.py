@@ -168,8 +168,8 @@ def add_input(p: argparse.ArgumentParser) -> None:
                    help="JSON Lines file of the records the command reads (their fields: see the description)")
 
 
-def add_out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="PATH",
+def add_out(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--out", required=required, metavar="PATH",
                    help="the file or directory the command writes (see the description)")
 
 
@@ -211,7 +211,7 @@ def add_on_error(p: argparse.ArgumentParser) -> None:
                         "(left out and counted in the result)")
 
 
-def add_max_new_tokens(p: argparse.ArgumentParser, default: int = 256) -> None:
+def add_max_new_tokens(p: argparse.ArgumentParser, default: int | None = 256) -> None:
     p.add_argument("--max-new-tokens", type=int, default=default, metavar="N", help="tokens sampled per reply at most")
 
 

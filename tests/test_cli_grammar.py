@@ -33,8 +33,6 @@ PATH_FLAGS = {"--checkpoint", "--reward", "--baseline", "--data", "--input", "--
 PATH_WORDS = re.compile(r"\b(file|directory|dir|path)\b", re.IGNORECASE)
 # Keys a result must not name its written path with: that is "out".
 PATH_KEYS = {"output", "output_path", "path", "json", "file", "plot"}
-# Until branch "plan" is merged, plan and eval.retrieval keep their own spellings: the merge empties this.
-PENDING = ("plan", "eval.retrieval")
 
 
 def _module_name(path: Path) -> str:
@@ -66,12 +64,6 @@ def _commands() -> dict[str, ModuleType]:
 
 
 COMMANDS = _commands()
-
-
-def _cases(*pending: str) -> list:
-    """Every command; those of ``pending`` expected to fail until branch plan is merged."""
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=False, reason="merged from branch plan"))
-            if name in pending else name for name in sorted(COMMANDS)]
 
 
 def _parsers(parser: argparse.ArgumentParser, name: str):
@@ -117,7 +109,7 @@ def test_the_scan_finds_the_commands():
     assert {"eval.harness", "tools.sandbox_child"}.isdisjoint(COMMANDS)
 
 
-@pytest.mark.parametrize("name", _cases())
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_no_positional_arguments(name):
     for where, parser in _parsers(COMMANDS[name].parser, name):
         positional = [a.dest for a in parser._actions
@@ -125,11 +117,11 @@ def test_no_positional_arguments(name):
         assert not positional, f"{where}: positional {positional}: name inputs --input/--checkpoint/..., outputs --out"
 
 
-@pytest.mark.parametrize("name", _cases(*PENDING))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_a_flag_means_one_thing_everywhere(name):
     """A flag cli declares has cli's help, type, nargs and choices; a flag that two commands spell the same is one of
-    cli's (a command pending the merge is not held against the others)."""
-    others = COMMANDS.keys() - {name} - (set() if name in PENDING else set(PENDING))
+    cli's."""
+    others = COMMANDS.keys() - {name}
     for where, flag, action in _options(name):
         if flag in SHARED:
             assert _meaning(action) == _meaning(SHARED[flag]), f"{where} {flag}: declare it with cli.add_*"
@@ -139,14 +131,14 @@ def test_a_flag_means_one_thing_everywhere(name):
             assert not elsewhere, f"{where} {flag} is also a flag of {elsewhere[0]}: declare it once in cli"
 
 
-@pytest.mark.parametrize("name", _cases("eval.retrieval"))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_json_is_a_switch_never_a_path(name):
     for where, flag, action in _options(name):
         if flag == "--json":
             assert action.nargs == 0, f"{where} --json takes a value: a path is --out"
 
 
-@pytest.mark.parametrize("name", _cases("eval.retrieval"))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_paths_go_through_the_grammar_flags(name):
     for where, flag, action in _options(name):
         if flag not in PATH_FLAGS and action.nargs != 0 and action.choices is None and action.type in (None, str):
@@ -156,7 +148,7 @@ def test_paths_go_through_the_grammar_flags(name):
                 "output --out"
 
 
-@pytest.mark.parametrize("name", _cases("eval.retrieval"))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_the_written_path_is_under_out(name):
     """The dicts a command's ``run`` returns name no path with another key than "out"."""
     path = Path(COMMANDS[name].__file__)

@@ -266,11 +266,11 @@ def run_plan(*args: str, devices: int | None = None) -> tuple[dict, str]:
     return json.loads(last), "\n".join(table)
 
 
-def test_planner_prints_each_stage_of_the_8b_long_context_config():
-    """Per-device memory of every stage on the config's 512 GPUs; parameters: 8B bf16 values over 512 (CP off) or
+def test_planner_prints_each_phase_of_the_8b_long_context_config():
+    """Per-device memory of every phase on the config's 512 GPUs; parameters: 8B bf16 values over 512 (CP off) or
     256 (CP 2: the sequence axis replicates them) shards, counted from the model config, not the planner."""
     result, table = run_plan("--config.mesh=tensor=8,fsdp=64")
-    rows = result["long_context_stages"]
+    rows = result["long_context_phases"]
     assert [(r["seq_len"], r["mesh"]["sequence"]) for r in rows] == [
         (16_384, 1), (32_768, 1), (65_536, 1), (98_304, 2), (131_072, 2), (131_072, 2)]
     params = config.get("llama3.1-8b").num_params() * 2
@@ -279,18 +279,18 @@ def test_planner_prints_each_stage_of_the_8b_long_context_config():
         assert r["terms_gb"]["params"] * 1e9 == pytest.approx(params / shards, rel=1e-3)  # + replicated norms
         assert r["fits_80gb"] and r["terms_gb"]["params"] < r["analytic_gb"] < 80
     lines = table.splitlines()
-    assert lines[0].startswith("long-context stages, per device") and len(lines) == 2 + len(rows)
+    assert lines[0].startswith("long-context phases, per device") and len(lines) == 2 + len(rows)
     assert lines[2].split()[:2] == ["0", "16,384"] and lines[-1].split()[:2] == ["5", "131,072"]
 
 
 @pytest.mark.slow  # ~6 minutes on 2 busy cores: five compiles of the 8B step
-def test_8b_long_context_stages_compile_aot_on_a_simulated_mesh():
-    """Each stage's real train step (its length, its rows in its gradient-accumulation passes, its mesh with the CP
+def test_8b_long_context_phases_compile_aot_on_a_simulated_mesh():
+    """Each phase's real train step (its length, its rows in its gradient-accumulation passes, its mesh with the CP
     degree) lowered and compiled for 64 simulated CPU devices (tensor=8, fsdp=8), nothing allocated. XLA's argument
     bytes are the sharded state: bf16 parameters and two bf16 Adam moments (from the model config) over the devices
     that hold shards."""
     result, table = run_plan("--config.mesh=tensor=8,fsdp=8", "--aot", devices=64)
-    rows = result["long_context_stages"]
+    rows = result["long_context_phases"]
     state = config.get("llama3.1-8b").num_params() * 2 * 3
     for r in rows:
         compiled = r["compiled"]
@@ -329,13 +329,12 @@ def test_tiny_model_extended_from_256_to_2048_tokens_retrieves_the_passkey(tmp_p
     run_dir, base_steps = tmp_path / "run", runpy.run_path(str(TINY_LONG))["BASE_STEPS"]
     train = ("llama_jax.train", "--config", spec, f"--config.run_dir={run_dir}")
     lengths = "256,512,1024,2040"  # 2040 + 8 new tokens: the 2,048-token context
-    grid = ("--depths", "0,0.25,0.5,0.75,1", "--samples", "12", "--max-new-tokens", "8", "--batch-size", "20")
+    grid = ("--depths", "0,0.25,0.5,0.75,1", "--per-cell", "12", "--max-new-tokens", "8", "--batch-size", "20")
     run_command(*train, f"--config.train.steps={base_steps}")
     before = run_command("llama_jax.eval.retrieval", "--checkpoint", str(run_dir), "--lengths", "256,2040", *grid)
     run_command(*train)
-    heatmap = tmp_path / "passkey.png"
     after = run_command("llama_jax.eval.retrieval", "--checkpoint", str(run_dir), "--lengths", lengths, *grid,
-                        "--plot", str(heatmap))
+                        "--out", str(tmp_path / "passkey.json"), "--plot")
     second_draw = run_command("llama_jax.eval.retrieval", "--checkpoint", str(run_dir), "--lengths", "2040", *grid,
                               "--seed", "7")
     accuracy_before = dict(zip(before["lengths"], np.mean(before["accuracy"], axis=1)))
@@ -350,4 +349,4 @@ def test_tiny_model_extended_from_256_to_2048_tokens_retrieves_the_passkey(tmp_p
     assert accuracy_before[2040] <= 0.2
     assert accuracy_after[2040] >= 0.7
     assert final_loss <= reference * 1.05
-    assert heatmap.stat().st_size > 0
+    assert (tmp_path / "passkey.png").stat().st_size > 0

@@ -164,7 +164,7 @@ def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
     old = subprocess.run([*inference, "--weights", "fp8", "--json"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert old.returncode == 0 and old.stdout == only_json.stdout
-    assert old.stderr == "deprecated: --weights -> use --weight-dtype\n"
+    assert old.stderr == "deprecated: --weights fp8 -> use --weight-dtype fp8\n"
     bad = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--aot", "--topology", "v9:2x2"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: topology 'v9:2x2'")

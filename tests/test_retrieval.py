@@ -238,12 +238,12 @@ def run_cli(*args):
 
 def test_cli_writes_json_and_heatmap_of_greedy_replies(tiny_checkpoint, tmp_path):
     path, params = tiny_checkpoint
-    plot, full = tmp_path / "out.png", tmp_path / "result.json"
+    plot, full = tmp_path / "result.png", tmp_path / "result.json"
     proc = run_cli("--checkpoint", path, "--task", "passkey", "--lengths", "180,240", "--depths", "0,1",
-                   "--samples", "2", "--max-new-tokens", "8", "--plot", str(plot), "--out", str(full))
+                   "--per-cell", "2", "--max-new-tokens", "8", "--plot", "--out", str(full))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["out"] == str(full) and result["plot"] == str(plot)
+    assert result["out"] == str(full) and f"heatmap: {plot}" in proc.stderr
     assert result["lengths"] == [180, 240] and result["depths"] == [0.0, 1.0]
     assert np.array(result["accuracy"]).shape == (2, 2) and result["tokenizer"] == "byte"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -278,7 +278,9 @@ def test_cli_bad_arguments_are_errors_without_traceback(tiny_checkpoint, tmp_pat
     assert capsys.readouterr().err.startswith("error: ")
     # The old spelling of --out works for one release and says so.
     assert command.parser.parse_args(["--checkpoint", path, "--json", "full.json"]).out == "full.json"
-    assert capsys.readouterr().err == "deprecated: --json -> use --out\n"
+    assert capsys.readouterr().err == "deprecated: --json full.json -> use --out full.json\n"
+    assert r.main(["--checkpoint", path, "--plot"]) == 2  # it draws beside --out
+    assert capsys.readouterr().err.strip().endswith("give --out too")
     with pytest.raises(CheckpointError):  # the Python API raises; only the command prints
         r.evaluate_checkpoint(str(tmp_path / "missing"), r.Task(), [200], [0.5])
 

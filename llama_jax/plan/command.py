@@ -5,7 +5,7 @@ compiled for the real chips.
     python -m llama_jax.plan --model llama3.1-8b --mesh fsdp=64 --seq 8192 --batch 64 --aot --topology v5p:4x4x4
     python -m llama_jax.plan --config configs/pretrain/llama3_8b.py --aot --topology v5p:8x8x8   # the run you train
     python -m llama_jax.plan --table4 --aot --topology v5p:16x16x16   # the paper's 405B layouts, compiled for v5p
-    python -m llama_jax.plan --config configs/pretrain/llama3_8b_long_context.py [--aot]   # one row per stage
+    python -m llama_jax.plan --config configs/pretrain/llama3_8b_long_context.py [--aot]   # one row per phase
     python -m llama_jax.plan --model llama3.1-405b --inference --tensor 8 --weight-dtype fp8 --context 8192
 
 The analytic figure is ``llama_jax.plan.memory``'s term by term (the JSON result names every one). ``--aot`` lowers
@@ -20,18 +20,16 @@ the bubble it implies, and its per-device memory is every stage's (one SPMD prog
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 
 import jax
 
-from llama_jax import cli, config, optim, sharding
+from llama_jax import cli, config, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 from llama_jax.plan import aot, memory
-from llama_jax.train import long_context
+from llama_jax.train import long_context, phases
 
 GB = 1e9
 H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs)
@@ -93,46 +91,46 @@ def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backen
 
 
 def long_context_rows(args: argparse.Namespace, c) -> list[dict]:
-    """One plan per stage of experiment config ``c``'s ``long_context.stages`` (``plan_train``: analytic, and with
-    ``--aot`` compiled): the stage's length, rows, gradient accumulation and mesh (``sequence`` = its CP degree).
+    """One plan per phase of experiment config ``c``'s ``long_context.phases`` (``plan_train``: analytic, and with
+    ``--aot`` compiled): the phase's length, rows, gradient accumulation and mesh (``sequence`` = its CP degree).
     Attention is modelled as the model runs it: the fused kernel for ``model.attention="flash"`` without context
     parallelism or with ``model.context_parallel="all_gather"``, dense blocks under the ring."""
     cfg = ModelConfig.from_dict(c.model.to_dict())
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
     mesh_spec = args.mesh or c.mesh or "fsdp=-1"
-    plan = dataclasses.replace(long_context.parse(c, cfg), base_mesh=mesh_spec)
-    devices = _devices(args, mesh_spec)
+    extension = long_context.parse(c, cfg, base_mesh=sharding.parse_mesh(mesh_spec, _devices(args, mesh_spec)))
     backend = args.backend or (_backend_of(args.topology) if args.topology
                                else jax.default_backend() if args.aot else "gpu")
     chunk = int(c.optimizer.loss_chunk) or None
     rows, compiled = [], {}
-    for s in plan.stages:
-        sizes = plan.mesh_sizes(s.index, devices)
+    for number, s in enumerate(extension.phases):  # numbered as in long_context.phases
+        sizes = s.mesh
         spec = ",".join(f"{k}={v}" for k, v in sizes.items())
         fused = sizes["sequence"] == 1 or cfg.context_parallel == "all_gather"
         attention = "flash" if cfg.attention == "flash" and fused else "dense"
         key = (s.seq_len, s.rows, s.grad_accum, spec)
-        if key not in compiled:  # stages of one shape (the annealing) share one plan and compile
+        if key not in compiled:  # phases of one shape (the annealing) share one plan and compile
             if args.aot:
-                cli.log(f"stage {s.index}: {s.rows} x {s.seq_len} tokens in {s.grad_accum} pass(es) on {spec}")
+                cli.log(f"phase {number}: {s.rows} x {s.seq_len} tokens in {s.grad_accum} pass(es) on {spec}")
             compiled[key] = plan_train(cfg, spec, s.seq_len, s.rows, backend=backend, attention=attention,
                                        grad_accum=s.grad_accum, pipeline=dict(c.pipeline), loss_chunk=chunk,
                                        compile_on=(args.topology, args.slices) if args.aot else None)
         planned = compiled[key]
-        rows.append({"stage": s.index, "seq_len": s.seq_len, "steps": s.steps, "rows": s.rows, "attention": attention,
+        rows.append({"phase": number, "seq_len": s.seq_len, "steps": s.end_step - s.start_step, "rows": s.rows,
+                     "attention": attention,
                      **planned, "fits_80gb": planned["analytic_gb"] * GB <= H100_BYTES})
     return rows
 
 
 def _print_long_context(rows: list[dict]) -> None:
     compiled = "compiled" in rows[0]
-    print(f"long-context stages, per device ({rows[0]['backend']} profile; 'compiled': the compiler's figure)")
-    head = ["stage", "seq", "rows", "accum", "mesh", "attention", "params", "saved act.", "analytic", "fits 80 GB"]
+    print(f"long-context phases, per device ({rows[0]['backend']} profile; 'compiled': the compiler's figure)")
+    head = ["phase", "seq", "rows", "accum", "mesh", "attention", "params", "saved act.", "analytic", "fits 80 GB"]
     table = [head + (["compiled"] if compiled else [])]
     for r in rows:
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
-        cells = [str(r["stage"]), f"{r['seq_len']:,}", str(r["rows"]), str(r["grad_accum"]), mesh, r["attention"],
+        cells = [str(r["phase"]), f"{r['seq_len']:,}", str(r["rows"]), str(r["grad_accum"]), mesh, r["attention"],
                  _gb(r["terms_gb"]["params"]), _gb(r["terms_gb"]["saved_activations"]), _gb(r["analytic_gb"]),
                  "yes" if r["fits_80gb"] else "NO"]
         table.append(cells + ([_gb(r["compiled"]["total_gb"])] if compiled else []))
@@ -196,23 +194,10 @@ def _print_table4(rows: list[dict]) -> None:
 # --- Command line -----------------------------------------------------------------------------------------
 
 
-class _DeprecatedFlag(argparse.Action):
-    """An old spelling kept for one release: it works as ``new`` does and says so on stderr."""
-
-    def __init__(self, option_strings, dest, *, new: str, **kwargs):
-        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
-        self.new = new
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"deprecated: {option_string} -> use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 parser = cli.parser("python -m llama_jax.plan", __doc__.split("\n")[0], config=True)
 parser.add_argument("--model", default="llama3.1-8b", help="preset name (llama_jax.config.PRESETS); with --config, "
                                                            "the config's model")
-parser.add_argument("--mesh", default=None, help="e.g. data=2,stage=4,fsdp=4,tensor=8,sequence=1 (default: fsdp=8, "
-                                                 "or the config's mesh)")
+cli.add_mesh(parser)  # default: fsdp=8 without --config, else the config's mesh
 parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 8192, or the config's longest)")
 parser.add_argument("--batch", type=int, default=None, help="global rows per step (default: one per DP rank, or the "
                                                             "config's)")
@@ -236,11 +221,10 @@ parser.add_argument("--table4", action="store_true", help="the paper's 405B layo
 parser.add_argument("--inference", action="store_true", help="serving memory instead of training")
 parser.add_argument("--weight-dtype", default="bf16", choices=memory.WEIGHT_DTYPES,
                     help="inference: bf16, or the paper's fp8 SwiGLU kernels")
-parser.add_argument("--weights", dest="weight_dtype", choices=memory.WEIGHT_DTYPES, action=_DeprecatedFlag,
-                    new="--weight-dtype")
 parser.add_argument("--tensor", type=int, default=8, help="inference: devices the weights are split over")
 parser.add_argument("--context", type=int, default=8192, help="inference: KV cache length")
 parser.add_argument("--json", action="store_true", help="print only the JSON result (no table above it)")
+cli.deprecate(parser, renamed={"--weights": "--weight-dtype"})
 
 
 def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None, int, dict, int | None]:
@@ -252,8 +236,8 @@ def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | 
     else:
         c = args.config
         cfg = ModelConfig.from_dict(c.model.to_dict())
-        ramp = optim.parse_ramp(list(c.schedule.ramp), int(c.data.seq_len))
-        seq = args.seq or max(stage.seq_len for stage in ramp)
+        ramp = phases.parse_ramp(list(c.schedule.ramp), int(c.data.seq_len))
+        seq = args.seq or max(point.seq_len for point in ramp)
         rows = args.batch or int(c.data.batch_size) * int(c.data.seq_len) // seq
         mesh, accum, pipe = args.mesh or c.mesh or "fsdp=-1", int(c.optimizer.grad_accum), dict(c.pipeline)
         chunk = int(c.optimizer.loss_chunk) or None
@@ -279,11 +263,11 @@ def run(args: argparse.Namespace) -> dict:
         if not args.json:
             _print_table4(rows)
         return {"table4": rows}
-    if args.config is not None and list(args.config.long_context.stages) and not args.inference and not args.seq:
+    if args.config is not None and list(args.config.long_context.phases) and not args.inference and not args.seq:
         rows = long_context_rows(args, args.config)
         if not args.json:
             _print_long_context(rows)
-        return {"long_context_stages": rows}
+        return {"long_context_phases": rows}
     cfg, mesh_spec, seq, batch, accum, pipe, chunk = _experiment(args)
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
