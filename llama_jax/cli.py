@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import tqdm
 
-from llama_jax import data, distributed
+from llama_jax import data, distributed, experiment
 from llama_jax.errors import ConfigError, LlamaJaxError
 
 if TYPE_CHECKING:
@@ -288,7 +288,7 @@ def _list_config_keys(p: ArgumentParser, argv: list[str]) -> None:
     config.add_argument("--config")
     spec = config.parse_known_args(argv)[0].config
     if spec:
-        lines = describe_config(load_config(spec))
+        lines = experiment.describe(load_config(spec))
         p.epilog = f"keys of {spec} (override any with --config.<key>=<value>):\n" + "\n".join(lines)
 
 
@@ -332,8 +332,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         config = module.get_config(arg) if arg else module.get_config()
     except (AttributeError, KeyError) as e:  # ml_collections' words for a key a locked config does not have
         key, hint = re.search(r'Key "([^"]+)"', str(e)), re.search(r'Did you mean "([^"]+)"', str(e))
+        moved = key and next((new for old, new in experiment.RENAMED.items() if old.endswith(key[1])), None)
         raise ConfigError(f"config file {path} sets unknown key {key[1] if key else e}"
-                          + (f" (did you mean {hint[1]!r}?)" if hint else "")) from None
+                          + (f" (now {moved})" if moved else f" (did you mean {hint[1]!r}?)" if hint else "")
+                          ) from None
     if not isinstance(config, _config_dict()):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
     config.lock()
@@ -341,6 +343,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         if "=" not in override:
             raise ConfigError(f"write config overrides as {override}=<value>")
         key, _, value = override[len(CONFIG_PREFIX):].partition("=")
+        if key in experiment.RENAMED:
+            print(f"deprecated: --config.{key} -> use --config.{experiment.RENAMED[key]}", file=sys.stderr)
+            key = experiment.RENAMED[key]
         set_key(config, key, value)
     return config
 
@@ -388,15 +393,3 @@ def parse_value(text: str, current: Any) -> Any:
             if current is None:
                 return text
             raise ValueError(f"expected a JSON or Python literal for a {type(current).__name__} key") from None
-
-
-def describe_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    """``key = value`` lines for every leaf of a config (what ``--help`` shows with ``--config``)."""
-    lines = []
-    for key in config.keys():
-        value = config[key]
-        if isinstance(value, _config_dict()):
-            lines += describe_config(value, f"{prefix}{key}.")
-        else:
-            lines.append(f"  --config.{prefix}{key}={json.dumps(value, default=str)}")
-    return lines

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     tok, seq_len = get_tokenizer(config.data.tokenizer), int(config.data.seq_len)
     rows, identity = PairRows(seq_len, tok), checkpoint.identity(reference)
     logps = jax.jit(functools.partial(dpo.reply_logps, cfg=cfg.replace(remat="none"),
-                                      chunk_size=config.optimizer.loss_chunk or None))
+                                      chunk_size=config.loss.vocab_chunk or None))
     skipped, written = {}, 0
     partial = f"{args.out}.partial"
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from llama_jax import checkpoint, config, generate, model
+from llama_jax import checkpoint, config, experiment, generate, model
 from llama_jax.data import make_batches
 from llama_jax.errors import CheckpointError, ConfigError, DataError, TokenizerError
 from llama_jax.formats import meta as meta_format
 from llama_jax.quantize import quantize_params
 from llama_jax.tokenizer import get_tokenizer
-from llama_jax.train import defaults, loop
+from llama_jax.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
@@ -136,18 +136,22 @@ def test_p8_chat_survives_input_that_is_not_utf8_and_refuses_zero_new_tokens(tin
 BAD_VALUES = {  # one out-of-range value per checked key
     "seed": -1, "data.seq_len": 0, "data.batch_size": 0, "data.seed": -1, "data.holdout_every": -1,
     "optimizer.b1": 1.0, "optimizer.b2": -0.1, "optimizer.eps": 0.0, "optimizer.weight_decay": -0.1,
-    "optimizer.clip_norm": -1.0, "optimizer.grad_accum": 0, "optimizer.z_loss": -1.0, "optimizer.loss_chunk": -1,
+    "optimizer.clip_norm": -1.0, "optimizer.grad_accum": 0, "loss.z_loss": -1.0, "loss.vocab_chunk": -1,
     "schedule.peak_lr": -1e-3, "schedule.warmup_steps": -1, "schedule.decay_steps": 0, "schedule.min_lr_ratio": 1.5,
     "schedule.anneal_steps": -1, "schedule.total_steps": 0, "train.steps": -1, "checkpoint.every": 0,
     "checkpoint.keep_last": -1, "checkpoint.keep_every": -1, "logging.every": 0, "logging.eval_every": -1,
     "logging.eval_batches": 0, "logging.peak_tflops": -1.0, "long_context.start_step": -1,
     "long_context.gate.max_loss_increase": -0.1, "long_context.gate.min_retrieval": 1.5,
-    "long_context.gate.samples": 0, "dpo.beta": 0.0, "dpo.nll_coef": -0.2,
+    "long_context.gate.samples": 0, "dpo.beta": 0.0, "dpo.nll_coef": -0.2, "pipeline.microbatches": 0,
+    "pipeline.circular_repeats": 0,
 }
 
 
 def test_every_range_checked_key_has_a_bad_value_here():
-    assert set(BAD_VALUES) == set(defaults.RANGES)
+    dpo = experiment.from_config(runpy.run_path(str(ROOT / "configs" / "dpo" / "tiny.py"))["get_config"]())
+    ranged = {key for key, _, _, expected in experiment.Experiment.describe(dpo)
+              if expected.startswith(("an integer", "a number"))}
+    assert set(BAD_VALUES) == ranged
 
 
 @pytest.mark.parametrize("key", sorted(BAD_VALUES))

@@ -319,5 +319,6 @@ def test_resume_is_bit_identical_across_long_context_phases(corpus, tmp_path):
     b = CheckpointManager(tmp_path / "resumed").restore(7)
     for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert a.data_state == b.data_state and a.data_state["long_context"]["stage"] == 1
+    assert a.data_state == b.data_state and a.data_state["phases"]["stream"] == 1
+    assert a.data_state["phases"]["memo"]["reference_loss"] > 0  # measured before the first longer phase
     assert a.data_state["seq_len"] == 512 and a.metadata["mesh"]["sequence"] == 2

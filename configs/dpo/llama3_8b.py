@@ -18,7 +18,8 @@ def get_config(data_path: str = ""):
     c.data.sources = [dict(format="preference", path=data_path, weight=1.0)]
     c.data.update(seq_len=8192, batch_size=64, holdout_every=100)
     c.mesh = "fsdp=-1"
-    c.optimizer.update(grad_accum=8, loss_chunk=8192)
+    c.optimizer.grad_accum = 8
+    c.loss.vocab_chunk = 8192
     c.schedule.update(peak_lr=1e-5, warmup_steps=50, decay_steps=2000, total_steps=2000)
     c.checkpoint.update(every=500, keep_last=3)
     c.logging.update(every=10, eval_every=500, eval_batches=16, peak_tflops=989.0)  # H100 dense bf16

@@ -19,5 +19,5 @@ def get_config():
     c.schedule.update(peak_lr=3e-3, warmup_steps=25, decay_steps=250, total_steps=250)
     c.checkpoint.update(every=100, keep_last=2)
     c.logging.update(every=10, eval_every=125, eval_batches=8)
-    c.optimizer.loss_chunk = 0
+    c.loss.vocab_chunk = 0
     return c

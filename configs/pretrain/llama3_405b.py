@@ -21,7 +21,8 @@ def get_config(data_path: str = ""):
     c.data.sources = [dict(format="jsonl", path=data_path, weight=1.0, split="file", text_key="text")]
     c.data.update(seq_len=8192, batch_size=512, add_bos=True, holdout_every=10_000)
     c.mesh = "tensor=8,fsdp=-1"
-    c.optimizer.update(grad_accum=1, loss_chunk=8192, z_loss=0.0)
+    c.optimizer.grad_accum = 1
+    c.loss.update(vocab_chunk=8192, z_loss=0.0)
     c.schedule.update(peak_lr=8e-5, warmup_steps=8_000, decay_steps=1_200_000, min_lr_ratio=0.01,
                       anneal_steps=3, total_steps=1_200_000)
     c.schedule.ramp = [dict(start_tokens=0, seq_len=4096, batches=1),

@@ -16,7 +16,8 @@ def get_config(data_path: str = ""):
     c.data.sources = [dict(format="jsonl", path=data_path, weight=1.0, split="file", text_key="text")]
     c.data.update(seq_len=8192, batch_size=512, add_bos=True, holdout_every=1000)
     c.mesh = "fsdp=-1"
-    c.optimizer.update(grad_accum=8, loss_chunk=8192)
+    c.optimizer.grad_accum = 8
+    c.loss.vocab_chunk = 8192
     c.schedule.update(peak_lr=3e-4, warmup_steps=2_000, decay_steps=1_000_000, min_lr_ratio=0.01,
                       total_steps=1_000_000)
     c.schedule.ramp = [dict(start_tokens=0, seq_len=4096, batches=1),

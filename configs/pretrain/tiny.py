@@ -21,5 +21,5 @@ def get_config(data_path: str = ""):
     c.train.steps = 20
     c.checkpoint.update(every=10, keep_last=2)
     c.logging.update(every=1, eval_every=10, eval_batches=2, peak_tflops=0.1)
-    c.optimizer.loss_chunk = 128
+    c.loss.vocab_chunk = 128
     return c

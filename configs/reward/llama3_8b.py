@@ -18,7 +18,8 @@ def get_config(data_path: str = ""):
     c.data.update(seq_len=8192, batch_size=512, holdout_every=100)
     c.reward.packed = True
     c.mesh = "fsdp=-1"
-    c.optimizer.update(grad_accum=16, loss_chunk=8192)
+    c.optimizer.grad_accum = 16
+    c.loss.vocab_chunk = 8192
     c.schedule.update(peak_lr=1e-5, warmup_steps=30, decay_steps=1000, total_steps=1000, min_lr_ratio=0.1)
     c.checkpoint.update(every=200, keep_last=3)
     c.logging.update(every=10, eval_every=200, eval_batches=16, peak_tflops=989.0)  # H100 dense bf16

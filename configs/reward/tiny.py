@@ -19,5 +19,5 @@ def get_config(data_path: str = ""):
     c.schedule.update(peak_lr=1e-3, warmup_steps=10, decay_steps=200, total_steps=200)
     c.checkpoint.update(every=100, keep_last=2)
     c.logging.update(every=10, eval_every=100, eval_batches=8, peak_tflops=0.1)
-    c.optimizer.loss_chunk = 0
+    c.loss.vocab_chunk = 0
     return c

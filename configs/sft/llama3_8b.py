@@ -17,7 +17,8 @@ def get_config(data_path: str = ""):
     c.data.sources = [dict(format="chat", path=data_path, weight=1.0)]
     c.data.update(seq_len=8192, batch_size=64, holdout_every=200)
     c.mesh = "fsdp=-1"
-    c.optimizer.update(grad_accum=4, loss_chunk=8192)
+    c.optimizer.grad_accum = 4
+    c.loss.vocab_chunk = 8192
     c.schedule.update(peak_lr=1e-5, warmup_steps=100, decay_steps=9000, total_steps=9000)
     c.checkpoint.update(every=500, keep_last=3)
     c.logging.update(every=10, eval_every=500, eval_batches=16, peak_tflops=989.0)  # H100 dense bf16

@@ -60,25 +60,14 @@ import numpy as np
 
 from llama_jax.data import sources as sources_lib
 from llama_jax.data.chat import ChatRows, ChatSource
+from llama_jax.data.config import DataConfig
 from llama_jax.data.packing import rows_to_batch
 from llama_jax.data.preference import PairRows, PreferenceSource
 from llama_jax.data.streams import RowStream, SourceOrder, Split, pack_rows
 from llama_jax.errors import ConfigError, DataError
 
 FORMATS = ("text", "jsonl", "tokens", "shakespeare")  # documents
-# Every key of ``config.data`` and its default, declared once (train/defaults.py builds experiment configs on it).
-DEFAULTS = dict(
-    tokenizer="llama3",  # "llama3" | "byte" | path of a tokenizer.model
-    sources=[],  # [{format, path, weight, ...}]: see the module docstring
-    seq_len=8192,  # tokens per row: the longest sequence of the run (the ramp may cut rows shorter)
-    batch_size=512,  # rows per data batch, all processes together
-    seed=0,  # document order
-    add_bos=True,  # documents: <|begin_of_text|> before each (EOS always ends one)
-    on_error="raise",  # malformed records: "raise" (file:line) or "skip" (counted)
-    holdout_every=1000,  # every n-th record of each source is the eval split (0: none)
-    document_mask=True,  # documents: attention within each document of a row (False: across the whole row)
-    whole_documents=False,  # documents: True, one that fits in a row is never cut (it opens the next row instead)
-)
+DEFAULTS = DataConfig().to_dict()  # every key of ``config.data`` and its default (llama_jax.data.config)
 KINDS = {"documents": FORMATS, "chat": ("chat",), "preference": ("preference",)}
 # ``PATH[:FORMAT]`` without a format: by file extension; .jsonl by the shape of its first record (see source_spec).
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".npy": "tokens"}
@@ -336,10 +325,7 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     """
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
-    unknown = sorted(set(data_cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"data config has unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
-    data_cfg = {**DEFAULTS, **dict(data_cfg)}
+    data_cfg = DataConfig.from_dict(data_cfg)  # unknown keys and bad values name the key
     specs = list(data_cfg["sources"])
     if not specs:
         raise ConfigError("data.sources is empty")
@@ -350,35 +336,25 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
         raise ConfigError(f"this stage reads {kind} data, but data.sources are {data_kind} (formats "
                           f"{[s.get('format', 'text') for s in specs]}); {kind} sources have format "
                           f"{' or '.join(repr(f) for f in KINDS[kind])}")
-    seq_len = seq_len or data_cfg["seq_len"]
-    batch_size = batch_size or data_cfg["batch_size"]
-    for key, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
-                            ("holdout_every", data_cfg["holdout_every"], 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"data.{key} must be an integer >= {low}, got {value!r}")
+    data_cfg = data_cfg.replace(seq_len=seq_len or data_cfg.seq_len, batch_size=batch_size or data_cfg.batch_size)
+    seq_len, batch_size = data_cfg.seq_len, data_cfg.batch_size
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} is outside 0..{process_count - 1}")
     if batch_size % process_count:
         raise ConfigError(f"data.batch_size ({batch_size}) must be a multiple of the process count ({process_count})")
-    seed = int(data_cfg["seed"])
-    if seed < 0:
-        raise ConfigError(f"data.seed must be >= 0, got {seed}")
+    seed = data_cfg.seed
     weights = [float(s.get("weight", 1.0)) for s in specs]
     if any(not w >= 0 for w in weights) or not any(weights):
         raise ConfigError(f"data source weights must be >= 0 and not all 0, got {weights}")
     specs, weights = [s for s, w in zip(specs, weights) if w > 0], [w for w in weights if w > 0]  # 0: not read
     on_error = data_cfg["on_error"]
     document_mask = data_cfg["document_mask"]
-    if not isinstance(document_mask, bool):
-        raise ConfigError(f"data.document_mask must be true or false, got {document_mask!r}")
     if not document_mask and data_kind != "documents":
         raise ConfigError(f"data.document_mask=False applies to packed documents only; these sources are {data_kind} "
                           "data, whose rows keep each record to itself")
     whole_documents = data_cfg["whole_documents"]
-    if not isinstance(whole_documents, bool):
-        raise ConfigError(f"data.whole_documents must be true or false, got {whole_documents!r}")
     if whole_documents and data_kind != "documents":
         raise ConfigError(f"data.whole_documents=True applies to packed documents only; {data_kind} rows always "
                           "keep their records whole")

@@ -188,7 +188,17 @@ parser.add_argument("--by-position", action="store_true",
                     help="add loss_by_position (mean loss of the targets predicted at each position of a document; "
                          "null where none) and tokens_by_position to the result")
 parser.add_argument("--chunk", type=int, default=None, help="vocabulary columns per loss chunk (default: the "
-                                                            "config's optimizer.loss_chunk, else 8192; 0: all)")
+                                                            "config's loss.vocab_chunk, else 8192; 0: all)")
+
+
+def _vocab_chunk(experiment: dict | None) -> int:
+    """The experiment's cross-entropy chunk (checkpoints of llama_jax before the loss section kept it under
+    optimizer.loss_chunk)."""
+    if experiment is None:
+        return 8192
+    if "loss" in experiment:
+        return experiment["loss"]["vocab_chunk"]
+    return experiment["optimizer"]["loss_chunk"]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -224,8 +234,7 @@ def run(args: argparse.Namespace) -> dict:
     max_batches = args.max_batches
     if max_batches is None:
         max_batches = 0 if experiment is None or split == "all" else int(experiment["logging"]["eval_batches"])
-    chunk = args.chunk if args.chunk is not None else (
-        experiment["optimizer"]["loss_chunk"] if experiment is not None else 8192)
+    chunk = args.chunk if args.chunk is not None else _vocab_chunk(experiment)
 
     batches = make_batches(data_cfg, tokenizer, split="eval", kind=kind)
     limited = itertools.islice(batches, max_batches or None)

@@ -102,7 +102,7 @@ def long_context_rows(args: argparse.Namespace, c) -> list[dict]:
     extension = long_context.parse(c, cfg, base_mesh=sharding.parse_mesh(mesh_spec, _devices(args, mesh_spec)))
     backend = args.backend or (_backend_of(args.topology) if args.topology
                                else jax.default_backend() if args.aot else "gpu")
-    chunk = int(c.optimizer.loss_chunk) or None
+    chunk = int(c.loss.vocab_chunk) or None
     rows, compiled = [], {}
     for number, s in enumerate(extension.phases):  # numbered as in long_context.phases
         sizes = s.mesh
@@ -240,7 +240,7 @@ def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | 
         seq = args.seq or max(point.seq_len for point in ramp)
         rows = args.batch or int(c.data.batch_size) * int(c.data.seq_len) // seq
         mesh, accum, pipe = args.mesh or c.mesh or "fsdp=-1", int(c.optimizer.grad_accum), dict(c.pipeline)
-        chunk = int(c.optimizer.loss_chunk) or None
+        chunk = int(c.loss.vocab_chunk) or None
     if args.grad_accum:
         accum = args.grad_accum
     for flag, key in (("pipeline", "schedule"), ("microbatches", "microbatches"), ("repeats", "circular_repeats")):

@@ -18,12 +18,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llama_jax import checkpoint, cli, model, optim, pipeline, sharding
+from llama_jax import checkpoint, cli, experiment, model, optim, pipeline, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError, ConfigError, DataError
+from llama_jax.experiment import Experiment
 from llama_jax.tokenizer import Tokenizer, get_tokenizer
-from llama_jax.train import defaults, dpo, long_context, phases, pretrain, reward, sft
+from llama_jax.train import dpo, long_context, phases, pretrain, reward, sft
 from llama_jax.train.lock import RunLock
 from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
@@ -31,9 +32,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (pretrain.STAGE, sft.
 
 
 def model_config(section: Mapping) -> ModelConfig:
-    """``config.model``: every ModelConfig field (configs fill them from a preset: train/defaults.py)."""
-    fields = section.to_dict() if hasattr(section, "to_dict") else dict(section)  # nested ConfigDicts -> dicts
-    return ModelConfig.from_dict(fields)
+    """``config.model`` of a ConfigDict or dict: every ModelConfig field (configs fill them from a preset)."""
+    if isinstance(section, ModelConfig):
+        return section
+    return ModelConfig.from_dict(section.to_dict() if hasattr(section, "to_dict") else dict(section))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ def _key(phase: phases.Phase) -> tuple:
     return tuple(sorted(phase.mesh.items())), phase.microbatch_tokens
 
 
-def compiler(config, stage: Stage, cfg: ModelConfig, tx, schedule) -> Callable[[phases.Phase], Compiled]:
+def compiler(config: Experiment, stage: Stage, cfg: ModelConfig, tx, schedule) -> Callable[[phases.Phase], Compiled]:
     """``compile(phase)``: its mesh and steps, built once per layout (a pipeline schedule is built for its mesh,
     so the loss is built per mesh too)."""
     meshes: dict[tuple, tuple] = {}
@@ -60,7 +62,7 @@ def compiler(config, stage: Stage, cfg: ModelConfig, tx, schedule) -> Callable[[
         mesh_key, microbatch_tokens = _key(phase)
         if mesh_key not in meshes:
             mesh = sharding.make_mesh(dict(phase.mesh))
-            loss_fn = stage.make_loss_fn(cfg, config, pipeline.make_run_layers(cfg, mesh, **config.pipeline))
+            loss_fn = stage.make_loss_fn(cfg, config, pipeline.make_run_layers(cfg, mesh, **dict(config.pipeline)))
             shardings = jax.tree.map(lambda a: a.sharding, abstract_state(cfg, tx, mesh, stage))
             meshes[mesh_key] = mesh, loss_fn, shardings, make_eval_step(loss_fn, mesh, shardings)
         if (mesh_key, microbatch_tokens) not in steps:
@@ -73,7 +75,7 @@ def compiler(config, stage: Stage, cfg: ModelConfig, tx, schedule) -> Callable[[
     return compile_phase
 
 
-def plan_phases(config, cfg: ModelConfig) -> tuple[phases.Plan, long_context.Extension | None]:
+def plan_phases(config: Experiment, cfg: ModelConfig) -> tuple[phases.Plan, long_context.Extension | None]:
     """The run's phases: the batch ramp until the long-context extension starts, then the extension's phases."""
     extended = bool(list(config.long_context.phases))
     base = phases.ramp_phases(phases.parse_ramp(list(config.schedule.ramp), int(config.data.seq_len)),
@@ -90,7 +92,7 @@ class Run:
     """Everything ``loop.fit`` needs, made by ``build``. ``mesh``, ``train_step`` and ``eval_step`` are those of the
     layout compiled last (``compiled``): the loop changes them when it enters a phase of another layout."""
 
-    config: Any
+    config: Experiment  # the typed experiment config the run was built from
     stage: Stage
     cfg: ModelConfig
     tokenizer: Tokenizer
@@ -155,20 +157,22 @@ def _is_stacked(path: str) -> bool:
 
 
 def build(config) -> Run:
-    """A run from an experiment config (see configs/<stage>/*.py): resumed from ``run_dir`` when it holds a
-    checkpoint, else started from ``init_from`` or from fresh parameters. Every key's range, every phase's layout and
-    the data (eval split included) are checked first; then run_dir's lock is taken, held until ``fit`` ends."""
+    """A run from an experiment config (a ConfigDict from configs/<stage>/*.py, or an ``Experiment``): resumed from
+    ``run_dir`` when it holds a checkpoint, else started from ``init_from`` or from fresh parameters. Every key, every
+    phase's layout and the data (eval split included) are checked first; then run_dir's lock is taken, held until
+    ``fit`` ends."""
+    config = experiment.from_config(config)
     if not config.run_dir:
         raise ConfigError("config.run_dir is empty: pass --config.run_dir=/path/to/run")
     if config.stage not in STAGES:
         raise ConfigError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
-    defaults.check_ranges(config)
-    if config.train.on_nonfinite not in ("skip", "halt"):
-        raise ConfigError(f"train.on_nonfinite must be 'skip' or 'halt', got {config.train.on_nonfinite!r}")
+    if config.stage in experiment.STAGE_SECTIONS and config[config.stage] is None:
+        raise ConfigError(f"the {config.stage} stage needs its section config.{config.stage} (start from "
+                          f"llama_jax.train.defaults.{config.stage}_config)")
     stage = STAGES[config.stage]
     if stage.configure is not None:
         stage = stage.configure(config)
-    cfg = model_config(config.model)
+    cfg = config.model
     plan, extension = plan_phases(config, cfg)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -216,8 +220,8 @@ def build(config) -> Run:
                lock=lock, resumed_from=latest, init_from=init_from, changed=changed)
 
 
-def _start(config, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainState, checkpoints: CheckpointManager,
-           data) -> tuple[TrainState, int | None, dict | None, list[str]]:
+def _start(config: Experiment, stage: Stage, cfg: ModelConfig, tx, mesh, abstract: TrainState,
+           checkpoints: CheckpointManager, data) -> tuple[TrainState, int | None, dict | None, list[str]]:
     """(state, step resumed from, init_from, changed config keys): resumed from the newest checkpoint that verifies
     (reporting and moving aside newer ones that do not), else from ``init_from``, else fresh."""
     leftovers = checkpoints.remove_leftovers()  # this run holds the lock: nobody else is writing them

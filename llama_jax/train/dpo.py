@@ -35,11 +35,12 @@ from llama_jax import checkpoint, data, model
 from llama_jax.config import ModelConfig
 from llama_jax.data.preference import REFERENCE_MASKS
 from llama_jax.errors import ConfigError
+from llama_jax.experiment import DPO
 from llama_jax.losses import chunked_cross_entropy, dpo_loss
 from llama_jax.train.step import LossFn, Stage
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "dpo_mask")
-REFERENCES = ("model", "precomputed")
+_PAPER = DPO()  # the section's defaults: the paper's beta and NLL coefficient
 
 
 def reply_logps(params, cfg: ModelConfig, rows: dict, *, chunk_size: int | None = 8192
@@ -53,8 +54,9 @@ def reply_logps(params, cfg: ModelConfig, rows: dict, *, chunk_size: int | None 
     return {mask: -(nll * rows[mask]).sum(-1) for mask in REFERENCE_MASKS}, rows["loss_mask"].sum(-1)
 
 
-def make_loss_fn(cfg: ModelConfig, *, beta: float = 0.1, nll_coef: float = 0.2, mask_formatting: bool = True,
-                 precomputed: bool = False, chunk_size: int | None = 8192) -> LossFn:
+def make_loss_fn(cfg: ModelConfig, *, beta: float = _PAPER.beta, nll_coef: float = _PAPER.nll_coef,
+                 mask_formatting: bool = _PAPER.mask_formatting, precomputed: bool = False,
+                 chunk_size: int | None = 8192) -> LossFn:
     """``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``; ``frozen`` is the reference's parameters, or None
     when ``precomputed`` (the batch then carries ``reference_logps``)."""
     mask = "dpo_mask" if mask_formatting else "loss_mask"
@@ -98,7 +100,7 @@ def _loss_fn(cfg: ModelConfig, config, run_layers=None) -> LossFn:
                           f"{config.pipeline.schedule!r}); pipelines run the pretrain and sft stages")
     d = config.dpo
     return make_loss_fn(cfg, beta=d.beta, nll_coef=d.nll_coef, mask_formatting=d.mask_formatting,
-                        precomputed=d.reference == "precomputed", chunk_size=config.optimizer.loss_chunk or None)
+                        precomputed=d.reference == "precomputed", chunk_size=config.loss.vocab_chunk or None)
 
 
 def reference_spec(config) -> dict:
@@ -117,8 +119,6 @@ def _batches(config, tokenizer, split: str):
 
 
 def _configure(config) -> Stage:
-    if config.dpo.reference not in REFERENCES:
-        raise ConfigError(f"dpo.reference must be one of {REFERENCES}, got {config.dpo.reference!r}")
     return STAGE if config.dpo.reference == "model" else dataclasses.replace(STAGE, frozen=None, configure=None)
 
 

@@ -35,27 +35,17 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 
-from llama_jax import cli, generate, model, sharding
+from llama_jax import cli, experiment, generate, model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, LlamaJaxError
 from llama_jax.eval import retrieval
+from llama_jax.experiment import Gate
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train.phases import LrLine, Phase
 
 PHASE_KEYS = ("seq_len", "steps", "tokens", "batch_tokens", "batch_size", "lr", "end_lr", "warmup_steps",
               "context_parallel", "grad_accum", "weights", "whole_documents")
-GATE_ACTIONS = ("off", "warn", "stop")
 _SEED_STRIDE = 1_000_003  # phase k reads with data seed + (k + 1) * this: apart from the per-source offsets (+ i)
-
-
-@dataclasses.dataclass(frozen=True)
-class Gate:
-    action: str  # off | warn | stop
-    max_loss_increase: float  # relative rise of the short-context held-out loss allowed
-    task: str  # eval.retrieval task kind: passkey | needle
-    min_retrieval: float  # exact-match accuracy at the phase's length
-    depths: tuple[float, ...]
-    samples: int  # prompts per depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +85,10 @@ def mesh_sizes(base: Mapping[str, int], context_parallel: int, key: str) -> dict
 
 def parse(config, cfg: ModelConfig, *, first_index: int = 0, base_mesh: Mapping[str, int] | None = None
           ) -> Extension | None:
-    """The extension of ``config.long_context`` (None when it has no phases), its phases numbered from
-    ``first_index`` on ``base_mesh`` (default: config.mesh on this host's devices); ConfigError naming the key."""
+    """The extension of ``config.long_context`` (a ConfigDict or an ``Experiment``; None when it has no phases), its
+    phases numbered from ``first_index`` on ``base_mesh`` (default: config.mesh on this host's devices); ConfigError
+    naming the key."""
+    config = experiment.from_config(config)
     section = config.long_context
     entries = list(section.phases)
     if not entries:
@@ -155,17 +147,9 @@ def parse(config, cfg: ModelConfig, *, first_index: int = 0, base_mesh: Mapping[
         weights_of.append(weights)
         whole_of.append(whole)
         step += steps
-    g = section.gate
-    if g.action not in GATE_ACTIONS:
-        raise ConfigError(f"long_context.gate.action must be one of {GATE_ACTIONS}, got {g.action!r}")
-    if g.task not in ("passkey", "needle"):
-        raise ConfigError(f"long_context.gate.task must be 'passkey' or 'needle', got {g.task!r}")
-    gate = Gate(action=g.action, max_loss_increase=float(g.max_loss_increase), task=g.task,
-                min_retrieval=float(g.min_retrieval), depths=tuple(float(d) for d in g.depths),
-                samples=int(g.samples))
-    if not gate.depths or not all(0 <= d <= 1 for d in gate.depths) or gate.samples < 1:
-        raise ConfigError(f"long_context.gate: depths {list(gate.depths)} must be fractions in [0, 1] and samples "
-                          f"({gate.samples}) >= 1")
+    gate = section.gate
+    if not gate.depths or not all(0 <= d <= 1 for d in gate.depths):
+        raise ConfigError(f"long_context.gate.depths {list(gate.depths)} must be fractions in [0, 1]")
     return Extension(phases=tuple(phases), weights=tuple(weights_of), whole_documents=tuple(whole_of),
                      short_seq_len=int(data.seq_len), gate=gate)
 
@@ -201,10 +185,8 @@ def _number(entry: dict, name: str, key: str, *, low: float) -> float:
 
 
 def stream_config(config, extension: Extension, stream: int):
-    """The experiment config with ``data`` as stream ``stream`` reads it."""
-    copy = config.copy_and_resolve_references()
-    copy.data.update(extension.data_config(config.data.to_dict(), stream))
-    return copy
+    """The experiment config (an ``Experiment``) with ``data`` as stream ``stream`` reads it."""
+    return dataclasses.replace(config, data=config.data.replace(**extension.data_config(config.data, stream)))
 
 
 # --- Gates -------------------------------------------------------------------------------------------------

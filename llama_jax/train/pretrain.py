@@ -33,8 +33,8 @@ def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: flo
 
 
 def loss_fn_from_config(cfg: ModelConfig, config, run_layers: pipeline.RunLayers | None = None) -> LossFn:
-    """The loss with the experiment config's chunking and z-loss (``config.optimizer``) and pipeline schedule."""
-    return make_loss_fn(cfg, chunk_size=config.optimizer.loss_chunk or None, z_loss=config.optimizer.z_loss,
+    """The loss with the experiment config's chunking and z-loss (``config.loss``) and pipeline schedule."""
+    return make_loss_fn(cfg, chunk_size=config.loss.vocab_chunk or None, z_loss=config.loss.z_loss,
                         run_layers=run_layers)
 
 
