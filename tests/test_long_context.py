@@ -165,7 +165,8 @@ def test_phased_state_names_its_stream_and_resumes_on_any_process_count(tmp_path
     def phased(process_index=0, process_count=1):
         base = make_batches(data, TOK, process_index=process_index, process_count=process_count)
         return phases.PhasedBatches(base, lambda k: make_batches(
-            extension.data_config(data, k), TOK, process_index=process_index, process_count=process_count))
+            extension.data_config(data, k), TOK, process_index=process_index, process_count=process_count),
+            base_seq_len=data["seq_len"])
 
     second = extension.phases[1]
     one = phased()

@@ -76,7 +76,7 @@ class _Stream:
 
 def test_phased_batches_concatenate_cut_and_reorder_each_phases_rows():
     base = _Stream(2, 8)
-    data = phases.PhasedBatches(base, lambda k: _Stream(1, 16))
+    data = phases.PhasedBatches(base, lambda k: _Stream(1, 16), base_seq_len=8)
     ramp = phases.Phase(index=0, start_step=0, end_step=1, seq_len=4, rows=8, grad_accum=2, mesh=MESH, batches=2)
     data.enter(ramp)
     batch = next(data)
@@ -90,6 +90,6 @@ def test_phased_batches_concatenate_cut_and_reorder_each_phases_rows():
     data.memo["reference_loss"] = 1.5
     state = data.get_state()
     assert state["phases"] == {"stream": 0, "memo": {"reference_loss": 1.5}} and state["count"] == 1
-    resumed = phases.PhasedBatches(_Stream(2, 8), lambda k: _Stream(1, 16))
+    resumed = phases.PhasedBatches(_Stream(2, 8), lambda k: _Stream(1, 16), base_seq_len=8)
     resumed.set_state(state)
     assert resumed.stream == 0 and resumed.memo == {"reference_loss": 1.5}

@@ -187,7 +187,7 @@ def build(config) -> Run:
     first = compile_phase(plan.phases[0])
     base = stage.make_batches(config, tokenizer, "train")
     data = phases.PhasedBatches(base, lambda k: stage.make_batches(long_context.stream_config(config, extension, k),
-                                                                   tokenizer, "train"))
+                                                                   tokenizer, "train"), config.data.seq_len)
     hooks = phases.NoHooks() if extension is None else long_context.Gates(extension, tokenizer, cfg,
                                                                           bool(config.data.add_bos))
     eval_batches = []

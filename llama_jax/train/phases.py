@@ -5,7 +5,7 @@
     plan = Plan(phases)
     plan.at(step)                               # the phase a step belongs to
     schedule = plan.schedule(base)              # each phase's own learning-rate line where it has one
-    data = PhasedBatches(base_stream, make_stream)   # each step's batch as its phase shapes it
+    data = PhasedBatches(base_stream, make_stream, data_seq_len)   # each step's batch as its phase shapes it
 
 A phase fixes, for its steps, the rows and sequence length of a step, its microbatches, the mesh, and the data stream
 it reads. The loop asks which phase a step is in and enters it (re-meshing and recompiling when these change); a
@@ -226,8 +226,8 @@ class PhasedBatches:
     A phase with its own stream reads it from its start when entered; the base stream goes on across the phases
     that share it."""
 
-    def __init__(self, base, make_stream: Callable[[int], Any]):
-        self._base, self._make_stream = base, make_stream
+    def __init__(self, base, make_stream: Callable[[int], Any], base_seq_len: int):
+        self._base, self._make_stream, self._base_seq_len = base, make_stream, base_seq_len
         self._current, self.stream, self.phase = base, BASE_STREAM, None
         self.memo: dict = {}
 
@@ -243,7 +243,7 @@ class PhasedBatches:
     def __next__(self) -> dict:
         p = self.phase
         batch = concat_batches([next(self._current) for _ in range(p.batches)])
-        if batch["tokens"].shape[1] != p.seq_len:
+        if self.stream == BASE_STREAM and p.seq_len != self._base_seq_len:  # the ramp's shorter rows
             batch = split_rows(batch, p.seq_len)
         return zigzag(batch, p.context_parallel)
 
