@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from llama_jax import config as config_lib
-from llama_jax.data import pipeline as data
+from llama_jax.data import batches as data
 from llama_jax.errors import ConfigError
 
 
@@ -24,14 +24,14 @@ def pretrain_config(preset: str, **model_overrides) -> ml_collections.ConfigDict
     c.seed = 0  # parameter init and the step RNG
     # Every ModelConfig field, from the preset, so each can be overridden (rope_scaling is a dict or None).
     c.model = config_lib.get(preset, **model_overrides).to_dict()
-    c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8" or "stage=4,fsdp=-1" (with pipeline.schedule); "": all on fsdp
-    # Every data key with its default (llama_jax.data.pipeline.DEFAULTS); sources: format (text | jsonl | tokens |
+    c.mesh = ""  # e.g. "data=2,fsdp=4,tensor=8" or "pipeline=4,fsdp=-1" (with pipeline.schedule); "": all on fsdp
+    # Every data key with its default (llama_jax.data.batches.DEFAULTS); sources: format (text | jsonl | tokens |
     # shakespeare; chat | preference), path (file, dir or glob), weight, split (text), text_key (jsonl).
     c.data = dict(data.DEFAULTS, sources=[dict(format="jsonl", path="", weight=1.0, split="file", text_key="text")])
-    c.pipeline = dict(  # how the mesh's `stage` axis runs the layers (llama_jax.pipeline); pretrain and sft stages
-        schedule="none",  # "none" (needs stage=1) | "gpipe" | "circular"
+    c.pipeline = dict(  # how the mesh's `pipeline` axis runs the layers (llama_jax.parallel.pipeline): pretrain, sft
+        schedule="none",  # "none" (needs pipeline=1) | "gpipe" | "circular"
         microbatches=1,  # per forward/backward (each grad_accum microbatch is split again into this many)
-        circular_repeats=2,  # circular: rounds of the stage ring per microbatch (blocks of L / (stages x this))
+        circular_repeats=2,  # circular: rounds of the pipeline ring per microbatch (blocks of L / (ranks x this))
     )
     c.optimizer = dict(
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
