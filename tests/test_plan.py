@@ -189,7 +189,7 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="do not divide"):
         memory.train_budget(cfg, "data=2,fsdp=4", 256, 4)
     with pytest.raises(ConfigError, match="unknown axis"):
-        memory.train_budget(cfg, "pipeline=4", 256, 4)
+        memory.train_budget(cfg, "model=4", 256, 4)
     with pytest.raises(ConfigError, match="pipeline=4: give a pipeline schedule"):
         memory.train_budget(cfg, "pipeline=4", 256, 4)
     with pytest.raises(ConfigError, match="cannot parse 'fsdp'"):
