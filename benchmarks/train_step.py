@@ -169,7 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype (parameters and AdamW stay float32)")
     p.add_argument("--remat", default="none", choices=config.REMAT_POLICIES)
-    p.add_argument("--attention", default="auto", choices=config.ATTENTION_IMPLS, help="ModelConfig.attention")
+    p.add_argument("--attention", default="dense", choices=config.ATTENTION_IMPLS, help="ModelConfig.attention")
     p.add_argument("--precision", default="auto", choices=config.MATMUL_PRECISIONS,
                    help="ModelConfig.matmul_precision")
     p.add_argument("--no-scan", action="store_true", help="unrolled layers instead of nn.scan")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from llama_jax.errors import ConfigError
@@ -17,7 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The fields that make the network (what config.json / params.json record); the rest says how it runs.
 ARCHITECTURE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "head_dim", "norm_eps",
                 "rope_theta", "rope_scaling", "tie_embeddings")
-ATTENTION_IMPLS = ("auto", "dense", "flash")
+ATTENTION_IMPLS = ("dense", "flash")
 CONTEXT_PARALLEL_MODES = ("auto", "off", "ring", "all_gather")
 MATMUL_PRECISIONS = ("auto", "highest", "high", "default")
 
@@ -53,8 +54,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations (softmax/norms stay float32)
     remat: str = "none"  # activation checkpointing per block: none | full | dots | dots_no_batch
     scan_layers: bool = True  # parameter layout: stacked under nn.scan (one compiled block) or one subtree per layer
-    attention: str = "auto"  # attention kernel (ops.attention): dense | flash (fused); auto: dense until the fused
-    #                          kernel has been measured on GPU/TPU (benchmarks/gpu.sh)
+    attention: str = "dense"  # attention kernel (ops.attention): dense (XLA) | flash (the backend's fused kernel)
     context_parallel: str = "auto"  # sequence-split attention: auto (ring when the mesh splits length) | off | ring
     #                                 | all_gather
     matmul_precision: str = "auto"  # precision of every matmul (see resolved_matmul_precision): auto | highest
@@ -126,6 +126,9 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown ModelConfig field(s) {sorted(unknown)}; known: {sorted(fields)}")
         d = dict(d)
+        if d.get("attention") == "auto":  # older configs and checkpoints (one release): "auto" always ran dense
+            print('deprecated: ModelConfig.attention "auto" -> use "dense"', file=sys.stderr)
+            d["attention"] = "dense"
         if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)

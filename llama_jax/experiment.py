@@ -26,12 +26,13 @@ from llama_jax.sections import BOOLEAN, Section, at_least, number, one_of, optio
 class Pipeline(Section):
     key: ClassVar[str] = "pipeline"
 
-    schedule: str = option("none", "how the mesh's pipeline axis runs the layers (llama_jax.pipeline; pretrain and "
-                                   "sft): none (needs an axis of 1) | gpipe | circular", one_of("none", "gpipe",
-                                                                                               "circular"))
+    schedule: str = option("none", "how the mesh's pipeline axis runs the layers (llama_jax.parallel.pipeline; "
+                                   "pretrain and sft): none (needs pipeline=1) | gpipe | circular",
+                           one_of("none", "gpipe", "circular"))
     microbatches: int = option(1, "per forward/backward (each grad_accum microbatch is split again into this many)",
                                at_least(1))
-    circular_repeats: int = option(2, "circular: rounds of the ring per microbatch", at_least(1))
+    circular_repeats: int = option(2, "circular: rounds of the pipeline ring per microbatch (blocks of L / (ranks x "
+                                      "this))", at_least(1))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,7 +163,8 @@ class Experiment(Section):
                                 "resumes")
     seed: int = option(0, "parameter init and the step RNG", at_least(0))
     model: ModelConfig = option(doc="every ModelConfig field, from a preset")
-    mesh: str = option("", "e.g. data=2,fsdp=4,tensor=8 (empty: every device on fsdp)")
+    mesh: str = option("", "e.g. data=2,fsdp=4,tensor=8 or pipeline=4,fsdp=-1 (with pipeline.schedule); empty: every "
+                           "device on fsdp")
     data: DataConfig = option(factory=DataConfig, doc="what is read (llama_jax.data)")
     pipeline: Pipeline = option(factory=Pipeline, doc="pipeline parallelism")
     optimizer: Optimizer = option(factory=Optimizer, doc="AdamW")

@@ -116,9 +116,8 @@ class RMSNorm(nn.Module):
 
 
 def attention_impl(cfg: ModelConfig, cached: bool) -> str:
-    """The attention kernel: ``cfg.attention`` ("auto": dense until the fused one is measured on GPU/TPU); a KV-cache
-    step is always dense (one query row: nothing to fuse)."""
-    return "dense" if cached or cfg.attention == "auto" else cfg.attention
+    """The attention kernel: ``cfg.attention``; a KV-cache step is always dense (one query row: nothing to fuse)."""
+    return "dense" if cached else cfg.attention
 
 
 def context_parallel_mode(cfg: ModelConfig) -> str:
@@ -223,7 +222,7 @@ def _block_stack(cfg: ModelConfig, length: int):
 def apply_layers(cfg: ModelConfig, layers: Params, x: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array) -> jax.Array:
     """Runs a slice ``[l, ...]`` of ``params["layers"]`` (l consecutive blocks) on hidden states x [B, T, D], as the
-    full model's scan would: what one pipeline stage computes."""
+    full model's scan would: what one pipeline rank computes."""
     stack = _block_stack(cfg, jax.tree.leaves(layers)[0].shape[0])(cfg)
     return stack.apply({"params": layers}, x, None, positions, segment_ids, (positions, segment_ids), 0)[0]
 

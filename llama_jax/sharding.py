@@ -6,8 +6,8 @@
     with activate(mesh):                                # the model's activation constraints use the rules
         loss = jax.jit(loss_fn)(params, batch)
 
-Mesh axes: ``data`` (pure data parallel: params replicated), ``stage`` (pipeline stages: the stacked
-``layers`` axis of the params split into consecutive blocks; ``llama_jax.pipeline`` runs them), ``fsdp`` (data
+Mesh axes: ``data`` (pure data parallel: params replicated), ``pipeline`` (pipeline parallelism: the stacked
+``layers`` axis of the params split into consecutive blocks; ``llama_jax.parallel.pipeline`` runs them), ``fsdp`` (data
 parallel with params, grads and optimizer state sharded along ``embed``), ``tensor`` (heads, kv heads, MLP and
 vocab split across devices), ``sequence`` (activations split along length; attention then runs context-parallel).
 
@@ -19,8 +19,10 @@ collectives. (jax 0.10's ``jax.make_mesh`` would default to Explicit axes, so we
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +35,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from llama_jax.errors import ConfigError, DataError
 
 # Outermost (slowest links) first: mesh_utils gives the last axes the closest devices.
-MESH_AXES = ("data", "stage", "fsdp", "tensor", "sequence")
+MESH_AXES = ("data", "pipeline", "fsdp", "tensor", "sequence")
+# Old spellings of mesh axes, still read for one release (mesh specs, and the mesh a checkpoint recorded).
+RENAMED_AXES = {"stage": "pipeline"}
 
 # Logical name -> mesh axes, in priority order (flax semantics: a mesh axis is used at most once per array,
 # so the first rule that can claim it wins). Activations [batch, length, embed] give `fsdp` to batch, which
@@ -47,17 +51,23 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("lookup_batch", "data"),  # embedding lookup output: rows over data only, embed split like the table's
-    ("layers", "stage"),  # each pipeline stage holds its own consecutive layers
+    ("layers", "pipeline"),  # each pipeline rank holds its own consecutive layers
     ("head_dim", None),
 )
 
 _BATCH_SPEC = PartitionSpec(("data", "fsdp"), "sequence")
 
 
+@functools.cache  # once per process: a run parses its mesh many times
+def _say_renamed(old: str, new: str) -> None:
+    print(f"deprecated: mesh axis {old} -> use {new}", file=sys.stderr)
+
+
 def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None = None) -> dict[str, int]:
     """``"data=2,fsdp=-1"`` or ``{"tensor": 2}`` -> sizes of all five axes, their product = num_devices.
 
-    Missing axes are 1; one axis may be -1 and takes what is left; None puts every device on fsdp.
+    Missing axes are 1; one axis may be -1 and takes what is left; None puts every device on fsdp. An axis's old
+    name (RENAMED_AXES: ``stage=``, also in the mesh an older checkpoint recorded) still works and says so on stderr.
     """
     num_devices = jax.device_count() if num_devices is None else num_devices
     if spec is None or spec == "":
@@ -73,6 +83,12 @@ def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None = N
             sizes[match[1]] = int(match[2])
     else:
         sizes = {str(k): int(v) for k, v in dict(spec).items()}
+    for old, new in RENAMED_AXES.items():
+        if old in sizes:
+            if new in sizes:
+                raise ConfigError(f"mesh spec {spec!r} names axis {new!r} twice (once by its old name {old!r})")
+            _say_renamed(old, new)
+            sizes[new] = sizes.pop(old)
     unknown = sorted(set(sizes) - set(MESH_AXES))
     if unknown:
         raise ConfigError(f"mesh spec {spec!r} has unknown axis name(s) {unknown}; axes are {MESH_AXES}")
@@ -95,15 +111,15 @@ def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int | None = N
 
 def _dcn_shape(shape: dict[str, int], num_granules: int) -> list[int]:
     """How many hosts (or TPU slices) each axis spans: they go to the outer data-parallel axes first (slow links
-    carry only the gradient reduction), then to pipeline stages (one activation transfer per microbatch), never
+    carry only the gradient reduction), then to pipeline ranks (one activation transfer per microbatch), never
     to tensor or sequence (their collectives run every layer)."""
     dcn, left = [1] * len(MESH_AXES), num_granules
-    for axis in ("data", "fsdp", "stage"):
+    for axis in ("data", "fsdp", "pipeline"):
         span = math.gcd(shape[axis], left)
         dcn[MESH_AXES.index(axis)], left = span, left // span
     if left != 1:
         raise ConfigError(
-            f"mesh {shape} cannot be split over {num_granules} hosts or slices: data * fsdp * stage must be a "
+            f"mesh {shape} cannot be split over {num_granules} hosts or slices: data * fsdp * pipeline must be a "
             "multiple of it"
         )
     return dcn
@@ -111,7 +127,7 @@ def _dcn_shape(shape: dict[str, int], num_granules: int) -> list[int]:
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
     """A mesh with axes MESH_AXES (Auto axis types). Across slow links (hosts of a GPU/CPU cluster, or the slices
-    of a multi-slice TPU job) go the data-parallel axes, then stages; tensor / sequence stay inside one host or
+    of a multi-slice TPU job) go the data-parallel axes, then pipeline ranks; tensor / sequence stay inside one host or
     slice. The hosts of one TPU slice share its fast interconnect, so there the slice is the unit, not the host."""
     devices = jax.devices() if devices is None else list(devices)
     shape = parse_mesh(spec, len(devices))

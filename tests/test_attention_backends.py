@@ -1,6 +1,6 @@
 """The model with the fused attention kernel (attention="flash"; Pallas's interpreter on CPU) equals the dense model:
 logits and gradients on packed rows with padding, GQA groups 1 and 4, one device and a sharded mesh, and training on
-CPU with attention="auto" is exactly the dense path."""
+CPU with the default attention is exactly the dense path; an older config's attention="auto" reads as "dense"."""
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +67,16 @@ def test_flash_runs_per_shard_on_a_mesh():
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-4)
 
 
-def test_auto_is_the_dense_path_on_cpu():
+def test_the_default_is_the_dense_path_and_old_auto_reads_as_dense(capsys):
     cfg = config.get("tiny", num_layers=1)
-    assert cfg.attention == "auto" and model.attention_impl(cfg, cached=False) == "dense"
+    assert cfg.attention == "dense" and model.attention_impl(cfg, cached=False) == "dense"
+    old = config.ModelConfig.from_dict({**cfg.to_dict(), "attention": "auto"})  # older configs and metadata
+    assert old == cfg
+    assert capsys.readouterr().err == 'deprecated: ModelConfig.attention "auto" -> use "dense"\n'
+    with pytest.raises(config.ConfigError, match="attention must be one of"):
+        cfg.replace(attention="auto")
     assert model.attention_impl(cfg.replace(attention="flash"), cached=True) == "dense"  # decode steps stay dense
     params = model.init_params(cfg, jax.random.key(2))
     tokens = jnp.arange(12)[None] % cfg.vocab_size
-    np.testing.assert_array_equal(model.Llama(cfg).apply({"params": params}, tokens),
+    np.testing.assert_array_equal(model.Llama(old).apply({"params": params}, tokens),
                                   model.Llama(cfg.replace(attention="dense")).apply({"params": params}, tokens))

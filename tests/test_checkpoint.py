@@ -77,7 +77,7 @@ def test_save_restore_everything(tmp_path, params):
     assert meta["stage"] == "sft"
     assert meta["stage_config"] == {"optimizer": {"peak_lr": 3e-4}, "betas": [0.9, 0.95]}
     assert meta["step"] == 5
-    assert meta["mesh"] == {"data": 1, "stage": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
+    assert meta["mesh"] == {"data": 1, "pipeline": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
     assert json.loads((tmp_path / "checkpoints" / "5" / "data_state" / "data_state.json").read_text()) == {
         "epoch": 1, "position": 123}
 

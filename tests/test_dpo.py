@@ -42,7 +42,7 @@ def write_jsonl(path, records):
 
 
 def eval_batch(path, tok, seq_len=128):
-    cfg = dict(data.pipeline.DEFAULTS, tokenizer=tok.name, seq_len=seq_len, batch_size=2, holdout_every=1,
+    cfg = dict(data.batches.DEFAULTS, tokenizer=tok.name, seq_len=seq_len, batch_size=2, holdout_every=1,
                sources=[dict(format="preference", path=str(path))])
     return next(data.make_batches(cfg, tok, split="eval"))
 
@@ -115,7 +115,7 @@ def word_pairs(tmp_path_factory):
 
 
 def train_batches(path, n, rows=8, seq_len=96):
-    cfg = dict(data.pipeline.DEFAULTS, tokenizer="byte", seq_len=seq_len, batch_size=rows, holdout_every=0,
+    cfg = dict(data.batches.DEFAULTS, tokenizer="byte", seq_len=seq_len, batch_size=rows, holdout_every=0,
                sources=[dict(format="preference", path=str(path))])
     it = data.make_batches(cfg, BYTE)
     return [next(it) for _ in range(n)]
@@ -180,7 +180,7 @@ def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path
     assert model_losses[1] == pytest.approx(LN2 + 0.2 * 5.0, abs=2.0)  # sanity: ln 2 + 0.2 x a per-token NLL
     np.testing.assert_allclose([precomputed[s] for s in (1, 2, 3)], [model_losses[s] for s in (1, 2, 3)], rtol=2e-5)
     spec = {"mask": "dpo_mask", "checkpoint": checkpoint.identity(str(start))}
-    data_cfg = dict(data.pipeline.DEFAULTS, tokenizer="byte", batch_size=8, sources=[dict(format="preference",
+    data_cfg = dict(data.batches.DEFAULTS, tokenizer="byte", batch_size=8, sources=[dict(format="preference",
                                                                                           path=str(annotated))])
     with pytest.raises(DataError, match="seq_len"):  # the column was computed for rows of 96 tokens
         next(data.make_batches(dict(data_cfg, seq_len=128), BYTE, reference=spec))

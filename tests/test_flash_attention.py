@@ -324,16 +324,17 @@ def test_cudnn_call_with_xla_implementation(natural_order):
 
 
 def test_select_impl_and_dispatch():
-    assert fa.select_impl(backend="gpu") == "pallas"
+    assert fa.select_impl("per_backend", backend="gpu") == "pallas"
     assert fa.select_impl(backend="tpu", natural_order=True) == "splash"
     assert fa.select_impl(backend="tpu") == "dense"
     assert fa.select_impl(backend="cpu", natural_order=True) == "dense"
     assert fa.select_impl("cudnn", backend="tpu") == "cudnn"
-    with pytest.raises(ConfigError, match="impl must be"):
-        fa.select_impl("flash")
+    for old_or_wrong in ("flash", "auto"):
+        with pytest.raises(ConfigError, match="impl must be"):
+            fa.select_impl(old_or_wrong)
     positions, segments = packed_rows()
     q, k, v = random_qkv(11, 2, 64, 64, 2, 2, 16, jnp.float32)
     with pytest.raises(ConfigError, match="dense attention"):
-        fa.fused_attention(q, k, v, positions, segments, positions, segments)  # auto on CPU
+        fa.fused_attention(q, k, v, positions, segments, positions, segments)  # per_backend on CPU
     got = fa.fused_attention(q, k, v, positions, segments, positions, segments, impl="pallas", interpret=True)
     np.testing.assert_allclose(got, reference(q, k, v, positions, segments, positions, segments)[0], atol=2e-5)

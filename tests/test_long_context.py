@@ -95,11 +95,11 @@ def test_phase_meshes_take_the_sequence_axis_from_fsdp_then_data():
     def sizes(mesh, cp):
         return plan_of([dict(seq_len=256, steps=1, context_parallel=cp, batch_size=8)], mesh=mesh).phases[0].mesh
 
-    assert sizes("", 2) == dict(data=1, stage=1, fsdp=4, tensor=1, sequence=2)
-    assert sizes("data=2,fsdp=4", 4) == dict(data=2, stage=1, fsdp=1, tensor=1, sequence=4)
-    assert sizes("data=4,fsdp=2", 8) == dict(data=1, stage=1, fsdp=1, tensor=1, sequence=8)
-    assert sizes("fsdp=2,tensor=2,sequence=2", 1) == dict(data=1, stage=1, fsdp=4, tensor=2, sequence=1)
-    assert sizes("stage=2,fsdp=4", 2) == dict(data=1, stage=2, fsdp=2, tensor=1, sequence=2)  # pipeline stays
+    assert sizes("", 2) == dict(data=1, pipeline=1, fsdp=4, tensor=1, sequence=2)
+    assert sizes("data=2,fsdp=4", 4) == dict(data=2, pipeline=1, fsdp=1, tensor=1, sequence=4)
+    assert sizes("data=4,fsdp=2", 8) == dict(data=1, pipeline=1, fsdp=1, tensor=1, sequence=8)
+    assert sizes("fsdp=2,tensor=2,sequence=2", 1) == dict(data=1, pipeline=1, fsdp=4, tensor=2, sequence=1)
+    assert sizes("pipeline=2,fsdp=4", 2) == dict(data=1, pipeline=2, fsdp=2, tensor=1, sequence=2)  # pipeline stays
     with pytest.raises(ConfigError, match="context_parallel=4 does not divide the 2 devices"):
         sizes("fsdp=2,tensor=4", 4)
 
@@ -225,7 +225,7 @@ def test_gate_decoder_on_a_context_parallel_phases_devices_matches_one_device_ge
     reference = [TOK.decode(list(itertools.takewhile(lambda t: t not in TOK.stop_ids, ids)))
                  for ids in generate.generate(*generate.inference_layout(params, cfg), prompts, 8,
                                               stop_ids=TOK.stop_ids, vocab_size=TOK.vocab_size)]
-    sizes = dict(data=1, stage=1, fsdp=4, tensor=1, sequence=2)
+    sizes = dict(data=1, pipeline=1, fsdp=4, tensor=1, sequence=2)
     decode = long_context.greedy_generate_fn(params, cfg, TOK, sizes, rows=2, max_new_tokens=8)
     assert decode(prompts) == reference
     assert any(reference)  # a random model's replies are not empty (no early stop token)

@@ -11,7 +11,7 @@ from llama_jax.errors import ConfigError
 from llama_jax.train import phases
 from llama_jax.train.build import model_config, plan_phases
 
-MESH = dict(data=1, stage=1, fsdp=1, tensor=1, sequence=1)
+MESH = dict(data=1, pipeline=1, fsdp=1, tensor=1, sequence=1)
 
 
 def test_paper_batch_ramp():

@@ -1,6 +1,6 @@
 """Pipeline parallelism on 8 simulated CPU devices: pipelined loss and gradients equal the plain scan's on one
 device (GPipe and circular, composed with fsdp, data, tensor and sequence parallelism), a pipelined training run
-resumes bit-identically, and its checkpoints restore onto a mesh without stages."""
+resumes bit-identically, and its checkpoints restore onto a mesh without a pipeline axis."""
 
 import runpy
 from pathlib import Path
@@ -9,15 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import config, model, pipeline, sharding
+from llama_jax import config, model, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.errors import ConfigError
+from llama_jax.parallel import pipeline
 from llama_jax.train import dpo, loop, pretrain, reward
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 ROOT = Path(__file__).resolve().parents[1]
-# 8 layers: 4 stages x 2 circular repeats of one layer each. Heads, kv heads, mlp and vocab divide by tensor=2.
+# 8 layers: 4 pipeline ranks x 2 circular repeats of one layer each. Heads, kv heads, mlp and vocab divide by tensor=2.
 CFG = config.get("tiny", vocab_size=256, dim=64, num_layers=8, num_heads=8, num_kv_heads=4, ffn_dim=128)
 
 
@@ -45,11 +46,11 @@ def reference():
 
 
 @pytest.mark.parametrize("mesh_spec, schedule, microbatches", [
-    ("stage=4,fsdp=2", "gpipe", 4),
-    ("stage=4,fsdp=2", "circular", 4),
-    ("stage=2,fsdp=2,tensor=2", "gpipe", 2),
-    ("stage=2,tensor=2,sequence=2", "circular", 2),
-    pytest.param("stage=2,data=2,fsdp=2", "circular", 8, marks=pytest.mark.slow),
+    ("pipeline=4,fsdp=2", "gpipe", 4),
+    ("pipeline=4,fsdp=2", "circular", 4),
+    ("pipeline=2,fsdp=2,tensor=2", "gpipe", 2),
+    ("pipeline=2,tensor=2,sequence=2", "circular", 2),
+    pytest.param("pipeline=2,data=2,fsdp=2", "circular", 8, marks=pytest.mark.slow),
 ])
 def test_pipelined_equals_unpipelined(reference, mesh_spec, schedule, microbatches):
     params, batch, want_loss, want_grads = reference
@@ -57,7 +58,7 @@ def test_pipelined_equals_unpipelined(reference, mesh_spec, schedule, microbatch
     run_layers = pipeline.make_run_layers(CFG, mesh, schedule=schedule, microbatches=microbatches)
     loss_fn = pretrain.make_loss_fn(CFG, chunk_size=64, run_layers=run_layers)
     shardings = model.param_shardings(CFG, mesh)
-    assert shardings["layers"]["feed_forward"]["down"].spec[0] == "stage"  # each stage holds only its layers
+    assert shardings["layers"]["feed_forward"]["down"].spec[0] == "pipeline"  # each rank holds only its layers
     with sharding.activate(mesh):
         step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), out_shardings=(None, shardings))
         (loss, _), grads = step(jax.device_put(params, shardings), sharding.shard_batch(batch, mesh), None)
@@ -66,23 +67,23 @@ def test_pipelined_equals_unpipelined(reference, mesh_spec, schedule, microbatch
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("stages, repeats", [(4, 2), (16, 8), (4, 8), (3, 2), (8, 3)])
-def test_circular_blocks_reach_their_stages_in_permutation_rounds(stages, repeats):
+@pytest.mark.parametrize("ranks, repeats", [(4, 2), (16, 8), (4, 8), (3, 2), (8, 3)])
+def test_circular_blocks_reach_their_ranks_in_permutation_rounds(ranks, repeats):
     placed = {}
-    for moves in pipeline.circular_rounds(stages, repeats):
-        assert sorted(m[0] for m in moves) == sorted(m[2] for m in moves) == list(range(stages))  # one ppermute
+    for moves in pipeline.circular_rounds(ranks, repeats):
+        assert sorted(m[0] for m in moves) == sorted(m[2] for m in moves) == list(range(ranks))  # one ppermute
         for source, block, target, slot in moves:
             placed[target, slot] = source * repeats + block  # the block's index in the stored layer order
-    assert placed == {(t, r): r * stages + t for t in range(stages) for r in range(repeats)}
+    assert placed == {(t, r): r * ranks + t for t in range(ranks) for r in range(repeats)}
 
 
 def test_bad_schedules_are_config_errors():
-    mesh = sharding.make_mesh("stage=4,fsdp=2")
-    with pytest.raises(ConfigError, match="stage=4: set pipeline.schedule"):
+    mesh = sharding.make_mesh("pipeline=4,fsdp=2")
+    with pytest.raises(ConfigError, match="pipeline=4: set pipeline.schedule"):
         pipeline.make_run_layers(CFG, mesh, schedule="none", microbatches=1)
-    with pytest.raises(ConfigError, match="do not split into stage=4 x repeats=3"):
+    with pytest.raises(ConfigError, match="do not split into pipeline=4 x repeats=3"):
         pipeline.make_run_layers(CFG, mesh, schedule="circular", microbatches=4, circular_repeats=3)
-    with pytest.raises(ConfigError, match="at least as many microbatches as stages"):
+    with pytest.raises(ConfigError, match="at least as many microbatches as pipeline ranks"):
         pipeline.make_run_layers(CFG, mesh, schedule="circular", microbatches=2)
     with pytest.raises(ConfigError, match="one of"):
         pipeline.make_run_layers(CFG, mesh, schedule="1f1b", microbatches=4)
@@ -99,7 +100,7 @@ def test_bad_schedules_are_config_errors():
 def _tiny_run(corpus, run_dir, steps):
     c = runpy.run_path(str(ROOT / "configs" / "pretrain" / "tiny.py"))["get_config"](str(corpus))
     c.run_dir = str(run_dir)
-    c.mesh = "stage=2,fsdp=4"
+    c.mesh = "pipeline=2,fsdp=4"
     c.pipeline.update(schedule="circular", microbatches=2, circular_repeats=2)  # tiny: 4 layers = 2 x 2 x 1
     c.train.steps = steps
     c.logging.update(eval_every=0)
@@ -120,7 +121,7 @@ def test_pipelined_run_resumes_bit_identically_and_restores_on_any_mesh(tmp_path
                     jax.tree.leaves((resumed.params, resumed.opt_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert straight.data_state == resumed.data_state
-    # The checkpoint holds the unpipelined tree: it restores onto a mesh without stages.
+    # The checkpoint holds the unpipelined tree: it restores onto a mesh without a pipeline axis.
     cfg = loop.model_config(_tiny_run(corpus, tmp_path, 6).model)
     flat = CheckpointManager(tmp_path / "resumed").restore(
         6, params_target=model.abstract_params(cfg, sharding.make_mesh("fsdp=8")))

@@ -10,8 +10,9 @@ import sys
 import jax
 import pytest
 
-from llama_jax import config, pipeline, plan, sharding
+from llama_jax import config, plan, sharding
 from llama_jax.errors import ConfigError
+from llama_jax.parallel import pipeline
 from llama_jax.plan import aot, command, memory
 
 needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -29,12 +30,12 @@ def test_param_shards_are_exact():
     sizes = sharding.parse_mesh("data=2,fsdp=8", 16)
     assert sum(memory.param_bytes(cfg, sizes)) == cfg.num_params() * 2 / 8  # every dim divides by 8
     big = config.get("llama3.1-405b", num_layers=128)
-    layout = sharding.parse_mesh("stage=16,fsdp=64,tensor=8", 8192)  # the paper's TP8 x PP16 x DP64
+    layout = sharding.parse_mesh("pipeline=16,fsdp=64,tensor=8", 8192)  # the paper's TP8 x PP16 x DP64
     d, layers = big.dim, big.num_layers
     per_layer = (big.num_params() - 2 * big.vocab_size * d - d) / layers
     norms = 2 * d  # the two RMSNorm scales per layer: split by fsdp only, not by tensor
-    want_layers = ((per_layer - norms) / 512 + norms / 64) * 2 * 8  # 8 layers per stage
-    want_outer = 2 * big.vocab_size * d * 2 / 512 + d * 2 / 64  # embedding and LM head on every stage, final norm
+    want_layers = ((per_layer - norms) / 512 + norms / 64) * 2 * 8  # 8 layers per pipeline rank
+    want_outer = 2 * big.vocab_size * d * 2 / 512 + d * 2 / 64  # embedding and LM head on every rank, final norm
     assert memory.param_bytes(big, layout) == pytest.approx((want_layers, want_outer), rel=1e-12)
 
 
@@ -59,7 +60,7 @@ def test_analytic_within_10_percent_of_xla_cpu(remat, mesh_spec):
 @pytest.mark.parametrize("schedule, remat", [("gpipe", "full"), ("circular", "none")])
 def test_pipeline_memory_and_ticks_from_the_compiled_step(schedule, remat):
     cfg = TINY.replace(num_layers=8, remat=remat)
-    result = _check(cfg, "stage=4,fsdp=2", 256, 16, schedule=schedule, microbatches=4, circular_repeats=2)
+    result = _check(cfg, "pipeline=4,fsdp=2", 256, 16, schedule=schedule, microbatches=4, circular_repeats=2)
     repeats = 2 if schedule == "circular" else 1
     assert result["compiled"]["pipeline_ticks"] == result["pipeline_ticks"] == 4 * repeats + 3
     assert result["compiled"]["bubble"] == pytest.approx(pipeline.bubble_fraction(4, 4, repeats))
@@ -68,7 +69,7 @@ def test_pipeline_memory_and_ticks_from_the_compiled_step(schedule, remat):
 @needs_libtpu
 def test_compiles_for_a_tpu_topology_without_a_tpu():
     cfg = config.get("tiny", num_layers=8)
-    mesh = aot.mesh_for("stage=4,fsdp=2", "v5p:2x2x2")
+    mesh = aot.mesh_for("pipeline=4,fsdp=2", "v5p:2x2x2")
     report = aot.compile_train_step(cfg, mesh, 64, 16, schedule="circular", microbatches=4, loss_chunk=None)
     assert report.platform == "tpu" and report.device_kind == "TPU v5" and report.devices == 8
     assert report.capacity_bytes == 95e9 and report.total_bytes > report.argument_bytes > 0
@@ -121,7 +122,7 @@ def test_table4_layouts():
     for r in rows:
         assert r["tokens_per_batch"] == 16 * 2**20  # the paper's 16M tokens per batch
         assert r["model_flops_per_token"] == cfg.flops_per_token(r["seq"])
-        assert r["mesh"]["stage"] * r["mesh"]["fsdp"] * r["mesh"]["tensor"] * r["mesh"]["sequence"] == r["gpus"]
+        assert r["mesh"]["pipeline"] * r["mesh"]["fsdp"] * r["mesh"]["tensor"] * r["mesh"]["sequence"] == r["gpus"]
         assert r["bubble"] == pipeline.bubble_fraction(16, 16, 8)
     assert rows[0]["fits_80gb"] and not rows[2]["fits_80gb"]  # 128K context with dense [T, S] scores does not fit
     assert rows[2]["flash_gb"] < 80  # ... and would with a fused attention kernel
@@ -188,9 +189,9 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="do not divide"):
         memory.train_budget(cfg, "data=2,fsdp=4", 256, 4)
     with pytest.raises(ConfigError, match="unknown axis"):
+        memory.train_budget(cfg, "model=4", 256, 4)
+    with pytest.raises(ConfigError, match="pipeline=4: give a pipeline schedule"):
         memory.train_budget(cfg, "pipeline=4", 256, 4)
-    with pytest.raises(ConfigError, match="stage=4: give a pipeline schedule"):
-        memory.train_budget(cfg, "stage=4", 256, 4)
     with pytest.raises(ConfigError, match="cannot parse 'fsdp'"):
         memory.train_budget(cfg, "fsdp", 256, 4)
     with pytest.raises(ConfigError, match="fp8"):

@@ -64,12 +64,12 @@ def test_rules_give_the_documented_layout():
     layer = specs["layers"]
     assert specs["embedding"] == P("tensor", "fsdp")
     assert specs["lm_head"] == P("fsdp", "tensor")
-    assert layer["attention"]["query"] == P("stage", "fsdp", "tensor", None)
-    assert layer["attention"]["key"] == P("stage", "fsdp", "tensor", None)
-    assert layer["attention"]["out"] == P("stage", "tensor", None, "fsdp")
-    assert layer["feed_forward"]["gate"] == P("stage", "fsdp", "tensor")
-    assert layer["feed_forward"]["down"] == P("stage", "tensor", "fsdp")
-    assert layer["attention_norm"]["scale"] == P("stage", "fsdp")
+    assert layer["attention"]["query"] == P("pipeline", "fsdp", "tensor", None)
+    assert layer["attention"]["key"] == P("pipeline", "fsdp", "tensor", None)
+    assert layer["attention"]["out"] == P("pipeline", "tensor", None, "fsdp")
+    assert layer["feed_forward"]["gate"] == P("pipeline", "fsdp", "tensor")
+    assert layer["feed_forward"]["down"] == P("pipeline", "tensor", "fsdp")
+    assert layer["attention_norm"]["scale"] == P("pipeline", "fsdp")
     # Activations: batch claims fsdp first, so embed stays whole; length goes to sequence.
     assert nn.logical_to_mesh_axes(("batch", "length", "embed"), sharding.LOGICAL_RULES) == P(
         ("data", "fsdp"), "sequence", None)
@@ -78,12 +78,12 @@ def test_rules_give_the_documented_layout():
 
 
 def test_parse_mesh():
-    assert sharding.parse_mesh("data=2,fsdp=2,tensor=2", 8) == {"data": 2, "stage": 1, "fsdp": 2, "tensor": 2,
+    assert sharding.parse_mesh("data=2,fsdp=2,tensor=2", 8) == {"data": 2, "pipeline": 1, "fsdp": 2, "tensor": 2,
                                                                 "sequence": 1}
-    assert sharding.parse_mesh("tensor=2, data=-1", 8) == {"data": 4, "stage": 1, "fsdp": 1, "tensor": 2,
+    assert sharding.parse_mesh("tensor=2, data=-1", 8) == {"data": 4, "pipeline": 1, "fsdp": 1, "tensor": 2,
                                                            "sequence": 1}
-    assert sharding.parse_mesh("stage=4,fsdp=-1", 8)["stage"] == 4
-    assert sharding.parse_mesh(None, 8) == {"data": 1, "stage": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
+    assert sharding.parse_mesh("pipeline=4,fsdp=-1", 8)["pipeline"] == 4
+    assert sharding.parse_mesh(None, 8) == {"data": 1, "pipeline": 1, "fsdp": 8, "tensor": 1, "sequence": 1}
     assert sharding.parse_mesh({"sequence": 4, "fsdp": 2}, 8)["sequence"] == 4
     with pytest.raises(ConfigError, match="has 4 devices"):
         sharding.parse_mesh("data=2,tensor=2", 8)
@@ -95,6 +95,19 @@ def test_parse_mesh():
         sharding.parse_mesh("data=3,fsdp=-1", 8)
     with pytest.raises(ConfigError):
         sharding.make_mesh("data=16")
+
+
+def test_old_axis_name_stage_still_parses_for_one_release(capsys):
+    """``stage=`` (the pipeline axis's old name) in a mesh spec, and in the mesh an older checkpoint recorded, reads
+    as ``pipeline`` and says so once on stderr; naming the axis both ways is an error."""
+    sharding._say_renamed.cache_clear()
+    assert sharding.parse_mesh("stage=4,fsdp=-1", 8) == sharding.parse_mesh("pipeline=4,fsdp=-1", 8)
+    recorded = {"data": 1, "stage": 2, "fsdp": 4, "tensor": 1, "sequence": 1}  # an older checkpoint's metadata
+    assert sharding.parse_mesh(recorded, 8) == {"data": 1, "pipeline": 2, "fsdp": 4, "tensor": 1, "sequence": 1}
+    assert sharding.make_mesh("stage=2,fsdp=4").shape["pipeline"] == 2
+    assert capsys.readouterr().err == "deprecated: mesh axis stage -> use pipeline\n"
+    with pytest.raises(ConfigError, match="names axis 'pipeline' twice"):
+        sharding.parse_mesh("stage=2,pipeline=2,fsdp=2", 8)
 
 
 def test_axis_that_does_not_divide_is_a_config_error():
@@ -110,7 +123,7 @@ def test_init_params_is_born_sharded_and_equals_unsharded_init():
     params = model.init_params(CFG, jax.random.key(3), mesh)
     reference = model.init_params(CFG, jax.random.key(3))
     query = params["layers"]["attention"]["query"]  # [L, D, N, H] split D/4 and N/2
-    assert query.sharding.spec == P("stage", "fsdp", "tensor", None)
+    assert query.sharding.spec == P("pipeline", "fsdp", "tensor", None)
     assert {s.data.shape for s in query.addressable_shards} == {(2, 16, 4, 8)}
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)  # same draws
@@ -137,7 +150,7 @@ def test_state_shardings_follow_params():
     mesh = sharding.make_mesh("fsdp=4,tensor=2")
     shardings = step.state_shardings(CFG, optax.adamw(1e-3), mesh)
     adam = shardings.opt_state[0]
-    assert adam.mu["layers"]["feed_forward"]["down"].spec == P("stage", "tensor", "fsdp")
+    assert adam.mu["layers"]["feed_forward"]["down"].spec == P("pipeline", "tensor", "fsdp")
     assert adam.nu["embedding"].spec == P("tensor", "fsdp")
     assert adam.count.spec == P()
     assert shardings.params["lm_head"].spec == P("fsdp", "tensor")

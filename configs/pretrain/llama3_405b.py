@@ -7,9 +7,9 @@ decay to 8e-7 over 1,200,000 steps, the last 40M tokens annealed linearly to 0 (
 batches of 4M tokens at sequence 4,096, then 8M tokens at 8,192 after 252M tokens, then 16M tokens after
 2.87T tokens. The data stream is one of 4M-token batches of 8K rows (512 x 8192); the ramp cuts them into
 4K rows, then takes 2, then 4 of them per step. Weight decay 0.1, clip 1.0, betas (0.9, 0.95) as in Llama 2.
-Parallelism: the paper runs TP 8 x PP 16 x DP (FSDP). llama_jax's pipeline (config.pipeline, a `stage` mesh axis)
-needs the 126 layers in equal stages (2, 3, 6, 7, 9, 14 or 18 of them; the paper's 16 stages are uneven), so this
-config keeps tensor=8 and FSDP over the rest; `python -m llama_jax.plan --table4` shows the 16-stage layouts.
+Parallelism: the paper runs TP 8 x PP 16 x DP (FSDP). llama_jax's pipeline (config.pipeline, a `pipeline` mesh
+axis) needs the 126 layers split equally over its ranks (2, 3, 6, 7, 9, 14 or 18 of them; the paper's 16 are
+uneven), so this config keeps tensor=8 and FSDP over the rest; `python -m llama_jax.plan --table4` shows PP 16.
 """
 
 from llama_jax.train.defaults import pretrain_config

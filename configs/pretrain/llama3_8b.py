@@ -4,7 +4,7 @@
 
 The paper publishes its schedule only for 405B; here the 8B uses Llama 2 7B's published recipe scaled to
 Llama 3's data: AdamW (0.9, 0.95), decay 0.1, clip 1.0, peak 3e-4, 2,000 warmup steps, cosine to 1% of
-peak, 4M-token batches (512 x 8192) with the 405B's sequence ramp's first stage (4K rows) for 252M tokens.
+peak, 4M-token batches (512 x 8192) with the 405B's sequence ramp's first phase (4K rows) for 252M tokens.
 """
 
 from llama_jax.train.defaults import pretrain_config

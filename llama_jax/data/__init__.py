@@ -1,9 +1,7 @@
-"""Training data: document, chat and preference sources, packing into [B, T] rows, the resumable batch pipeline,
-and prompt records for sampling."""
+"""Training data: document, chat and preference sources, packing into [B, T] rows, the resumable batches
+(batches.py: sources -> packed [B, T] batches), and prompt records for sampling."""
 
-from llama_jax.data.chat import ChatSource, EncodedChat, encode_chat
-from llama_jax.data.packing import BATCH_KEYS, concat_batches, rows_to_batch, split_rows
-from llama_jax.data.pipeline import (
+from llama_jax.data.batches import (
     KINDS,
     BatchIterator,
     make_batches,
@@ -12,6 +10,8 @@ from llama_jax.data.pipeline import (
     source_kind,
     source_spec,
 )
+from llama_jax.data.chat import ChatSource, EncodedChat, encode_chat
+from llama_jax.data.packing import BATCH_KEYS, concat_batches, rows_to_batch, split_rows
 from llama_jax.data.preference import PAIR_KEYS, REPLIES, EncodedPair, PreferenceSource, encode_pair
 from llama_jax.data.prompts import PromptRecord, read_prompts
 from llama_jax.data.sources import JsonlSource, TextSource, TokenSource, shakespeare_texts

@@ -17,8 +17,8 @@ Stream ``r`` of ``num_rows`` (B):
 - Documents are tokenized (EOS after each), concatenated and cut into rows; a document that does not fit goes on
   in the stream's next row, with positions restarting at 0 (as grain's concat-then-split packer does).
 
-Why not one grain pipeline per row: a row's whole position is these counters, where a grain iterator's state is
-a nest of its transformations' states, and grain's per-element overhead made the former one-pipeline version
+Why not one grain dataset per row: a row's whole position is these counters, where a grain iterator's state is
+a nest of its transformations' states, and grain's per-element overhead made the former grain-based version
 take 190 ms of host time for a 64 x 1024 batch of Shakespeare bytes (this: 5 ms; 13 s vs 0.5 s at 512 x 8192).
 """
 

@@ -1,11 +1,11 @@
-"""Per-token loss, perplexity and bits per byte of any checkpoint on any data the pipeline reads.
+"""Per-token loss, perplexity and bits per byte of any checkpoint on any data llama_jax.data reads.
 
     python -m llama_jax.eval --checkpoint runs/demo                       # the run's own held-out data, as it logs it
     python -m llama_jax.eval --checkpoint Llama-3.2-1B/ --data wiki.txt --seq-len 2048 --mesh fsdp=8
     python -m llama_jax.eval --checkpoint runs/sft --data chats.jsonl     # chat: the assistant's tokens only
     python -m llama_jax.eval --checkpoint runs/8b --config configs/pretrain/llama3_8b.py:/data/*.jsonl
 
-    scores = evaluate(params, cfg, batches, tokenizer, mesh=mesh)          # Python: any iterable of pipeline batches
+    scores = evaluate(params, cfg, batches, tokenizer, mesh=mesh)          # Python: any iterable of data batches
     scores.loss, scores.perplexity, scores.bits_per_byte
     scores.loss_by_position                                                # [T]: mean loss at each position
 
@@ -45,7 +45,7 @@ import numpy as np
 from llama_jax import checkpoint, cli, model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.data import make_batches, source_kind
-from llama_jax.data.pipeline import DEFAULTS
+from llama_jax.data.batches import DEFAULTS
 from llama_jax.errors import ConfigError
 from llama_jax.losses import chunked_cross_entropy
 from llama_jax.tokenizer import Tokenizer, from_identity
@@ -115,7 +115,7 @@ def make_scorer(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, chunk_size: int | 
         nll, _ = chunked_cross_entropy(hidden, head, batch["targets"], chunk_size,
                                        precision=cfg.resolved_matmul_precision)  # [B, T], as the training loss
         mask = batch["loss_mask"].astype(jnp.float32)
-        length = batch["positions"].shape[1]  # pipeline positions restart per document and row: all < T
+        length = batch["positions"].shape[1]  # data's positions restart per document and row: all < T
         per_position = [jax.ops.segment_sum(x.ravel(), batch["positions"].ravel(), num_segments=length)
                         for x in (nll * mask, mask)]  # 2 x [T]
         return {"nll": (nll * mask).sum(), "tokens": mask.sum(), "bytes": (lengths[batch["targets"]] * mask).sum(),
@@ -133,7 +133,7 @@ def make_scorer(cfg: ModelConfig, mesh: jax.sharding.Mesh, *, chunk_size: int | 
 
 def evaluate(params, cfg: ModelConfig, batches: Iterable[Mapping[str, np.ndarray]], tokenizer: Tokenizer, *,
              mesh: jax.sharding.Mesh | None = None, chunk_size: int | None = 8192) -> Scores:
-    """Scores of ``params`` on ``batches`` (dicts of int32 [B, T] arrays with the pipeline's keys)."""
+    """Scores of ``params`` on ``batches`` (dicts of int32 [B, T] arrays with llama_jax.data's keys)."""
     mesh = mesh or sharding.make_mesh()
     score = make_scorer(cfg, mesh, chunk_size=chunk_size)
     lengths = jax.device_put(byte_lengths(tokenizer, cfg.vocab_size),

@@ -3,7 +3,7 @@
     out = flash_attention(q, k, v, q_positions, q_segment_ids, k_positions, k_segment_ids,
                           block_q=64, block_k=64, interpret=True)        # interpret: any backend; GPU: compiled
     out, lse = flash_attention(..., return_lse=True)                    # lse [B, T, N] float32, for block merges
-    impl = select_impl("auto", natural_order=True)   # "pallas" on GPU, "splash" on TPU, "dense" on CPU
+    impl = select_impl("per_backend", natural_order=True, backend="gpu")  # "pallas"; TPU "splash"; CPU "dense"
     if impl != "dense":
         out = fused_attention(q, k, v, positions, segment_ids, positions, segment_ids, impl=impl, natural_order=True)
 
@@ -461,12 +461,14 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.A
     return _nan_if_shared_prefix(out, q_segment_ids, k_segment_ids).astype(v.dtype)
 
 
-def select_impl(impl: str = "auto", *, natural_order: bool = False, backend: str | None = None) -> str:
-    """The attention implementation to run: ``impl`` itself, or for "auto" by backend: "pallas" on GPU, "splash"
-    on TPU when the caller's rows are in natural order (else "dense"), "dense" on CPU and elsewhere."""
-    if impl != "auto":
+def select_impl(impl: str = "per_backend", *, natural_order: bool = False, backend: str | None = None) -> str:
+    """The attention implementation to run: ``impl`` itself, or for "per_backend" by ``backend``: "pallas" on GPU,
+    "splash" on TPU when the caller's rows are in natural order (else "dense"), "dense" on CPU and elsewhere.
+    ``backend`` is the platform the call is compiled for; its default, ``jax.default_backend()``, is this host's
+    ("cpu" on a host that only compiles for an accelerator)."""
+    if impl != "per_backend":
         if impl not in (*IMPLS, "dense"):
-            raise ConfigError(f"attention impl must be 'auto', 'dense' or one of {IMPLS}, got {impl!r}")
+            raise ConfigError(f"attention impl must be 'per_backend', 'dense' or one of {IMPLS}, got {impl!r}")
         return impl
     backend = backend or jax.default_backend()
     if backend in ("gpu", "cuda", "rocm"):
@@ -477,7 +479,7 @@ def select_impl(impl: str = "auto", *, natural_order: bool = False, backend: str
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, q_segment_ids: jax.Array,
-                    k_positions: jax.Array, k_segment_ids: jax.Array, *, impl: str = "auto",
+                    k_positions: jax.Array, k_segment_ids: jax.Array, *, impl: str = "per_backend",
                     natural_order: bool = False, interpret: bool = False) -> jax.Array:
     """Fused attention by implementation name (``select_impl``); "dense" is the caller's own path, not here.
     ``natural_order`` is the caller's promise that rows are packed in natural order (needed by "splash", which

@@ -33,10 +33,11 @@ import jax
 import numpy as np
 from jax.experimental import topologies
 
-from llama_jax import optim, pipeline, sharding
+from llama_jax import optim, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.data.packing import BATCH_KEYS
 from llama_jax.errors import ConfigError
+from llama_jax.parallel import pipeline
 from llama_jax.train import pretrain, step
 
 

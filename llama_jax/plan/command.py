@@ -12,9 +12,9 @@ The analytic figure is ``llama_jax.plan.memory``'s term by term (the JSON result
 and compiles the real train step (``llama_jax.plan.aot``) and adds the compiler's own per-device figures: with
 ``--topology`` for that TPU slice (``--slices`` for multi-slice) through libtpu's compile-only devices, without one
 for simulated CPU devices (one per mesh position); ``--topology h100:8 --slices 8`` compiles for 64 H100s the same
-way (jax's CUDA plugin, no GPU). Pipelines: a ``stage`` axis in ``--mesh`` and ``--pipeline
+way (jax's CUDA plugin, no GPU). Pipelines: a ``pipeline`` axis in ``--mesh`` and ``--pipeline
 gpipe|circular --microbatches M [--repeats R]``; the compiled report gives the pipeline loop's trip count and
-the bubble it implies, and its per-device memory is every stage's (one SPMD program).
+the bubble it implies, and its per-device memory is every pipeline rank's (one SPMD program).
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs)
 
 # The Llama 3 paper's Table 4 (405B, BF16, H100): TP x CP x PP x DP (DP is FSDP-style), seq, batch per DP rank.
 # Our schedule for each (the paper's is interleaved 1F1B, which llama_jax does not have): circular with 8 rounds of
-# one layer per stage, 16 one-row microbatches per pass and gradient accumulation over the rest of the batch.
+# one layer per pipeline rank, 16 one-row microbatches per pass and gradient accumulation over the rest of the batch.
 TABLE4 = (
     dict(gpus=8192, tp=8, cp=1, pp=16, dp=64, seq=8192, batch_per_dp=32, tflops=430, grad_accum=2),
     dict(gpus=16384, tp=8, cp=1, pp=16, dp=128, seq=8192, batch_per_dp=16, tflops=400, grad_accum=1),
     dict(gpus=16384, tp=8, cp=16, pp=16, dp=8, seq=131072, batch_per_dp=16, tflops=380, grad_accum=1),
 )
 TABLE4_PIPELINE = dict(schedule="circular", microbatches=16, circular_repeats=8)
-# 126 layers do not split into 16 equal stages (the paper gives the first and last stage one layer less, which one
+# 126 layers do not split over 16 pipeline ranks (the paper gives the first and last rank one layer less, which one
 # stacked `layers` axis cannot express), so the compiled rows use 128: 1.6% more parameters, said in the table.
 TABLE4_LAYERS = 128
 # What the compiler's FLOPs figure is not (printed next to it, and in --json).
@@ -80,7 +80,7 @@ def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backen
             "fits": None if capacity is None else report.total_bytes <= capacity,
             "compile_seconds": report.compile_seconds, "pipeline_ticks": report.pipeline_ticks,
             "refused_by_compiler": report.refused,
-            "bubble": None if report.pipeline_ticks is None else (sizes["stage"] - 1) / report.pipeline_ticks,
+            "bubble": None if report.pipeline_ticks is None else (sizes["pipeline"] - 1) / report.pipeline_ticks,
             "flops_loop_bodies_once": report.flops, "flops_caveat": FLOPS_CAVEAT,
         }
         result["analytic_over_compiled"] = b.total / report.total_bytes
@@ -140,7 +140,7 @@ def _print_long_context(rows: list[dict]) -> None:
 
 
 def table4_rows(topology: str | None = None) -> list[dict]:
-    """The paper's 405B layouts as our mesh (fsdp = DP, tensor = TP, sequence = CP, stage = PP), for the 128-layer
+    """The paper's 405B layouts as our mesh (fsdp = DP, tensor = TP, sequence = CP, pipeline = PP), for the 128-layer
     stand-in: the analytic budget and, with ``topology`` (one TPU slice, repeated to the paper's chip count), the
     compiled step."""
     cfg = config.get("llama3.1-405b", remat="full", num_layers=TABLE4_LAYERS)
@@ -148,7 +148,7 @@ def table4_rows(topology: str | None = None) -> list[dict]:
     backend = "gpu" if topology is None else _backend_of(topology)  # the paper's chips are H100s
     rows = []
     for row in TABLE4:
-        spec = f"stage={row['pp']},fsdp={row['dp']},tensor={row['tp']},sequence={row['cp']}"
+        spec = f"pipeline={row['pp']},fsdp={row['dp']},tensor={row['tp']},sequence={row['cp']}"
         batch = row["batch_per_dp"] * row["dp"]
         if chips is not None and row["gpus"] % chips:
             raise ConfigError(f"{row['gpus']} chips are not a whole number of {topology} slices")
@@ -204,9 +204,9 @@ parser.add_argument("--batch", type=int, default=None, help="global rows per ste
 parser.add_argument("--grad-accum", type=int, default=None, help="forward/backward passes per step")
 parser.add_argument("--remat", default=None, help="override the model's remat policy")
 parser.add_argument("--pipeline", default=None, choices=("none", "gpipe", "circular"),
-                    help="schedule for the mesh's stage axis (default: the config's, else none)")
+                    help="schedule for the mesh's pipeline axis (default: the config's, else none)")
 parser.add_argument("--microbatches", type=int, default=None, help="pipeline microbatches per pass")
-parser.add_argument("--repeats", type=int, default=None, help="circular: rounds of the stage ring")
+parser.add_argument("--repeats", type=int, default=None, help="circular: rounds of the pipeline ring")
 parser.add_argument("--attention", default="dense", choices=("dense", "flash"),
                     help="analytic attention memory: this model's dense scores, or a fused kernel's for comparison")
 parser.add_argument("--backend", default=None, choices=sorted(memory.BACKENDS),

@@ -6,16 +6,16 @@
 
 It models ``llama_jax.train``'s pretraining step (AdamW, the chunked loss, dense attention, the pipeline
 schedules) on the mesh's shards. Every term is what that step holds at its peak, per device:
-  * ``params``: each leaf's shard under the rules table (``stage`` splits the layers; embedding and LM head are
-    on every stage); ``opt_state``: AdamW's two moments (param dtype); ``grads``: one more copy of the params,
-    and with gradient accumulation their float32 running sum (``grad_accumulator``);
+  * ``params``: each leaf's shard under the rules table (``pipeline`` splits the layers; embedding and LM head
+    are on every pipeline rank); ``opt_state``: AdamW's two moments (param dtype); ``grads``: one more copy of the
+    params, and with gradient accumulation their float32 running sum (``grad_accumulator``);
   * ``saved_activations``: what the backward pass keeps of each layer's forward (all of a block's intermediates
     with remat "none", its input with "full"), for every local layer and every microbatch in flight (a pipeline
     keeps them for all its ticks, bubble included);
   * ``layer_backward``: one layer's backward (with remat, its forward recomputed first) or ``loss_backward``:
     the chunked loss's logits and their gradient, whichever is larger: they do not overlap;
   * ``gathered_weights``: a layer's weights gathered over fsdp and its gradient before the reduce-scatter;
-  * ``pipeline_buffers``: the microbatches' inputs / outputs that stage 0 keeps, and the embedding's output;
+  * ``pipeline_buffers``: the microbatches' inputs / outputs that pipeline rank 0 keeps, and the embedding's output;
   * ``table_copies``: copies of the embedding / LM head shards some backends hold at the peak;
   * ``stack_copy``, ``compiler_overhead``: the backend's arena beyond the live buffers (``Backend``).
 
@@ -34,9 +34,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from llama_jax import model, pipeline, sharding
+from llama_jax import model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
+from llama_jax.parallel import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ BACKENDS = {
     # rematerialised layer's backward holds one float32 score buffer and the compute-dtype probabilities, SwiGLU's
     # gate and up and their gradients, and about six model-dim vectors. memory_analysis then reports 14-33% more
     # than that buffer assignment's live peak; the last two numbers are fitted to three compiles (8B fsdp=64, 70B
-    # tensor=8 x fsdp=32, 405B 16-stage circular pipeline; all seq 8,192), which they match within 5%: more the
+    # tensor=8 x fsdp=32, 405B circular pipeline over 16 ranks; all seq 8,192), which they match within 5%: more the
     # larger the stacked activations (a scan's output stack and its initial copy can both be live). The remat
     # "none" counts are XLA:CPU's, not checked against a TPU compile.
     "tpu": Backend(score_saved=8.0, score_backward=6.0, ring_score_saved=15.0, ffn_saved=6, ffn_backward=2,
@@ -130,7 +131,7 @@ class TrainBudget:
     step_flops: float  # model FLOPs of the whole step, all devices
     step_flops_per_device: float  # ... including remat recomputation, per device
     pipeline_ticks: int | None  # forward ticks of the pipeline schedule (None without one)
-    bubble: float  # share of those ticks a stage idles
+    bubble: float  # share of those ticks a pipeline rank idles
 
     @property
     def total(self) -> float:
@@ -185,7 +186,7 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
     """Per-device bytes of the pretraining step on ``batch`` rows of ``seq`` tokens (see the module docstring).
 
     ``grad_accum``: forward/backward passes per step (the batch split into that many); ``schedule``,
-    ``microbatches``, ``circular_repeats``: the pipeline over the mesh's ``stage`` axis (llama_jax.pipeline);
+    ``microbatches``, ``circular_repeats``: the pipeline over the mesh's ``pipeline`` axis (``parallel.pipeline``);
     ``attention``: "dense" (this model) or "flash" (a fused kernel that keeps no scores, for comparison).
     """
     sizes = mesh if isinstance(mesh, dict) else sharding.parse_mesh(mesh, mesh_device_count(mesh))
@@ -196,14 +197,14 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
     if attention not in ("dense", "flash"):
         raise ConfigError(f"attention must be 'dense' or 'flash', got {attention!r}")
     prof = BACKENDS[backend]
-    dp, stages = sizes["data"] * sizes["fsdp"], sizes["stage"]
+    dp, ranks = sizes["data"] * sizes["fsdp"], sizes["pipeline"]
     if batch % (dp * grad_accum) or seq % sizes["sequence"]:
         raise ConfigError(f"batch {batch} / seq {seq} do not divide over data x fsdp = {dp} x grad_accum = "
                           f"{grad_accum}, sequence = {sizes['sequence']}")
     repeats = circular_repeats if schedule == "circular" else 1
-    if schedule == "none" and stages > 1:
-        raise ConfigError(f"the mesh has stage={stages}: give a pipeline schedule")
-    pipeline.check(cfg, stages, schedule, microbatches, circular_repeats)  # what the pipeline itself refuses
+    if schedule == "none" and ranks > 1:
+        raise ConfigError(f"the mesh has pipeline={ranks}: give a pipeline schedule")
+    pipeline.check(cfg, ranks, schedule, microbatches, circular_repeats)  # what the pipeline itself refuses
     a = 4 if prof.float32_activations else _itemsize(cfg.dtype)
     layer_params, outer_params = param_bytes(cfg, sizes)
     params = layer_params + outer_params
@@ -217,12 +218,12 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
     else:
         if rows % microbatches:
             raise ConfigError(f"{rows} rows per pass do not split into {microbatches} pipeline microbatches")
-        ticks = microbatches * repeats + stages - 1
-        bubble = pipeline.bubble_fraction(stages, microbatches, repeats)
+        ticks = microbatches * repeats + ranks - 1
+        bubble = pipeline.bubble_fraction(ranks, microbatches, repeats)
         tokens = rows // microbatches * length  # one microbatch
-        layers_saved = ticks * cfg.num_layers // (stages * repeats)
-        loss_tokens = rows * length // (stages if length % stages == 0 else 1)
-        pipeline_buffers = 2 * rows * length * cfg.dim * a  # stage 0's slots, and the embedding's output
+        layers_saved = ticks * cfg.num_layers // (ranks * repeats)
+        loss_tokens = rows * length // (ranks if length % ranks == 0 else 1)
+        pipeline_buffers = 2 * rows * length * cfg.dim * a  # rank 0's slots, and the embedding's output
     vocab_chunk = min(cfg.vocab_size, loss_chunk or cfg.vocab_size) / sizes["tensor"]
     # Logits of one vocabulary chunk and their gradient (float32), the final hidden states (float32), and the
     # LM head's chunk gathered over fsdp with its gradient.

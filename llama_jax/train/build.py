@@ -18,11 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llama_jax import checkpoint, cli, experiment, model, optim, pipeline, sharding
+from llama_jax import checkpoint, cli, experiment, model, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError, ConfigError, DataError
 from llama_jax.experiment import Experiment
+from llama_jax.parallel import pipeline
 from llama_jax.tokenizer import Tokenizer, get_tokenizer
 from llama_jax.train import dpo, long_context, phases, pretrain, reward, sft
 from llama_jax.train.lock import RunLock

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from llama_jax import data, model, pipeline
+from llama_jax import data, model
 from llama_jax.config import ModelConfig
 from llama_jax.losses import next_token_loss
+from llama_jax.parallel import pipeline
 from llama_jax.train.step import LossFn, Stage
 
 

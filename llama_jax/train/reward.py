@@ -20,7 +20,7 @@ prompt once (segment -1, positions 0..P-1), then each reply (segments 1, 2, 3, p
 prompt runs once rather than once per reply. ``ops.attention``'s shared-prefix rule lets each reply see the prompt
 and itself only, so the scores equal those of separate rows. A record whose prompt and replies do not fit in one
 row is a DataError, or with ``data.on_error="skip"`` an empty row counted in the run's skipped records. Packed
-rows need the dense attention (``model.attention`` "dense" or "auto"): the fused kernels refuse the rule.
+rows need the dense attention (``model.attention`` "dense"): the fused kernels refuse the rule.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def training_documents(tok: Tokenizer, count: int, min_length: int, max_length: 
         rng = np.random.default_rng([int(seed), 1, index])
         length, depth = int(rng.integers(min_length, max_length + 1)), float(rng.random())
         sample = make_sample(tok, task, length, depth, [int(seed), 1, index, 1])
-        start = 1 if task.bos else 0  # the data pipeline adds <|begin_of_text|> itself (add_bos)
+        start = 1 if task.bos else 0  # llama_jax.data adds <|begin_of_text|> itself (add_bos)
         yield tok.decode(sample.tokens[start:]) + sample.completion()
 
 

@@ -46,7 +46,7 @@ The data config (``config.data``; see configs/pretrain/tiny.py):
     whole_documents documents only: False (grain's concat-then-split), rows are cut wherever they end; True, a
                     document that fits in a row but not in what is left of the current one opens the next row, the
                     rest of the current one being padding (longer documents are still cut). For long-context
-                    stages, whose documents are as long as the rows: cut, a needle is parted from its question.
+                    phases, whose documents are as long as the rows: cut, a needle is parted from its question.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ class BatchIterator:
 
 def merge_states(states: Sequence[Mapping]) -> dict:
     """The global data state from every process's ``get_state()`` (any order): what a checkpoint keeps. Keys
-    besides the header and rows (a wrapper's, e.g. the long-context stage) must agree and are kept."""
+    besides the header and rows (a wrapper's, e.g. the training phases') must agree and are kept."""
     if not states:
         raise DataError("merge_states needs the state of at least one process")
     header = {k: v for k, v in states[0].items() if k != "rows"} | {k: states[0].get(k) for k in _HEADER}
