@@ -201,7 +201,7 @@ def from_config(config) -> Experiment:
 
 
 def config_dict(preset: str, stage: str = "pretrain", **model_overrides):
-    """The ``ml_collections.ConfigDict`` of the defaults for ``stage`` with the ``preset`` model, locked: a config
+    """The ``ml_collections.ConfigDict`` of the defaults of a training stage with the ``preset`` model, locked: a config
     file or flag that names a key not declared in the sections is an error, not a new key."""
     import ml_collections  # the override surface only: the library itself never needs it
 
