@@ -16,7 +16,7 @@ question land in different rows). The base run mixes them with the Shakespeare p
 natural text of the held-out loss the gates watch. The byte model has to learn to copy a 5-digit key from wherever
 it sits (an induction circuit): from passkey documents alone it did not in 800 steps; with the copy drills it does
 between steps 2,100 and 3,300. The phases keep 2,048 tokens per step and run with gates that warn; what they reach,
-and the variants that did less, are in the README ("Long context").
+and the variants that did less, are in docs/experiments/long-context-toy.md.
 """
 
 import sys

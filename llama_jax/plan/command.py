@@ -25,11 +25,11 @@ from collections.abc import Sequence
 
 import jax
 
-from llama_jax import cli, config, sharding
+from llama_jax import cli, config, experiment, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 from llama_jax.plan import aot, memory
-from llama_jax.train import long_context, phases
+from llama_jax.train import build, phases
 
 GB = 1e9
 H100_BYTES = 80e9  # H100 SXM HBM3 (the paper's GPUs)
@@ -99,12 +99,13 @@ def long_context_rows(args: argparse.Namespace, c) -> list[dict]:
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
     mesh_spec = args.mesh or c.mesh or "fsdp=-1"
-    extension = long_context.parse(c, cfg, base_mesh=sharding.parse_mesh(mesh_spec, _devices(args, mesh_spec)))
+    _, extension = build.plan_phases(experiment.from_config(c), cfg,
+                                     base_mesh=sharding.parse_mesh(mesh_spec, _devices(args, mesh_spec)))
     backend = args.backend or (_backend_of(args.topology) if args.topology
                                else jax.default_backend() if args.aot else "gpu")
     chunk = int(c.loss.vocab_chunk) or None
     rows, compiled = [], {}
-    for number, s in enumerate(extension.phases):  # numbered as in long_context.phases
+    for s in extension.phases:  # numbered as the run numbers them (after the base run's phases)
         sizes = s.mesh
         spec = ",".join(f"{k}={v}" for k, v in sizes.items())
         fused = sizes["sequence"] == 1 or cfg.context_parallel == "all_gather"
@@ -112,12 +113,12 @@ def long_context_rows(args: argparse.Namespace, c) -> list[dict]:
         key = (s.seq_len, s.rows, s.grad_accum, spec)
         if key not in compiled:  # phases of one shape (the annealing) share one plan and compile
             if args.aot:
-                cli.log(f"phase {number}: {s.rows} x {s.seq_len} tokens in {s.grad_accum} pass(es) on {spec}")
+                cli.log(f"phase {s.index}: {s.rows} x {s.seq_len} tokens in {s.grad_accum} pass(es) on {spec}")
             compiled[key] = plan_train(cfg, spec, s.seq_len, s.rows, backend=backend, attention=attention,
                                        grad_accum=s.grad_accum, pipeline=dict(c.pipeline), loss_chunk=chunk,
                                        compile_on=(args.topology, args.slices) if args.aot else None)
         planned = compiled[key]
-        rows.append({"phase": number, "seq_len": s.seq_len, "steps": s.end_step - s.start_step, "rows": s.rows,
+        rows.append({"phase": s.index, "seq_len": s.seq_len, "steps": s.end_step - s.start_step, "rows": s.rows,
                      "attention": attention,
                      **planned, "fits_80gb": planned["analytic_gb"] * GB <= H100_BYTES})
     return rows
@@ -194,7 +195,7 @@ def _print_table4(rows: list[dict]) -> None:
 # --- Command line -----------------------------------------------------------------------------------------
 
 
-parser = cli.parser("python -m llama_jax.plan", __doc__.split("\n")[0], config=True)
+parser = cli.parser("python -m llama_jax.plan", __doc__, config=True)
 parser.add_argument("--model", default="llama3.1-8b", help="preset name (llama_jax.config.PRESETS); with --config, "
                                                            "the config's model")
 cli.add_mesh(parser)  # default: fsdp=8 without --config, else the config's mesh

@@ -7,7 +7,7 @@ PATH[:FORMAT]`` (repeatable) replaces ``data.sources`` without writing JSON:
     python -m llama_jax.train --config configs/pretrain/tiny.py --data my.jsonl --config.run_dir=/tmp/mine
 
 The run directory (checkpoints, metrics) is ``--config.run_dir``: the result's ``out``. Rerunning the same command
-resumes from the newest complete checkpoint in ``run_dir``. On a pod, start one process per host with
+resumes from the newest checkpoint in ``run_dir`` that verifies. On a pod, start one process per host with
 ``--coordinator``, ``--num-processes``, ``--process-id`` (or let SLURM / the TPU VM tell them).
 """
 

@@ -76,15 +76,17 @@ def compiler(config: Experiment, stage: Stage, cfg: ModelConfig, tx, schedule) -
     return compile_phase
 
 
-def plan_phases(config: Experiment, cfg: ModelConfig) -> tuple[phases.Plan, long_context.Extension | None]:
-    """The run's phases: the batch ramp until the long-context extension starts, then the extension's phases."""
+def plan_phases(config: Experiment, cfg: ModelConfig, base_mesh: Mapping[str, int] | None = None
+                ) -> tuple[phases.Plan, long_context.Extension | None]:
+    """The run's phases: the batch ramp until the long-context extension starts, then the extension's phases;
+    on ``base_mesh`` (default: config.mesh on this host's devices)."""
     extended = bool(list(config.long_context.phases))
+    base_mesh = dict(base_mesh or sharding.parse_mesh(config.mesh or None))
     base = phases.ramp_phases(phases.parse_ramp(list(config.schedule.ramp), int(config.data.seq_len)),
                               data_rows=int(config.data.batch_size), data_seq_len=int(config.data.seq_len),
-                              grad_accum=int(config.optimizer.grad_accum),
-                              mesh=sharding.parse_mesh(config.mesh or None),
+                              grad_accum=int(config.optimizer.grad_accum), mesh=base_mesh,
                               until=int(config.long_context.start_step) if extended else None)
-    extension = long_context.parse(config, cfg, first_index=len(base))
+    extension = long_context.parse(config, cfg, first_index=len(base), base_mesh=base_mesh)
     return phases.Plan(tuple(base) + (extension.phases if extension else ())), extension
 
 
