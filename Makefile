@@ -44,7 +44,7 @@ posttrain-demo: $(INSTALLED) $(CORPUS)
 	$(TRAIN) --config configs/reward/tiny.py:$(PT)/data/preference.jsonl --config.init_from=runs/demo \
 		--config.run_dir=$(PT)/rm --config.reward.packed=true --config.data.seq_len=192 \
 		--config.schedule.decay_steps=100 --config.schedule.total_steps=100 --config.logging.eval_every=50
-	$(BIN)/python -m llama_jax.rejection_sample --checkpoint $(PT)/sft --reward $(PT)/rm \
+	$(BIN)/python -m llama_jax.posttrain.rejection_sample --checkpoint $(PT)/sft --reward $(PT)/rm \
 		--input $(PT)/data/prompts.jsonl --out $(PT)/samples.jsonl --samples 8 --max-new-tokens 48 --batch-size 32 \
 		--keep-samples
 	$(TASK) annotate --input $(PT)/samples.jsonl --out $(PT)/pairs.jsonl
@@ -57,7 +57,7 @@ posttrain-demo: $(INSTALLED) $(CORPUS)
 	$(TRAIN) --config configs/dpo/tiny.py:$(PT)/pairs.jsonl --config.init_from=$(PT)/rs-sft \
 		--config.run_dir=$(PT)/dpo-b --config.schedule.decay_steps=60 --config.schedule.total_steps=60 \
 		--config.logging.eval_every=30 --config.data.seed=1 --config.schedule.peak_lr=2e-4
-	test -d $(PT)/average || $(BIN)/python -m llama_jax.average --checkpoint $(PT)/dpo-a --checkpoint $(PT)/dpo-b \
+	test -d $(PT)/average || $(BIN)/python -m llama_jax.posttrain.average --checkpoint $(PT)/dpo-a --checkpoint $(PT)/dpo-b \
 		--out $(PT)/average
 	$(TASK) winrate --input $(PT)/data/heldout.jsonl --baseline sft --checkpoint pretrained=runs/demo \
 		--checkpoint sft=$(PT)/sft --checkpoint rs-sft=$(PT)/rs-sft --checkpoint dpo-a=$(PT)/dpo-a \

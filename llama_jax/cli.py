@@ -1,6 +1,6 @@
 """What every ``python -m llama_jax.<command>`` shares: flags, start-up, experiment configs, errors, output.
 
-    parser = cli.parser("python -m llama_jax.score", __doc__)
+    parser = cli.parser("python -m llama_jax.posttrain.score", __doc__)
     cli.add_checkpoint(parser)                  # --checkpoint, spelled, typed and explained the same in every command
     cli.add_input(parser)                       # --input records.jsonl
     cli.add_out(parser)                         # --out scored.jsonl

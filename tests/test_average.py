@@ -1,5 +1,5 @@
-"""`python -m llama_jax.average`: the weighted mean of checkpoints of any format equals NumPy's, mismatched sources
-are refused naming the difference, and the averaged model loads and generates."""
+"""`python -m llama_jax.posttrain.average`: the weighted mean of checkpoints of any format equals NumPy's, mismatched
+sources are refused naming the difference, and the averaged model loads and generates."""
 
 import json
 import os
@@ -12,7 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from llama_jax import average, checkpoint, config, model
+from llama_jax import checkpoint, config, model
+from llama_jax.posttrain import average
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = config.get("tiny", num_layers=2, dim=64, num_heads=4, num_kv_heads=2, ffn_dim=128, vocab_size=300)
@@ -33,7 +34,7 @@ def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):
     a, b = random_params(CFG, 0), random_params(CFG, 1)
     checkpoint.save_params(str(tmp_path / "a"), a, CFG, tokenizer=BYTE)
     checkpoint.export(str(tmp_path / "b"), "hf", b, CFG)  # no tokenizer recorded: compatible with any
-    done = _run("llama_jax.average", "--checkpoint", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "b"),
+    done = _run("llama_jax.posttrain.average", "--checkpoint", str(tmp_path / "a"), "--checkpoint", str(tmp_path / "b"),
                 "--weights", "3,1", "--out", str(tmp_path / "avg"))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])

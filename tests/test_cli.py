@@ -11,36 +11,24 @@ import ml_collections
 import numpy as np
 import pytest
 
-from llama_jax import (
-    average,
-    chat,
-    checkpoint,
-    cli,
-    config,
-    convert,
-    generate,
-    model,
-    plan,
-    quantize,
-    reference_logps,
-    rejection_sample,
-    score,
-)
+from llama_jax import chat, checkpoint, cli, config, convert, generate, model, plan, quantize
 from llama_jax.errors import ConfigError
 from llama_jax.eval import perplexity, retrieval, word_count
+from llama_jax.posttrain import average, reference_logps, rejection_sample, score
 from llama_jax.tools import synthetic
 from llama_jax.train import __main__ as train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.py")
 COMMANDS = {"train": train, "convert": convert, "generate": generate, "chat": chat, "quantize": quantize,
-            "plan": plan, "eval.retrieval": retrieval, "tools.synthetic": synthetic, "score": score,
-            "rejection_sample": rejection_sample, "reference_logps": reference_logps, "eval.word_count": word_count,
-            "eval": perplexity, "average": average}
+            "plan": plan, "eval.retrieval": retrieval, "tools.synthetic": synthetic,
+            "posttrain.score": score, "posttrain.rejection_sample": rejection_sample,
+            "posttrain.reference_logps": reference_logps, "eval.word_count": word_count, "eval": perplexity,
+            "posttrain.average": average}
 WITH_CHECKPOINT = {"convert": ["--to", "hf", "--out", "OUT"], "generate": ["--prompt", "x"], "chat": [],
                    "quantize": ["--out", "OUT"], "eval.retrieval": [], "eval": ["--data", "x.txt"],
-                   "rejection_sample": ["--reward", "OUT", "--input", "prompts.jsonl", "--out", "OUT"],
-                   "score": ["--input", "x.jsonl", "--out", "OUT"], "average": ["--out", "OUT"]}
+                   "posttrain.rejection_sample": ["--reward", "OUT", "--input", "prompts.jsonl", "--out", "OUT"],
+                   "posttrain.score": ["--input", "x.jsonl", "--out", "OUT"], "posttrain.average": ["--out", "OUT"]}
 WITH_MESH = {"generate": ["--prompt", "x"], "chat": [], "eval": ["--data", "x.txt"]}
 
 

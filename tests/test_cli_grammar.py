@@ -103,10 +103,13 @@ def _shared_flags() -> dict[str, argparse.Action]:
 SHARED = _shared_flags()
 
 
+POSTTRAIN = {"average", "score", "rejection_sample", "reference_logps"}
+
+
 def test_the_scan_finds_the_commands():
-    assert {"average", "score", "rejection_sample", "generate", "chat", "convert", "quantize", "reference_logps",
-            "eval", "eval.word_count", "tools.synthetic", "train"} <= set(COMMANDS), sorted(COMMANDS)
-    assert {"eval.harness", "tools.sandbox_child"}.isdisjoint(COMMANDS)
+    assert {*(f"posttrain.{name}" for name in POSTTRAIN), "generate", "chat", "convert", "quantize", "eval",
+            "eval.word_count", "tools.synthetic", "train"} <= set(COMMANDS), sorted(COMMANDS)
+    assert {"eval.harness", "tools.sandbox_child", *POSTTRAIN}.isdisjoint(COMMANDS)
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -204,8 +207,8 @@ def test_the_old_average_spelling_still_works_from_the_shell(tmp_path):
     out = str(tmp_path / "avg")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "llama_jax.average", out, *sources], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "llama_jax.posttrain.average", out, *sources], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"deprecated: {out} {sources[0]} {sources[1]} -> use --out {out} --checkpoint {sources[0]} --checkpoint " \
            f"{sources[1]}\n" in done.stderr

@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import checkpoint, config, data, model, optim, reference_logps, sharding
+from llama_jax import checkpoint, config, data, model, optim, sharding
 from llama_jax.data.preference import FORMATTING_TOKENS
 from llama_jax.errors import DataError
 from llama_jax.eval import word_count
+from llama_jax.posttrain import reference_logps
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import create_state, dpo, loop, make_train_step, state_shardings
 

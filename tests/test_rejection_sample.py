@@ -15,8 +15,8 @@ import pytest
 from llama_jax import checkpoint, config, generate, model
 from llama_jax.data import read_prompts
 from llama_jax.errors import ConfigError
-from llama_jax.rejection_sample import Policy, Settings, best_of_k, sampled_messages
-from llama_jax.score import Scorer, encode_replies
+from llama_jax.posttrain.rejection_sample import Policy, Settings, best_of_k, sampled_messages
+from llama_jax.posttrain.score import Scorer, encode_replies
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import reward
 
@@ -77,9 +77,9 @@ def test_best_of_k_keeps_the_best_usable_sample(models, tmp_path):
 
 
 def _command(models, prompts, out, *extra):
-    return [sys.executable, "-m", "llama_jax.rejection_sample", f"--checkpoint={models[0]}", f"--reward={models[1]}",
-            f"--input={prompts}", f"--out={out}", "--samples=3", "--max-new-tokens=24", "--batch-size=1", "--seed=5",
-            *extra]
+    return [sys.executable, "-m", "llama_jax.posttrain.rejection_sample", f"--checkpoint={models[0]}",
+            f"--reward={models[1]}", f"--input={prompts}", f"--out={out}", "--samples=3", "--max-new-tokens=24",
+            "--batch-size=1", "--seed=5", *extra]
 
 
 def _env():

@@ -16,7 +16,7 @@ from llama_jax import checkpoint, config, data, model
 from llama_jax.checkpoint import CheckpointManager
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.eval import word_count
-from llama_jax.score import Scorer, encode_replies
+from llama_jax.posttrain.score import Scorer, encode_replies
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop, reward
 
@@ -163,7 +163,7 @@ def test_score_command(pretrained, tmp_path):
     src.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n" + '{"prompt": "x"}\n')
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    command = [sys.executable, "-m", "llama_jax.score", f"--checkpoint={rm}", f"--input={src}",
+    command = [sys.executable, "-m", "llama_jax.posttrain.score", f"--checkpoint={rm}", f"--input={src}",
                f"--out={tmp_path / 'out.jsonl'}"]
     bad = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and f"error: {src}:4:" in bad.stderr and "Traceback" not in bad.stderr

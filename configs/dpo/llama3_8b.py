@@ -5,8 +5,8 @@
 
 The paper's DPO: learning rate 1e-5, beta 0.1, formatting tokens masked out of the DPO term, + 0.2 x the chosen
 reply's NLL; the reference is the SFT checkpoint the policy starts from (a frozen copy, sharded like the policy;
-or ``--config.dpo.reference=precomputed`` with a column from ``python -m llama_jax.reference_logps``). The paper
-gives no batch size or step count for DPO: these are ours.
+or ``--config.dpo.reference=precomputed`` with a column from ``python -m llama_jax.posttrain.reference_logps``).
+The paper gives no batch size or step count for DPO: these are ours.
 """
 
 from llama_jax.train.defaults import dpo_config

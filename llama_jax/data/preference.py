@@ -144,7 +144,7 @@ def read_reference(record: Mapping, pair: EncodedPair, reference: Mapping, token
     column = record.get(REFERENCE_COLUMN)
     if not isinstance(column, Mapping):
         raise DataError(f'the record has no "{REFERENCE_COLUMN}" column; precompute it with python -m '
-                        "llama_jax.reference_logps")
+                        "llama_jax.posttrain.reference_logps")
     expected = {"tokenizer": tokenizer.sha256, "seq_len": seq_len, "checkpoint": dict(reference["checkpoint"])}
     for key, value in expected.items():
         if column.get(key) != value:

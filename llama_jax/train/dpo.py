@@ -7,8 +7,8 @@ beta 0.1, learning rate 1e-5, and the paper's two changes.
 A reply's log-prob is the SUM of log p(token) over its targets; chosen and rejected rows go through the network as
 one [2B, T] batch. The reference's log-probs come from the same function, run on a frozen copy of the starting
 parameters (``dpo.reference="model"``: the stage's frozen tree, sharded like the policy) or from the data
-(``"precomputed"``: the column ``python -m llama_jax.reference_logps`` writes with the checkpoint of ``init_from``;
-no copy in memory). A record's edited reply, if any, is not used here.
+(``"precomputed"``: the column ``python -m llama_jax.posttrain.reference_logps`` writes with the checkpoint of
+``init_from``; no copy in memory). A record's edited reply, if any, is not used here.
 
 The paper's changes, each a switch (for ablations):
   dpo.mask_formatting  the formatting tokens (<|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|>) are

@@ -1,7 +1,7 @@
 """Model averaging: the weighted mean of the parameters of several checkpoints, as Llama 3 averaged the models of
 experiments with different data or hyperparameters at each post-training stage.
 
-    python -m llama_jax.average --checkpoint runs/sft-a --checkpoint runs/sft-b [--weights 2,1] --out runs/avg
+    python -m llama_jax.posttrain.average --checkpoint runs/sft-a --checkpoint runs/sft-b [--weights 2,1] --out runs/avg
     params, cfg = average(["runs/sft-a", "runs/sft-b"], weights=[1, 1])
 
 Sources may be in any format ``checkpoint.load`` reads (llama_jax run or step directories, Hugging Face and Meta
@@ -83,7 +83,7 @@ def average(paths: Sequence[str], weights: Sequence[float] | None = None) -> tup
         tokenizer
 
 
-parser = cli.parser("python -m llama_jax.average", __doc__)
+parser = cli.parser("python -m llama_jax.posttrain.average", __doc__)
 cli.add_checkpoint(parser, repeated=True)
 cli.add_out(parser)
 parser.add_argument("--weights", default=None, metavar="W,W,...",

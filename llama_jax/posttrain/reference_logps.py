@@ -1,6 +1,6 @@
 """Precompute DPO's reference log-probs into the preference data, once, so DPO keeps no reference model in memory.
 
-    python -m llama_jax.reference_logps --config configs/dpo/tiny.py:prefs.jsonl --out prefs.ref.jsonl
+    python -m llama_jax.posttrain.reference_logps --config configs/dpo/tiny.py:prefs.jsonl --out prefs.ref.jsonl
     python -m llama_jax.train --config configs/dpo/tiny.py:prefs.ref.jsonl --config.dpo.reference=precomputed \\
         --config.init_from=runs/sft --config.run_dir=runs/dpo
 
@@ -32,7 +32,7 @@ from llama_jax.errors import ConfigError, DataError
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import dpo, loop
 
-parser = cli.parser("python -m llama_jax.reference_logps", __doc__, config=True)
+parser = cli.parser("python -m llama_jax.posttrain.reference_logps", __doc__, config=True)
 cli.add_checkpoint(parser, required=False)
 cli.add_out(parser)
 cli.add_batch_size(parser, 16)

@@ -1,5 +1,5 @@
-"""Reward-model scores of prompt/reply records: ``python -m llama_jax.score --checkpoint RM --input in.jsonl --out
-out.jsonl``, where RM is a reward-stage run or step directory.
+"""Reward-model scores of prompt/reply records: ``python -m llama_jax.posttrain.score --checkpoint RM --input in.jsonl
+--out out.jsonl``, where RM is a reward-stage run or step directory.
 
     scorer = Scorer.load("runs/rm")                       # a checkpoint of the reward stage
     ids = encode_replies(scorer.tokenizer, "Hi", ["Hello!", "Go away."])    # prompt + reply ids, one per reply
@@ -121,7 +121,7 @@ def read_records(path: str, tokenizer: Tokenizer, *, max_tokens: int, on_error: 
     return records, skipped
 
 
-parser = cli.parser("python -m llama_jax.score", __doc__)
+parser = cli.parser("python -m llama_jax.posttrain.score", __doc__)
 cli.add_checkpoint(parser)
 cli.add_input(parser)
 cli.add_out(parser)

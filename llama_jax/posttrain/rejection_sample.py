@@ -1,7 +1,7 @@
 """Rejection sampling (Llama 3, section 4.2.2): K samples per prompt from the policy, the reward model's favourite
 kept as an SFT chat record.
 
-    python -m llama_jax.rejection_sample --checkpoint runs/sft --reward runs/rm --input prompts.jsonl \\
+    python -m llama_jax.posttrain.rejection_sample --checkpoint runs/sft --reward runs/rm --input prompts.jsonl \\
         --out out.jsonl --samples 10 --temperature 1.0 --top-p 0.9 --max-new-tokens 256 [--system-prompt "Be brief."]
     records = best_of_k(policy, scorer, prompts, Settings(samples=10), seed=0)    # the same, in Python
 
@@ -45,7 +45,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.data import PromptRecord, read_prompts
 from llama_jax.data.chat import encode_prompt
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.score import Scorer, encode_replies
+from llama_jax.posttrain.score import Scorer, encode_replies
 from llama_jax.tokenizer import Tokenizer
 
 
@@ -159,7 +159,7 @@ def _done_batches(out: Path, batches: list[list[PromptRecord]], header: dict) ->
     return done
 
 
-parser = cli.parser("python -m llama_jax.rejection_sample", __doc__)
+parser = cli.parser("python -m llama_jax.posttrain.rejection_sample", __doc__)
 cli.add_checkpoint(parser)
 cli.add_reward(parser)
 cli.add_input(parser)
