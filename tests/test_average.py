@@ -1,5 +1,6 @@
 """`python -m llama_jax.posttrain.average`: the weighted mean of checkpoints of any format equals NumPy's, mismatched
-sources are refused naming the difference, and the averaged model loads and generates."""
+sources are refused naming the difference, and the averaged model loads and generates; the old spelling
+`python -m llama_jax.average` still runs it for one release."""
 
 import json
 import os
@@ -28,6 +29,14 @@ def random_params(cfg, seed, dtype=np.float32):
 def _run(*argv):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_old_spelling_runs_the_command_and_says_so():
+    done = _run("llama_jax.average", "--help")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.splitlines()[0] == \
+        "deprecated: python -m llama_jax.average -> use python -m llama_jax.posttrain.average"
+    assert "python -m llama_jax.posttrain.average" in done.stdout and "--weights" in done.stdout
 
 
 def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):

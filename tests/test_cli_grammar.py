@@ -5,7 +5,8 @@ checked on the parser objects in process; old spellings still work for one relea
 Commands are found, not listed: every module of llama_jax with a module-level ``parser`` and a ``main``, and every
 ``__main__.py`` (its parser is that of the module its ``main`` comes from). Modules with a ``main`` but no parser are
 not commands of the grammar: ``eval.harness`` is lm-eval's own command line, ``tools.sandbox_child`` the code
-interpreter's child process.
+interpreter's child process. A module other than ``__main__.py`` whose only code is ``from <command> import main``, run
+under ``__main__`` (an old path kept for one release, such as ``llama_jax.average``), is an alias of that command.
 """
 
 import argparse
@@ -45,6 +46,26 @@ def _is_command(path: Path) -> bool:
                 if isinstance(t, ast.Name)}
     defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     return path.name == "__main__.py" or ("parser" in assigned and "main" in defined)
+
+
+def _alias_target(path: Path) -> str | None:
+    """The module whose ``main`` an alias module re-exports and runs (None when ``path`` is not an alias): its only
+    statements are a docstring, imports (one of them ``from <module> import main``) and ``if __name__ ...``. A
+    ``__main__.py`` has that shape too, but it is its package's command."""
+    if path.name == "__main__.py":
+        return None
+    tree = ast.parse(path.read_text())
+    targets = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)
+               and [alias.name for alias in node.names] == ["main"]]
+    only_glue = all(isinstance(node, (ast.Import, ast.ImportFrom, ast.If)) or
+                    (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)) for node in tree.body)
+    return targets[0] if len(targets) == 1 and only_glue else None
+
+
+def _aliases() -> dict[str, str]:
+    """Old command name -> the module it runs, for every alias module of llama_jax."""
+    return {_module_name(path).removeprefix("llama_jax."): target for path in sorted(PACKAGE.rglob("*.py"))
+            if (target := _alias_target(path))}
 
 
 def _commands() -> dict[str, ModuleType]:
@@ -110,6 +131,27 @@ def test_the_scan_finds_the_commands():
     assert {*(f"posttrain.{name}" for name in POSTTRAIN), "generate", "chat", "convert", "quantize", "eval",
             "eval.word_count", "tools.synthetic", "train"} <= set(COMMANDS), sorted(COMMANDS)
     assert {"eval.harness", "tools.sandbox_child", *POSTTRAIN}.isdisjoint(COMMANDS)
+
+
+def test_old_paths_are_aliases_of_the_commands_that_moved(capsys):
+    """Each old path runs the command's own main, and importing it prints nothing (only ``-m`` says deprecated)."""
+    aliases = _aliases()
+    assert aliases == {name: f"llama_jax.posttrain.{name}" for name in POSTTRAIN}
+    for old, target in aliases.items():
+        assert importlib.import_module(f"llama_jax.{old}").main is importlib.import_module(target).main
+        assert COMMANDS[target.removeprefix("llama_jax.")].__name__ == target
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_alias_scan_tells_an_alias_from_a_command(tmp_path):
+    alias = tmp_path / "alias.py"
+    alias.write_text('"""Old path."""\n\nimport sys\n\nfrom llama_jax.posttrain.score import main\n\n'
+                     'if __name__ == "__main__":\n    raise SystemExit(main())\n')
+    assert _alias_target(alias) == "llama_jax.posttrain.score"
+    alias.write_text(alias.read_text() + "\n\ndef extra():\n    return 1\n")
+    assert _alias_target(alias) is None
+    assert _alias_target(PACKAGE / "posttrain" / "score.py") is None
+    assert _alias_target(PACKAGE / "eval" / "__main__.py") is None
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
