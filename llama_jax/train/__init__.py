@@ -1,4 +1,5 @@
-"""Training: the train state and the one generic step (step.py), one module per stage (pretrain.py), the loop."""
+"""Training: the state and the one generic step (step.py), one module per stage (pretrain, sft, reward, dpo), what
+changes over time (phases.py, long_context.py), a run built from its config (build.py) and the loop (loop.py)."""
 
 from llama_jax.train.step import (
     TrainState,
