@@ -178,7 +178,7 @@ def test_p1_training_resumes_from_the_newest_checkpoint_that_verifies(corpus, tm
 
     # z_loss = inf makes every loss non-finite: each step is skipped, as after loading NaN parameters.
     summary = loop.run(tiny_config(corpus, run_dir, train=dict(steps=10), checkpoint=dict(every=2, keep_last=2),
-                                   optimizer=dict(z_loss=float("inf"))))
+                                   loss=dict(z_loss=float("inf"))))
     err = capsys.readouterr().err
     assert "checkpoint step 4 cannot be used" in err and "checksum mismatch" in err and "resuming from step 2" in err
     assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith("4.corrupt-")]
