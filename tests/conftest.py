@@ -21,12 +21,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_module(*args: str, devices: int | None = None, timeout: float = 7200) -> str:
-    """``python -m ARGS`` as a user runs it from the repository, on the CPU (``devices`` simulated ones, or one);
-    its stdout (asserts exit 0)."""
-    flags = f"--xla_force_host_platform_device_count={devices}" if devices else ""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=timeout)
+def env(devices: int = 1) -> dict[str, str]:
+    """The environment of a command run as a user runs it from the repository: this checkout first on PYTHONPATH
+    (the caller's entries, such as libtpu's folder for the planner, after it), on the CPU with ``devices`` simulated
+    devices."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "PYTHONPATH": path}
+
+
+def run_module(*args: str, devices: int = 1, timeout: float = 7200) -> str:
+    """``python -m ARGS`` in ``env(devices)``; its stdout (asserts exit 0)."""
+    done = subprocess.run([sys.executable, "-m", *args], env=env(devices), capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -5,16 +5,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import env
 
 from llama_jax import average, checkpoint, config, model
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = config.get("tiny", num_layers=2, dim=64, num_heads=4, num_kv_heads=2, ffn_dim=128, vocab_size=300)
 BYTE = {"name": "byte", "sha256": "b" * 64}
 
@@ -25,8 +24,7 @@ def random_params(cfg, seed, dtype=np.float32):
 
 
 def _run(*argv):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env(), timeout=300)
 
 
 def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):

@@ -6,7 +6,6 @@ Each test feeds the input that used to fail (hang, crash or a foreign message) a
 """
 
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, config, generate, model
 from llama_jax.data import make_batches
@@ -25,20 +25,13 @@ from llama_jax.quantize import quantize_params
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import defaults, loop
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 BYTE = get_tokenizer("byte")
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _command(*argv, stdin: bytes | None = None):
     return subprocess.run([sys.executable.encode(), b"-m", *[a if isinstance(a, bytes) else a.encode() for a in argv]],
-                          input=stdin, capture_output=True, env=_env(), timeout=300)
+                          input=stdin, capture_output=True, env=env(), timeout=300)
 
 
 def _data(sources, **keys):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import env
 
 import llama_jax
 from llama_jax import checkpoint, model, sharding
@@ -185,8 +186,7 @@ _SAVER = textwrap.dedent("""
 def _kill_while_saving(script, run_dir) -> list[str]:
     """Runs the saver, SIGKILLs it as soon as a save (after the first two) is seen in flight; returns what the
     checkpoints directory held right after the kill."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.DEVNULL, env=env())
     checkpoints = run_dir / "checkpoints"
     try:
         deadline = time.time() + 120

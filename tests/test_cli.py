@@ -1,15 +1,14 @@
 """Every command speaks one language: --help works, and a missing checkpoint, an unknown flag, an unknown config key
 or a bad mesh is `error: ...` on stderr and exit status 2, never a traceback."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import (
     average,
@@ -31,7 +30,6 @@ from llama_jax.eval import perplexity, retrieval, word_count
 from llama_jax.tools import synthetic
 from llama_jax.train import __main__ as train
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.py")
 COMMANDS = {"train": train, "convert": convert, "generate": generate, "chat": chat, "quantize": quantize,
             "plan": plan, "eval.retrieval": retrieval, "tools.synthetic": synthetic, "score": score,
@@ -45,8 +43,7 @@ WITH_MESH = {"generate": ["--prompt", "x"], "chat": [], "eval": ["--data", "x.tx
 
 
 def _run(*argv):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env(), timeout=300)
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -3,7 +3,6 @@ normalisation, ln 2 at the first step (accumulated, sharded), precomputed refere
 held-out pairs, and stages chained through the real train command."""
 
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, config, data, model, optim, reference_logps, sharding
 from llama_jax.data.preference import FORMATTING_TOKENS
@@ -20,7 +20,6 @@ from llama_jax.eval import word_count
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import create_state, dpo, loop, make_train_step, state_shardings
 
-ROOT = Path(__file__).resolve().parents[1]
 BYTE = get_tokenizer("byte")
 TINY = config.get("tiny", num_layers=2)
 LN2 = float(np.float32(np.log(2)))
@@ -212,12 +211,6 @@ def test_a_short_run_grows_the_margin_and_ranks_held_out_pairs_better(start, tmp
     assert summary["eval_accuracy"] >= 0.72, summary
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
 def test_dpo_starts_from_sft_and_resumes_in_fresh_processes(word_pairs, start, tmp_path):
     def command(run_dir, steps):
@@ -227,10 +220,10 @@ def test_dpo_starts_from_sft_and_resumes_in_fresh_processes(word_pairs, start, t
                 "--config.logging.eval_every=0", f"--config.train.steps={steps}"]
 
     for steps in (2, 4):  # two fresh processes: the second resumes the first's checkpoint
-        done = subprocess.run(command(tmp_path / "split", steps), env=_env(), capture_output=True, text=True,
+        done = subprocess.run(command(tmp_path / "split", steps), env=env(), capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run(command(tmp_path / "straight", 4), env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(tmp_path / "straight", 4), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["step"] == 4
     assert read_losses(tmp_path / "split") == read_losses(tmp_path / "straight")

@@ -3,14 +3,13 @@ per byte on a file equal a direct computation (each document alone through the m
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, model
 from llama_jax import config as config_lib
@@ -18,15 +17,14 @@ from llama_jax.eval import perplexity
 from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train.__main__ import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.py")
 DOCS = ["Now is the winter of our discontent", "Größe, café, naïve — déjà vu", "数字 12345 and emoji 🎉 ok",
         "short", "To be, or not to be: that is the question", "tabs\tand\nnewlines", "ÆØÅ æøå", "the end."]
 
 
 def _command(*argv):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env(devices=8),
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
 

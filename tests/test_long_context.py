@@ -259,7 +259,7 @@ def test_gate_passes_and_fails_on_stub_models():
 LONG_8B = str(ROOT / "configs" / "pretrain" / "llama3_8b_long_context.py")
 
 
-def run_plan(*args: str, devices: int | None = None) -> tuple[dict, str]:
+def run_plan(*args: str, devices: int = 1) -> tuple[dict, str]:
     """The real ``python -m llama_jax.plan`` command; its JSON result and its console table."""
     *table, last = run_module("llama_jax.plan", "--config", LONG_8B, *args, devices=devices,
                               timeout=3000).strip().splitlines()

@@ -3,7 +3,6 @@ gloo collectives): the same losses and parameters as one process with all 8 devi
 complete checkpoints, and a resume on another number of processes that continues with the same data."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -13,10 +12,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax.checkpoint import CheckpointManager
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 MESH = "data=2,fsdp=2,tensor=2"
 
@@ -41,16 +40,14 @@ def _train(corpus, run_dir, steps, processes):
     command = [sys.executable, "-m", "llama_jax.train", f"--config={TINY}:{corpus}", f"--config.run_dir={run_dir}",
                f"--config.mesh={MESH}", f"--config.train.steps={steps}", "--config.checkpoint.every=2",
                "--config.logging.eval_every=0"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
     if processes > 1:
         port = _free_port()
         flags = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),  # noqa: E731
                            "--process-id", str(i)]
     else:
         flags = lambda i: []  # noqa: E731
-    workers = [subprocess.Popen(command + flags(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for i in range(processes)]
+    workers = [subprocess.Popen(command + flags(i), env=env(8 // processes), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(processes)]
     try:
         outputs = [w.communicate(timeout=600) for w in workers]
     finally:

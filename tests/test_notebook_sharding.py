@@ -3,11 +3,9 @@ compiled layouts) on the 8 simulated CPU devices it sets up itself (the kernel s
 reaches its asserted finding."""
 
 import re
-from pathlib import Path
 
+from conftest import ROOT
 from test_notebooks import _execute  # the kernel, environment and output handling of notebooks 01 and 02
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sharding_notebook_reaches_its_finding():

@@ -3,11 +3,11 @@ device (GPipe and circular, composed with fsdp, data, tensor and sequence parall
 resumes bit-identically, and its checkpoints restore onto a mesh without stages."""
 
 import runpy
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from llama_jax import config, model, pipeline, sharding
 from llama_jax.checkpoint import CheckpointManager
@@ -16,7 +16,6 @@ from llama_jax.train import dpo, loop, pretrain, reward
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-ROOT = Path(__file__).resolve().parents[1]
 # 8 layers: 4 stages x 2 circular repeats of one layer each. Heads, kv heads, mlp and vocab divide by tensor=2.
 CFG = config.get("tiny", vocab_size=256, dim=64, num_layers=8, num_heads=8, num_kv_heads=4, ffn_dim=128)
 

@@ -3,12 +3,12 @@ when libtpu is installed), pipeline ticks read from the compiled loop, the paper
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import pytest
+from conftest import env
 
 from llama_jax import config, pipeline, plan, sharding
 from llama_jax.errors import ConfigError
@@ -135,10 +135,9 @@ def test_table4_layouts():
 
 
 def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-m", "llama_jax.plan", "--model", "tiny", "--mesh", "fsdp=2,tensor=2", "--seq", "128",
-         "--batch", "4", "--remat", "full", "--aot"], env=env, capture_output=True, text=True, timeout=300)
+         "--batch", "4", "--remat", "full", "--aot"], env=env(devices=4), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     *table, last = out.stdout.strip().splitlines()
     result = json.loads(last)  # the CLI convention: the result as JSON on the last line

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import wait_for
+from conftest import ROOT, env, wait_for
 
 from llama_jax import checkpoint, config, model
 from llama_jax.checkpoint import CheckpointManager
@@ -32,7 +32,6 @@ from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop
 from llama_jax.train.lock import LOCK_FILE, STALE_S, RunLock
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 CFG = config.get("tiny", num_layers=1)
 
@@ -223,12 +222,6 @@ def test_p2_the_lock_refuses_a_second_holder_and_takes_over_stale_ones(tmp_path,
     assert "has not touched it" in capsys.readouterr().err
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _train_command(corpus, run_dir, *overrides):
     return [sys.executable, "-m", "llama_jax.train", f"--config={TINY}:{corpus}", f"--config.run_dir={run_dir}",
             "--config.model.num_layers=1", "--config.train.steps=100000", "--config.schedule.decay_steps=100000",
@@ -238,13 +231,13 @@ def _train_command(corpus, run_dir, *overrides):
 
 def test_p2_a_second_run_on_the_same_run_dir_is_refused(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=_env(),
+    first = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
                              stderr=subprocess.PIPE, text=True)
     try:
         metrics = run_dir / "metrics.jsonl"
         assert wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, first, timeout=300,
                         poll=0.05)
-        second = subprocess.run(_train_command(corpus, run_dir), env=_env(), capture_output=True, text=True,
+        second = subprocess.run(_train_command(corpus, run_dir), env=env(), capture_output=True, text=True,
                                 timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"is in use by another run: pid {first.pid} on host {socket.gethostname()}" in second.stderr
@@ -264,7 +257,7 @@ def test_p2_a_second_run_on_the_same_run_dir_is_refused(corpus, tmp_path):
 
 def test_p3_keep_last_zero_is_refused_before_anything_is_written(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run(_train_command(corpus, run_dir, "--config.checkpoint.keep_last=0"), env=_env(),
+    result = subprocess.run(_train_command(corpus, run_dir, "--config.checkpoint.keep_last=0"), env=env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: config key checkpoint.keep_last = 0: expected an "

@@ -6,11 +6,11 @@ import os
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, config, data, model
 from llama_jax.checkpoint import CheckpointManager
@@ -20,7 +20,6 @@ from llama_jax.score import Scorer, encode_replies
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop, reward
 
-ROOT = Path(__file__).resolve().parents[1]
 BYTE = get_tokenizer("byte")
 CFG = config.get("tiny", num_layers=2)
 RECORDS = [
@@ -161,13 +160,11 @@ def test_score_command(pretrained, tmp_path):
                                                                                     "content": "Four."}]}]
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n" + '{"prompt": "x"}\n')
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "llama_jax.score", f"--checkpoint={rm}", f"--input={src}",
                f"--out={tmp_path / 'out.jsonl'}"]
-    bad = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and f"error: {src}:4:" in bad.stderr and "Traceback" not in bad.stderr
-    good = subprocess.run([*command, "--on-error=skip", "--batch-size=2"], env=env, capture_output=True, text=True,
+    good = subprocess.run([*command, "--on-error=skip", "--batch-size=2"], env=env(), capture_output=True, text=True,
                           timeout=300)
     assert good.returncode == 0, good.stderr[-2000:]
     summary = json.loads(good.stdout.splitlines()[-1])

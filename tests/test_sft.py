@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, config, data, generate, losses, model
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop, pretrain, sft
 
-ROOT = Path(__file__).resolve().parents[1]
 SFT_TINY = ROOT / "configs" / "sft" / "tiny.py"
 PRETRAIN_TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 NAMES = "Ann Bob Cara Dan Eve Finn Gus Hal Ivy Jo Kim Lou Max Ned Oli Pam Quin Rae Sam Tom Uma Val Wes Zed".split()
@@ -138,8 +138,7 @@ def test_sft_starts_from_a_checkpoint_in_a_fresh_process(source, request, tmp_pa
     start = request.getfixturevalue(source)
     chats = write_chats(tmp_path / "chats.jsonl", 60)
     run_dir = tmp_path / "sft"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    done = subprocess.run(_sft_command(chats, run_dir, start), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_sft_command(chats, run_dir, start), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "started from" in done.stderr  # the banner says where the run began
 
@@ -166,13 +165,12 @@ def test_sft_checkpoint_generates_and_converts_to_transformers(pretrained, tmp_p
     c.train.steps = 2
     c.logging.eval_every = 0
     loop.run(c)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     generated = subprocess.run([sys.executable, "-m", "llama_jax.generate", "--checkpoint", c.run_dir, "--prompt",
-                                "Hi", "--max-new-tokens", "4"], env=env, capture_output=True, text=True, timeout=300)
+                                "Hi", "--max-new-tokens", "4"], env=env(), capture_output=True, text=True, timeout=300)
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert json.loads(generated.stdout.splitlines()[-1])["tokens"] == [4]
     converted = subprocess.run([sys.executable, "-m", "llama_jax.convert", "--checkpoint", c.run_dir, "--to", "hf",
-                                "--out", str(tmp_path / "hf")], env=env, capture_output=True, text=True, timeout=300)
+                                "--out", str(tmp_path / "hf")], env=env(), capture_output=True, text=True, timeout=300)
     assert converted.returncode == 0, converted.stderr[-3000:]
     params, cfg, _ = checkpoint.load(c.run_dir)
     tokens = np.arange(1, 17)[None]

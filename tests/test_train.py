@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import wait_for
+from conftest import ROOT, env, wait_for
 
 from llama_jax import config, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
@@ -22,7 +22,6 @@ from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import create_state, loop, make_train_step, phases, state_shardings
 from llama_jax.train.pretrain import make_loss_fn
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 
 
@@ -79,15 +78,9 @@ def _train_command(corpus, run_dir, *overrides):
             "--config.logging.eval_every=0", *overrides]
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=_env(),
+    proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
@@ -102,7 +95,7 @@ def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
     checkpoints = run_dir / "checkpoints"
     proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1",
                                            "--config.checkpoint.keep_last=100"),
-                            env=_env(), stderr=subprocess.PIPE, text=True)
+                            env=env(), stderr=subprocess.PIPE, text=True)
 
     def saving_after_a_complete_one():
         names = os.listdir(checkpoints) if checkpoints.is_dir() else []
@@ -116,7 +109,7 @@ def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
     assert complete is not None
     partial = [n for n in os.listdir(checkpoints) if "tmp" in n]
 
-    resumed = subprocess.run(_train_command(corpus, run_dir, f"--config.train.steps={complete + 3}"), env=_env(),
+    resumed = subprocess.run(_train_command(corpus, run_dir, f"--config.train.steps={complete + 3}"), env=env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumes = [m["resumed_from"] for m in read_metrics(run_dir) if "resumed_from" in m]
@@ -272,7 +265,7 @@ def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     """A start banner, the compile, evals, and on resume where it resumed and which config keys changed."""
     run_dir = tmp_path / "run"
     first = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=2", "--config.logging.eval_every=2"),
-                           env=_env(), capture_output=True, text=True, timeout=300)
+                           env=env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "llama_jax pretrain: " in first.stderr and "fresh parameters" in first.stderr
     assert f"writing to {run_dir}" in first.stderr and "compiling the pretrain step" in first.stderr
@@ -280,7 +273,7 @@ def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     assert json.loads(first.stdout.splitlines()[-1])["step"] == 2
 
     again = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=3", "--config.schedule.peak_lr=1e-3"),
-                           env=_env(), capture_output=True, text=True, timeout=300)
+                           env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 2" in again.stderr
     warning = again.stderr.split("warning: the config differs from the one the checkpoint was saved with:")[1]
