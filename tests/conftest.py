@@ -1,10 +1,13 @@
 """Suite-wide setup: 8 simulated CPU devices for sharding tests, and no model-hub access."""
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -36,6 +39,41 @@ def run_module(*args: str, devices: int = 1, timeout: float = 7200) -> str:
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A text file of ~200 short paragraphs of varied words (deterministic)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = "the king queen lord night day love death sword crown heart fair foul sleep dream".split()
+    paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 30))) + "." for _ in range(200)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """Every record a run logged to its metrics.jsonl, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(run_dir) -> dict[int, float]:
+    """The training loss a run logged at each step."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def assert_trees_equal(a, b) -> None:
+    """Same structure, and every leaf the same dtype, shape and bits."""
+    import jax
+    import numpy as np
+
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
 
 
 def successor_params(cfg, successor: dict):

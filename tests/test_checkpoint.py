@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import env
+from conftest import assert_trees_equal, env
 
 import llama_jax
 from llama_jax import checkpoint, model, sharding
@@ -25,13 +25,6 @@ CFG = config_lib.get("tiny", num_layers=2)
 
 def _host(tree):
     return jax.tree.map(np.asarray, tree)
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.asarray(x).dtype == np.asarray(y).dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _random_params(cfg, seed=0):
@@ -64,8 +57,8 @@ def test_save_restore_everything(tmp_path, params):
         restored = manager.restore(opt_state_target=opt_state)
 
     assert restored.step == 5
-    _assert_trees_equal(restored.params, params)
-    _assert_trees_equal(restored.opt_state, opt_state)  # the optax NamedTuple structure comes back
+    assert_trees_equal(restored.params, params)
+    assert_trees_equal(restored.opt_state, opt_state)  # the optax NamedTuple structure comes back
     assert restored.data_state == {"epoch": 1, "position": 123}
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
     np.testing.assert_array_equal(jax.random.uniform(restored.rng, (3,)), jax.random.uniform(rng, (3,)))
@@ -89,11 +82,11 @@ def test_params_only_restore_and_load(tmp_path, params):
         manager.save(3, params=params, cfg=CFG, stage="pretrain", opt_state=tx.init(params), data_state={"i": 1})
         restored = manager.restore(params_only=True)
     assert restored.opt_state is None and restored.data_state is None
-    _assert_trees_equal(restored.params, params)
+    assert_trees_equal(restored.params, params)
 
     loaded, cfg, meta = checkpoint.load(str(tmp_path))  # a run dir: its latest step
     assert cfg == CFG and meta["stage"] == "pretrain"
-    _assert_trees_equal(loaded, params)
+    assert_trees_equal(loaded, params)
 
 
 def test_wrong_config_lists_mismatched_leaves(tmp_path, params):
@@ -136,7 +129,7 @@ def test_incomplete_step_directories_are_ignored(tmp_path, params):
     (bogus / "params").mkdir()
     manager = checkpoint.CheckpointManager(tmp_path)
     assert manager.latest_step() == 2
-    _assert_trees_equal(manager.restore().params, params)
+    assert_trees_equal(manager.restore().params, params)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         manager.restore(9)
     manager.close()
@@ -159,15 +152,15 @@ def test_restore_onto_other_meshes(tmp_path):
             assert leaf.sharding == want.sharding
         # query [L, D, N, H]: D over fsdp=4, heads over tensor=2
         assert on_tp["layers"]["attention"]["query"].addressable_shards[0].data.shape == (2, 128 // 4, 4 // 2, 32)
-        _assert_trees_equal(_host(on_tp), expected)
+        assert_trees_equal(_host(on_tp), expected)
 
         one_device = manager.restore().params  # no target: the default device
         assert {d for leaf in jax.tree.leaves(one_device) for d in leaf.devices()} == {jax.devices()[0]}
-        _assert_trees_equal(_host(one_device), expected)
+        assert_trees_equal(_host(one_device), expected)
 
     loaded, _, _ = checkpoint.load(str(tmp_path), shardings=tp_mesh)
     assert loaded["lm_head"].sharding == model.param_shardings(CFG, tp_mesh)["lm_head"]
-    _assert_trees_equal(_host(loaded), expected)
+    assert_trees_equal(_host(loaded), expected)
 
 
 _SAVER = textwrap.dedent("""

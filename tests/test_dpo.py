@@ -6,12 +6,11 @@ import json
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env
+from conftest import ROOT, env, losses_by_step, read_metrics
 
 from llama_jax import checkpoint, config, data, model, optim, reference_logps, sharding
 from llama_jax.data.preference import FORMATTING_TOKENS
@@ -152,11 +151,6 @@ def dpo_config(prefs, run_dir, start, **sections):
     return c
 
 
-def read_losses(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
-
-
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     path = tmp_path_factory.mktemp("start") / "sft"
@@ -175,7 +169,7 @@ def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path
     steps = dict(train=dict(steps=3))
     loop.run(dpo_config(word_pairs, tmp_path / "model", start, **steps))
     loop.run(dpo_config(annotated, tmp_path / "precomputed", start, dpo=dict(reference="precomputed"), **steps))
-    model_losses, precomputed = read_losses(tmp_path / "model"), read_losses(tmp_path / "precomputed")
+    model_losses, precomputed = losses_by_step(tmp_path / "model"), losses_by_step(tmp_path / "precomputed")
     assert model_losses[1] == pytest.approx(LN2 + 0.2 * 5.0, abs=2.0)  # sanity: ln 2 + 0.2 x a per-token NLL
     np.testing.assert_allclose([precomputed[s] for s in (1, 2, 3)], [model_losses[s] for s in (1, 2, 3)], rtol=2e-5)
     spec = {"mask": "dpo_mask", "checkpoint": checkpoint.identity(str(start))}
@@ -205,7 +199,7 @@ def test_a_short_run_grows_the_margin_and_ranks_held_out_pairs_better(start, tmp
     before = [jax.device_get(run.eval_step(run.state, b)) for b in held_out]
     summary = loop.fit(run)
     assert float(np.mean([m["accuracy"] for m in before])) == 0.5  # policy == reference: every pair a tie
-    first = read_losses(tmp_path / "run")
+    first = losses_by_step(tmp_path / "run")
     assert summary["margin"] > 0.1 and summary["eval_margin"] > 0.1 and summary["loss"] < first[5]
     # 48 held-out pairs: 0.5 + 3 binomial standard deviations (3 x sqrt(0.25 / 48) = 0.22) is 0.72.
     assert summary["eval_accuracy"] >= 0.72, summary
@@ -226,8 +220,7 @@ def test_dpo_starts_from_sft_and_resumes_in_fresh_processes(word_pairs, start, t
     done = subprocess.run(command(tmp_path / "straight", 4), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["step"] == 4
-    assert read_losses(tmp_path / "split") == read_losses(tmp_path / "straight")
-    metrics = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [2]
+    assert losses_by_step(tmp_path / "split") == losses_by_step(tmp_path / "straight")
+    assert [m["resumed_from"] for m in read_metrics(tmp_path / "split") if "resumed_from" in m] == [2]
     saved = checkpoint.read_metadata(checkpoint.resolve_step_dir(str(tmp_path / "split")))
     assert saved["stage"] == "dpo" and saved["init_from"]["stage"] == "sft"

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env
+from conftest import ROOT, env, read_metrics
 
 from llama_jax import checkpoint, model
 from llama_jax import config as config_lib
@@ -37,8 +37,7 @@ def test_reproduces_the_logged_training_eval_loss(tmp_path):
     run_dir = tmp_path / "run"
     assert train_main(["--config", f"{TINY}:{corpus}", f"--config.run_dir={run_dir}", "--config.train.steps=4",
                        "--config.logging.eval_every=4", "--config.logging.progress=false"]) == 0
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    eval_loss = next(r["eval_loss"] for r in logged if r.get("step") == 4 and "eval_loss" in r)
+    eval_loss = next(r["eval_loss"] for r in read_metrics(run_dir) if r.get("step") == 4 and "eval_loss" in r)
 
     # The checkpoint's own data config, held-out split, the loop's two eval batches; on another mesh.
     result, stderr = _command("llama_jax.eval", "--checkpoint", str(run_dir), "--mesh", "data=2,fsdp=4")

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, global_batches, processes, run_module
+from conftest import ROOT, global_batches, processes, read_metrics, run_module
 
 from llama_jax import config, generate, model, optim, sharding
 from llama_jax.data import make_batches, merge_states
@@ -340,7 +340,7 @@ def test_tiny_model_extended_from_256_to_2048_tokens_retrieves_the_passkey(tmp_p
     accuracy_before = dict(zip(before["lengths"], np.mean(before["accuracy"], axis=1)))
     accuracy_after = dict(zip(after["lengths"], np.mean(after["accuracy"], axis=1)))
     accuracy_after[2040] = np.mean([after["accuracy"][-1], second_draw["accuracy"][0]])
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     reference = next(m["eval_loss_before_extension"] for m in metrics if "eval_loss_before_extension" in m)
     final_loss = [m["gate_eval_loss"] for m in metrics if "gate_eval_loss" in m][-1]
     print(f"passkey accuracy before {accuracy_before}, after {accuracy_after}; held-out loss at 256 tokens "

@@ -7,12 +7,11 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env
+from conftest import ROOT, env, losses_by_step, read_metrics
 
 from llama_jax.checkpoint import CheckpointManager
 
@@ -60,10 +59,9 @@ def _train(corpus, run_dir, steps, processes):
 
 
 def _losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "loss" in r]
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(steps) == len(set(steps)), "a step was logged twice: more than one process writes metrics"
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return losses_by_step(run_dir)
 
 
 def _params(run_dir, step):

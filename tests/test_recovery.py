@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, env, wait_for
+from conftest import ROOT, env, read_metrics, wait_for
 
 from llama_jax import checkpoint, config, model
 from llama_jax.checkpoint import CheckpointManager
@@ -36,16 +36,6 @@ TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 CFG = config.get("tiny", num_layers=1)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "the king queen lord night day love death sword crown heart fair foul sleep dream".split()
-    paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 30))) + "." for _ in range(200)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
-
-
 def tiny_config(data_path, run_dir, **sections):
     """The tiny experiment with one layer and no eval (fast to compile), changed by ``sections``."""
     c = runpy.run_path(str(TINY))["get_config"](str(data_path))
@@ -56,10 +46,6 @@ def tiny_config(data_path, run_dir, **sections):
     for section, values in sections.items():
         c[section].update(values)
     return c
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- 1. Integrity: damaged checkpoints are reported and skipped; retention keeps the last healthy one ---------

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env
+from conftest import ROOT, env, losses_by_step
 
 from llama_jax import checkpoint, config, data, model
 from llama_jax.checkpoint import CheckpointManager
@@ -135,8 +135,7 @@ def test_reward_run_starts_from_pretrained_and_resumes_exactly(pretrained, tmp_p
     loop.run(split)
     split.train.steps = 4
     loop.run(split)
-    metrics = [map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) for run in ("a", "b")]
-    losses = [{m["step"]: m["loss"] for m in run if "loss" in m} for run in metrics]
+    losses = [losses_by_step(tmp_path / run) for run in ("a", "b")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert losses[0][1] == pytest.approx(np.log(2), abs=1e-6)  # the fresh head
     a, b = (CheckpointManager(tmp_path / run).restore(4) for run in ("a", "b"))

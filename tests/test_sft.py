@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, env
+from conftest import ROOT, env, losses_by_step, read_metrics
 
 from llama_jax import checkpoint, config, data, generate, losses, model
 from llama_jax.tokenizer import get_tokenizer
@@ -147,7 +147,7 @@ def test_sft_starts_from_a_checkpoint_in_a_fresh_process(source, request, tmp_pa
     params, _, _ = checkpoint.load(str(start))
     batch = next(sft.STAGE.make_batches(c, get_tokenizer("byte"), "train"))
     want = float(pretrain.loss_fn_from_config(loop.model_config(c.model), c)(params, batch, None)[0])
-    first = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][0]
+    first = read_metrics(run_dir)[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-4)
 
     _, _, metadata = checkpoint.load(str(run_dir))
@@ -194,9 +194,8 @@ def test_sft_resume_is_bit_identical(pretrained, tmp_path):
     loop.run(config("straight", 6))
     loop.run(config("resumed", 3))
     loop.run(config("resumed", 6))
-    read = lambda d: {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text()  # noqa: E731
-                                                         .splitlines()) if "loss" in m}
-    assert read("straight") == read("resumed") and sorted(read("straight")) == [1, 2, 3, 4, 5, 6]
+    straight = losses_by_step(tmp_path / "straight")
+    assert losses_by_step(tmp_path / "resumed") == straight and sorted(straight) == [1, 2, 3, 4, 5, 6]
     a, b = checkpoint.load(str(tmp_path / "straight"))[0], checkpoint.load(str(tmp_path / "resumed"))[0]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

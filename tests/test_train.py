@@ -7,13 +7,12 @@ import runpy
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, env, wait_for
+from conftest import ROOT, env, losses_by_step, read_metrics, wait_for
 
 from llama_jax import config, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
@@ -25,31 +24,12 @@ from llama_jax.train.pretrain import make_loss_fn
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """~200 short paragraphs of varied text (deterministic)."""
-    rng = np.random.default_rng(0)
-    words = "the king queen lord night day love death sword crown heart fair foul sleep dream".split()
-    paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 30))) + "." for _ in range(200)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
-
-
 def tiny_config(corpus, run_dir, **sections):
     c = runpy.run_path(str(TINY))["get_config"](str(corpus))
     c.run_dir = str(run_dir)
     for section, values in sections.items():
         c[section].update(values)
     return c
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses_by_step(run_dir):
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
 
 
 def test_resume_is_bit_identical(corpus, tmp_path):
