@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llama_jax.config import ModelConfig, RopeScaling  # imports no jax: the environment below still comes first
+
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The suite runs on the CPU; with libtpu (the [tpu] extra) installed jax would otherwise try, and fail, to start a
@@ -74,6 +76,47 @@ def assert_trees_equal(a, b) -> None:
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype and x.shape == y.shape
         assert x.tobytes() == y.tobytes()
+
+
+# Three shapes: GQA group 1 with plain RoPE; group 4 with llama3 scaling exercised far past the original
+# context (64); tied embeddings with a head_dim that is not dim / heads.
+PARITY_CONFIGS = {
+    "mha": ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=4, ffn_dim=160,
+                       rope_theta=10_000.0, norm_eps=1e-6, max_seq_len=256),
+    "gqa4_llama3_rope": ModelConfig(vocab_size=300, dim=128, num_layers=3, num_heads=8, num_kv_heads=2,
+                                    ffn_dim=256, rope_scaling=RopeScaling(original_max_position=64),
+                                    max_seq_len=512),
+    "tied_head_dim": ModelConfig(vocab_size=200, dim=96, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=192,
+                                 head_dim=32, tie_embeddings=True, max_seq_len=256),
+}
+SEQ_LEN = {"mha": 33, "gqa4_llama3_rope": 200, "tied_head_dim": 40}
+
+
+def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Init params made less regular than the defaults: unit-scale embeddings, non-trivial norm scales."""
+    import jax
+    import numpy as np
+
+    from llama_jax import model
+
+    params = model.init_params(cfg, jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    params["embedding"] = rng.standard_normal(params["embedding"].shape).astype(np.float32)
+
+    def jitter_norms(path, x):
+        return x + 0.2 * rng.standard_normal(x.shape).astype(np.float32) if "scale" in str(path) else x
+
+    return jax.tree_util.tree_map_with_path(jitter_norms, params)
+
+
+def ours(cfg, params, tokens, **kwargs):
+    """Our logits for ``tokens`` (numpy)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llama_jax import model
+
+    return np.asarray(model.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), **kwargs))
 
 
 def successor_params(cfg, successor: dict):
