@@ -135,9 +135,10 @@ def test_table4_layouts():
 
 
 def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
+    on_4_devices = env(devices=4)
     out = subprocess.run(
         [sys.executable, "-m", "llama_jax.plan", "--model", "tiny", "--mesh", "fsdp=2,tensor=2", "--seq", "128",
-         "--batch", "4", "--remat", "full", "--aot"], env=env(devices=4), capture_output=True, text=True, timeout=300)
+         "--batch", "4", "--remat", "full", "--aot"], env=on_4_devices, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     *table, last = out.stdout.strip().splitlines()
     result = json.loads(last)  # the CLI convention: the result as JSON on the last line
@@ -155,16 +156,16 @@ def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
     assert "caveat: cost_analysis counts each loop body once" in flops and "flops_per_token" in flops
     assert result["compiled"]["flops_caveat"] == plan.FLOPS_CAVEAT
     inference = [sys.executable, "-m", "llama_jax.plan", "--model", "llama3.1-405b", "--inference"]
-    only_json = subprocess.run([*inference, "--weight-dtype", "fp8", "--json"], env=env, capture_output=True,
+    only_json = subprocess.run([*inference, "--weight-dtype", "fp8", "--json"], env=on_4_devices, capture_output=True,
                                text=True, timeout=120)
     assert json.loads(only_json.stdout)["fits_80gb"] and len(only_json.stdout.strip().splitlines()) == 1
     assert json.loads(only_json.stdout)["weight_dtype"] == "fp8" and only_json.stderr == ""
     # The old spelling works for one release and says so.
-    old = subprocess.run([*inference, "--weights", "fp8", "--json"], env=env, capture_output=True, text=True,
+    old = subprocess.run([*inference, "--weights", "fp8", "--json"], env=on_4_devices, capture_output=True, text=True,
                          timeout=120)
     assert old.returncode == 0 and old.stdout == only_json.stdout
     assert old.stderr == "deprecated: --weights fp8 -> use --weight-dtype fp8\n"
-    bad = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--aot", "--topology", "v9:2x2"], env=env,
+    bad = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--aot", "--topology", "v9:2x2"], env=on_4_devices,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: topology 'v9:2x2'")
 
