@@ -1,9 +1,12 @@
 """Suite-wide setup: 8 simulated CPU devices for sharding tests, and no model-hub access."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +22,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the session and every command its tests start: the suite compiles the same
+# tiny programs again and again (each run of the training loop, each command), and XLA compiling dominates its time.
+# A fresh directory per session (set JAX_COMPILATION_CACHE_DIR to keep one across sessions).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llama_jax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # --- helpers several test files share (plain functions: import them with `from conftest import ...`) -----------
