@@ -33,22 +33,25 @@ def tiny_config(corpus, run_dir, **sections):
 
 
 def test_resume_is_bit_identical(corpus, tmp_path):
-    """20 steps straight == 10 steps, stop, resume, 10 more: same losses each step, same final parameters and
+    """6 steps straight == 3 steps, stop, resume, 3 more: same losses each step, same final parameters and
     optimizer state, same data position (on the 8-device mesh the suite provides)."""
-    quiet = dict(eval_every=0)
-    loop.run(tiny_config(corpus, tmp_path / "straight", train=dict(steps=20), logging=quiet))
-    loop.run(tiny_config(corpus, tmp_path / "resumed", train=dict(steps=10), logging=quiet))
-    loop.run(tiny_config(corpus, tmp_path / "resumed", train=dict(steps=20), logging=quiet))
+    def run(name, steps):
+        loop.run(tiny_config(corpus, tmp_path / name, train=dict(steps=steps), checkpoint=dict(every=3),
+                             logging=dict(eval_every=0)))
+
+    run("straight", 6)
+    run("resumed", 3)
+    run("resumed", 6)
 
     straight, resumed = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "resumed")
-    assert sorted(straight) == sorted(resumed) == list(range(1, 21))
+    assert sorted(straight) == sorted(resumed) == list(range(1, 7))
     assert straight == resumed  # exact float equality, step by step
-    assert [m["resumed_from"] for m in read_metrics(tmp_path / "resumed") if "resumed_from" in m] == [10]
-    a = CheckpointManager(tmp_path / "straight").restore(20)
-    b = CheckpointManager(tmp_path / "resumed").restore(20)
+    assert [m["resumed_from"] for m in read_metrics(tmp_path / "resumed") if "resumed_from" in m] == [3]
+    a = CheckpointManager(tmp_path / "straight").restore(6)
+    b = CheckpointManager(tmp_path / "resumed").restore(6)
     for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert a.data_state == b.data_state and a.step == b.step == 20
+    assert a.data_state == b.data_state and a.step == b.step == 6
     np.testing.assert_array_equal(np.asarray(a.rng), np.asarray(b.rng))
 
 
