@@ -27,6 +27,7 @@ def _run(*argv):
     return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env(), timeout=300)
 
 
+@pytest.mark.slow  # 64 s on 2 busy cores
 def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):
     a, b = random_params(CFG, 0), random_params(CFG, 1)
     checkpoint.save_params(str(tmp_path / "a"), a, CFG, tokenizer=BYTE)
@@ -49,6 +50,7 @@ def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):
     assert shown.returncode == 0 and json.loads(shown.stdout.splitlines()[-1])["tokens"] == [3], shown.stderr
 
 
+@pytest.mark.slow  # 14 s on 2 busy cores
 def test_bfloat16_is_accumulated_in_float32_and_cast_back(tmp_path):
     cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
     sources = [random_params(cfg, seed, ml_dtypes.bfloat16) for seed in range(3)]
@@ -61,6 +63,7 @@ def test_bfloat16_is_accumulated_in_float32_and_cast_back(tmp_path):
         np.testing.assert_allclose(x.astype(np.float64), exact, rtol=2**-8, atol=1e-30)  # bf16 rounding only
 
 
+@pytest.mark.slow  # 19 s on 2 busy cores
 def test_mismatched_sources_are_refused(tmp_path, capsys):
     checkpoint.save_params(str(tmp_path / "a"), random_params(CFG, 0), CFG, tokenizer=BYTE)
     wider = CFG.replace(ffn_dim=256)

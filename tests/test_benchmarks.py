@@ -27,6 +27,7 @@ def imported_modules() -> set[str]:
     return names
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_benchmarks_import_nothing_the_gpu_machines_lack():
     modules = sorted(name for name in imported_modules() if name.split(".")[0] in ("llama_jax", "harness"))
     assert {"llama_jax.generate", "llama_jax.train.pretrain", "harness"} <= set(modules)

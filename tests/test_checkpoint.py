@@ -38,6 +38,7 @@ def params():
     return _random_params(CFG)
 
 
+@pytest.mark.slow  # 23 s on 2 busy cores
 def test_save_restore_everything(tmp_path, params):
     tx = optax.adamw(1e-3)
     opt_state = tx.init(params)
@@ -135,6 +136,7 @@ def test_incomplete_step_directories_are_ignored(tmp_path, params):
     manager.close()
 
 
+@pytest.mark.slow  # 11 s on 2 busy cores
 def test_restore_onto_other_meshes(tmp_path):
     assert jax.device_count() == 8
     save_mesh = sharding.make_mesh("fsdp=8")
@@ -196,6 +198,7 @@ def _kill_while_saving(script, run_dir) -> list[str]:
     return os.listdir(checkpoints)
 
 
+@pytest.mark.slow  # 20 s on 2 busy cores
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)

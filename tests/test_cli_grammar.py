@@ -195,6 +195,7 @@ def test_renamed_flags_and_new_spellings(capsys):
         _old_and_new().parse_args(["--input", "i", "--out", "o", "--checkpoint", "c", "stray"])
 
 
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_the_old_average_spelling_still_works_from_the_shell(tmp_path):
     cfg = config.get("tiny", num_layers=1, dim=32, num_heads=2, num_kv_heads=1, ffn_dim=64)
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.param_shapes(cfg))

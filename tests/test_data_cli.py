@@ -66,6 +66,7 @@ def test_tiny_config_reads_jsonl_as_jsonl(documents):
     assert '"text"' not in text and '"id"' not in text  # the records' text, not their JSON
 
 
+@pytest.mark.slow  # 18 s on 2 busy cores
 def test_train_from_the_command_line_with_data(documents, tmp_path):
     command = env()
     shown = subprocess.run([sys.executable, "-m", "llama_jax.train", "--help"], capture_output=True, text=True,

@@ -64,6 +64,7 @@ def llama3_case(tmp_path_factory):
     return tok, cfg, params, batch
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_log_probs_sum_over_the_reply_without_formatting_tokens(llama3_case):
     tok, cfg, params, batch = llama3_case
     formatting = [tok.special_id(t) for t in FORMATTING_TOKENS]
@@ -93,6 +94,7 @@ def test_log_probs_sum_over_the_reply_without_formatting_tokens(llama3_case):
     assert abs(float(after["dpo_mask"][0] - before["dpo_mask"][0])) > 1e-3
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_nll_term_is_each_chosen_replys_token_mean_averaged_over_pairs(llama3_case):
     _, cfg, params, batch = llama3_case
     per_target = numpy_logps(params, cfg, batch["chosen"])
@@ -119,8 +121,11 @@ def train_batches(path, n, rows=8, seq_len=96):
     return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("mesh_spec,accumulate", [("fsdp=1", False), ("fsdp=1", True), ("data=2,fsdp=2,tensor=2",
-                                                                                         True)])
+@pytest.mark.parametrize("mesh_spec,accumulate", [
+    ("fsdp=1", False),
+    pytest.param("fsdp=1", True, marks=pytest.mark.slow),  # 9 s on 2 busy cores
+    pytest.param("data=2,fsdp=2,tensor=2", True, marks=pytest.mark.slow),  # 9 s on 2 busy cores
+])
 def test_first_step_with_policy_equal_to_reference_is_ln2(word_pairs, mesh_spec, accumulate):
     devices = jax.devices()[:1] if mesh_spec == "fsdp=1" else None
     mesh = sharding.make_mesh(mesh_spec, devices=devices)
@@ -159,6 +164,7 @@ def start(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # 18 s on 2 busy cores
 def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path):
     annotated = tmp_path / "prefs.ref.jsonl"
     args = [f"--config={ROOT / 'configs' / 'dpo' / 'tiny.py'}:{word_pairs}", f"--config.init_from={start}",
@@ -184,6 +190,7 @@ def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path
                                BYTE, reference=spec))
 
 
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_a_short_run_grows_the_margin_and_ranks_held_out_pairs_better(start, tmp_path):
     """A preference a program states and a model learns fast from random weights: the same reply in lower case
     (chosen) or in capitals (rejected). Held-out pairs are other prompts and other words."""

@@ -29,6 +29,7 @@ def _command(*argv):
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
+@pytest.mark.slow  # 23 s on 2 busy cores
 def test_reproduces_the_logged_training_eval_loss(tmp_path):
     corpus = tmp_path / "corpus.txt"
     rng = np.random.default_rng(0)
@@ -70,6 +71,7 @@ def _nll(params, cfg, sequences, masks):
                 for t in range(len(ids) - 1) if mask[t + 1])
 
 
+@pytest.mark.slow  # 16 s on 2 busy cores
 def test_scores_on_a_file_equal_a_direct_computation(tmp_path, tiny_checkpoint, capsys):
     """Eight documents, eight rows: each row holds one document, so the pipeline's packed, sharded batch must give
     what each document alone gives."""
@@ -90,6 +92,7 @@ def test_scores_on_a_file_equal_a_direct_computation(tmp_path, tiny_checkpoint, 
     assert result["perplexity"] == pytest.approx(math.exp(nll / targets), rel=1e-5)
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_chat_data_scores_the_assistant_only(tmp_path, tiny_checkpoint, capsys):
     path, params, cfg = tiny_checkpoint
     chats = [[{"role": "user", "content": f"Say hello to {name}."}, {"role": "assistant", "content": f"Hello, {name}!"}]

@@ -99,6 +99,7 @@ def lm(tiny):
     return harness.LlamaJaxLM(checkpoint=tiny[0], batch_size=3, max_length=MAX_LENGTH, mesh="data=2,fsdp=4")
 
 
+@pytest.mark.slow  # 10 s on 2 busy cores
 def test_loglikelihood_equals_a_direct_computation(tiny, lm):
     _, params, cfg = tiny
     pairs = [(q, c) for q, choices, _ in QUESTIONS for c in choices]
@@ -137,6 +138,7 @@ def test_loglikelihood_rolling_equals_a_direct_computation(tiny, lm):
     assert got == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_generate_until_equals_greedy_decoding(tiny, lm):
     _, params, cfg = tiny
     args = [(prompt, {"until": ["\n\n"], "max_gen_toks": 6}) for prompt, _ in PROMPTS]

@@ -215,6 +215,7 @@ def test_zigzag_rows_under_context_parallelism_give_the_loss_of_natural_rows():
 
 
 @needs8
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_gate_decoder_on_a_context_parallel_phases_devices_matches_one_device_generate():
     """Replies of the gate's decoder on the devices of a phase with fsdp=4,sequence=2 (sequence folded into fsdp,
     prompts padded to whole rows) equal generate's on one device, cut at the stop token."""

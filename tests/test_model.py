@@ -30,6 +30,7 @@ def test_rope_frequencies_follow_the_spec_formula():
     assert len({round(g / b, 6) for g, b in zip(got, base)}) > 2  # kept, scaled and interpolated bands all occur
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_packed_documents_equal_separate_documents():
     cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
     params = random_params(cfg)
@@ -55,6 +56,7 @@ def _loss_and_grads(cfg, params, tokens):
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
+@pytest.mark.slow  # 47 s on 2 busy cores
 def test_scan_unscanned_and_remat_agree(remat):
     base = PARITY_CONFIGS["gqa4_llama3_rope"]
     params = random_params(base)
@@ -109,6 +111,7 @@ def test_tiny_initialised_count_and_logical_axes():
                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
+@pytest.mark.slow  # 14 s on 2 busy cores
 def test_kv_cache_decoding_matches_full_forward():
     cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
     params = random_params(cfg)

@@ -75,6 +75,7 @@ def _assert_close(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 53 s on 2 busy cores
 def test_train_command_on_two_processes_matches_one(corpus, tmp_path):
     one = _train(corpus, tmp_path / "one", 4, processes=1)
     two = _train(corpus, tmp_path / "two", 4, processes=2)

@@ -33,6 +33,7 @@ def _execute(name: str, env: dict) -> tuple[list[str], list[str]]:
     return stdout, stderr
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_model_and_parity_notebook():
     stdout, stderr = _execute("01_model_and_parity.ipynb", {"HF_HUB_OFFLINE": "1"})
     text = "".join(stdout)

@@ -44,10 +44,10 @@ def reference():
 
 
 @pytest.mark.parametrize("mesh_spec, schedule, microbatches", [
-    ("stage=4,fsdp=2", "gpipe", 4),
-    ("stage=4,fsdp=2", "circular", 4),
+    pytest.param("stage=4,fsdp=2", "gpipe", 4, marks=pytest.mark.slow),  # 4 s on 2 busy cores (+ 4 s of fixture)
+    pytest.param("stage=4,fsdp=2", "circular", 4, marks=pytest.mark.slow),  # 6 s on 2 busy cores
     ("stage=2,fsdp=2,tensor=2", "gpipe", 2),
-    ("stage=2,tensor=2,sequence=2", "circular", 2),
+    pytest.param("stage=2,tensor=2,sequence=2", "circular", 2, marks=pytest.mark.slow),  # 10 s on 2 busy cores
     pytest.param("stage=2,data=2,fsdp=2", "circular", 8, marks=pytest.mark.slow),
 ])
 def test_pipelined_equals_unpipelined(reference, mesh_spec, schedule, microbatches):
@@ -106,6 +106,7 @@ def _tiny_run(corpus, run_dir, steps):
     return c
 
 
+@pytest.mark.slow  # 34 s on 2 busy cores
 def test_pipelined_run_resumes_bit_identically_and_restores_on_any_mesh(tmp_path):
     corpus = tmp_path / "corpus.txt"
     words = np.random.default_rng(0).choice("the king queen night day love crown sleep".split(), size=3000)

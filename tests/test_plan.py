@@ -49,14 +49,19 @@ def _check(cfg, mesh_spec, seq, batch, **pipe):
 
 
 @needs8
-@pytest.mark.parametrize("remat", ["none", "full"])
-@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=2,tensor=2", "fsdp=4,sequence=2"])
+@pytest.mark.parametrize("mesh_spec, remat", [
+    pytest.param("data=2,fsdp=2,tensor=2", "none", marks=pytest.mark.slow),  # 3 s on 2 busy cores
+    ("data=2,fsdp=2,tensor=2", "full"),
+    pytest.param("fsdp=4,sequence=2", "none", marks=pytest.mark.slow),  # 6 s on 2 busy cores
+    pytest.param("fsdp=4,sequence=2", "full", marks=pytest.mark.slow),  # 5 s on 2 busy cores
+])
 def test_analytic_within_10_percent_of_xla_cpu(remat, mesh_spec):
     _check(TINY.replace(remat=remat), mesh_spec, 512, 8)
 
 
 @needs8
 @pytest.mark.parametrize("schedule, remat", [("gpipe", "full"), ("circular", "none")])
+@pytest.mark.slow  # 11 s on 2 busy cores
 def test_pipeline_memory_and_ticks_from_the_compiled_step(schedule, remat):
     cfg = TINY.replace(num_layers=8, remat=remat)
     result = _check(cfg, "stage=4,fsdp=2", 256, 16, schedule=schedule, microbatches=4, circular_repeats=2)
@@ -66,6 +71,7 @@ def test_pipeline_memory_and_ticks_from_the_compiled_step(schedule, remat):
 
 
 @needs_libtpu
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_compiles_for_a_tpu_topology_without_a_tpu():
     cfg = config.get("tiny", num_layers=8)
     mesh = aot.mesh_for("stage=4,fsdp=2", "v5p:2x2x2")

@@ -151,6 +151,7 @@ def test_p1_retention_keeps_the_newest_healthy_checkpoint(tmp_path):
             CheckpointManager(tmp_path, keep_last=bad)
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_p1_training_resumes_from_the_newest_checkpoint_that_verifies(corpus, tmp_path, capsys):
     """The issue's run: the newest step's params damaged (8 bytes -> NaN), then every step skipped. Resume reports
     the damaged step and moves it aside, trains from the one before, and the checkpoints it saves while every step
@@ -215,6 +216,7 @@ def _train_command(corpus, run_dir, *overrides):
             "--config.logging.progress=false", *overrides]
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_p2_a_second_run_on_the_same_run_dir_is_refused(corpus, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
@@ -278,6 +280,7 @@ class _Data:
         return getattr(self.inner, name)
 
 
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_p4_sigterm_during_a_step_that_ends_in_a_periodic_save(corpus, tmp_path):
     """SIGTERM arrives while step 4 runs; step 4 ends in the periodic save, which the preemption must not repeat
     (orbax's StepAlreadyExistsError before): one checkpoint of step 4, a normal return (exit status 0)."""
@@ -300,6 +303,7 @@ def test_p4_sigterm_during_a_step_that_ends_in_a_periodic_save(corpus, tmp_path)
     assert manager.restore().step == 4
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_p4_sigterm_while_waiting_for_data(corpus, tmp_path):
     """SIGTERM while the loop waits for a batch that never comes (a hung filesystem): it used to be ignored. Now
     the wait is cut short, step 3 is saved with the data position before the batch it was waiting for."""
@@ -352,6 +356,7 @@ def test_p7_an_eval_split_too_small_for_a_batch_fails_before_step_1(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # 8 s on 2 busy cores
 def test_p7_a_malformed_record_mid_run_saves_the_last_step_before_stopping(tmp_path, capsys):
     """on_error="raise" and a malformed line met at some step k: the run stops with the file:line, after saving
     step k - 1 with the data position just before the bad batch, so a rerun resumes there."""

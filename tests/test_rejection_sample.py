@@ -36,6 +36,7 @@ def models(tmp_path_factory):
     return base / "policy", base / "rm"
 
 
+@pytest.mark.slow  # 10 s on 2 busy cores
 def test_shared_prefill_gives_the_samples_of_separate_prefills(models):
     params, cfg, _ = generate.load_model(str(models[0]))
     prompts = [BYTE.encode_dialog([{"role": "user", "content": text}], add_generation_prompt=True)[0]
@@ -48,6 +49,7 @@ def test_shared_prefill_gives_the_samples_of_separate_prefills(models):
     assert shared != generate.generate(params, cfg, prompts, 12, samples_per_prompt=4, **{**kwargs, "seed": 8})
 
 
+@pytest.mark.slow  # 8 s on 2 busy cores
 def test_best_of_k_keeps_the_best_usable_sample(models, tmp_path):
     policy = Policy(*generate.load_model(str(models[0])))
     scorer = Scorer.load(str(models[1]), batch_size=5)

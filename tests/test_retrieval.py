@@ -234,6 +234,7 @@ def run_cli(*args):
                           text=True, cwd=ROOT, env=env(), timeout=300)
 
 
+@pytest.mark.slow  # 10 s on 2 busy cores
 def test_cli_writes_json_and_heatmap_of_greedy_replies(tiny_checkpoint, tmp_path):
     path, params = tiny_checkpoint
     plot, full = tmp_path / "result.png", tmp_path / "result.json"

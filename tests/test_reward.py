@@ -50,6 +50,7 @@ def params():
     return {**p, reward.HEAD: np.random.default_rng(1).normal(size=CFG.dim).astype(np.float32)}
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_packed_rows_score_like_separate_rows(params, tmp_path):
     batch = eval_batch(write_jsonl(tmp_path / "p.jsonl", RECORDS))
     packed, too_long = reward.pack_replies(batch, data.REPLIES)
@@ -125,6 +126,7 @@ def pretrained(tmp_path_factory):
     return base / "pretrained", paths["preference"]
 
 
+@pytest.mark.slow  # 30 s on 2 busy cores
 def test_reward_run_starts_from_pretrained_and_resumes_exactly(pretrained, tmp_path):
     start, prefs = pretrained
     straight = reward_config(prefs, tmp_path / "a", train=dict(steps=4))
@@ -197,6 +199,7 @@ def test_bad_records_are_clear_errors_or_counted_skips(tmp_path):
     assert batch["chosen"]["score_mask"].sum() == 1 and len(batches.skipped) == 4
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_path):
     """Packed rows through the whole loop, on a preference a program states and a model learns fast from random
     weights: the same reply in lower case (chosen) or in capitals (rejected); held-out pairs have other prompts."""

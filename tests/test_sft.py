@@ -134,6 +134,7 @@ def _sft_command(chats, run_dir, init_from, *extra):
 
 
 @pytest.mark.parametrize("source", ["pretrained", "transformers_dir"])
+@pytest.mark.slow  # 61 s on 2 busy cores
 def test_sft_starts_from_a_checkpoint_in_a_fresh_process(source, request, tmp_path):
     start = request.getfixturevalue(source)
     chats = write_chats(tmp_path / "chats.jsonl", 60)
@@ -155,6 +156,7 @@ def test_sft_starts_from_a_checkpoint_in_a_fresh_process(source, request, tmp_pa
     assert metadata["init_from"]["format"] == ("hf" if source == "transformers_dir" else "llama_jax")
 
 
+@pytest.mark.slow  # 52 s on 2 busy cores
 def test_sft_checkpoint_generates_and_converts_to_transformers(pretrained, tmp_path):
     import torch
     import transformers
@@ -180,6 +182,7 @@ def test_sft_checkpoint_generates_and_converts_to_transformers(pretrained, tmp_p
     np.testing.assert_allclose(np.asarray(model.Llama(cfg).apply({"params": params}, tokens)), theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # 44 s on 2 busy cores
 def test_sft_resume_is_bit_identical(pretrained, tmp_path):
     """6 SFT steps straight == 3, stop, resume, 3 more (the pretraining resume test, for this stage)."""
     chats = write_chats(tmp_path / "chats.jsonl", 80)

@@ -61,6 +61,7 @@ def _train_command(corpus, run_dir, *overrides):
             "--config.logging.eval_every=0", *overrides]
 
 
+@pytest.mark.slow  # 23 s on 2 busy cores
 def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
@@ -73,6 +74,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     assert CheckpointManager(run_dir).latest_step() == last_step >= 3  # no periodic save was due: SIGTERM's
 
 
+@pytest.mark.slow  # 37 s on 2 busy cores
 def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
@@ -116,6 +118,7 @@ def _batches(corpus, n, rows=8, seq=32):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.slow  # 18 s on 2 busy cores
 def test_gradient_accumulation_matches_one_big_batch(corpus):
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     batches = _batches(corpus, 2)
@@ -131,6 +134,7 @@ def test_gradient_accumulation_matches_one_big_batch(corpus):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # 19 s on 2 busy cores
 def test_gradient_accumulation_of_bfloat16_params(corpus):
     """Accumulation sums in float32 and hands back gradients in the params' dtype (bfloat16 once broke the scan)."""
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
@@ -144,6 +148,7 @@ def test_gradient_accumulation_of_bfloat16_params(corpus):
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
 
 
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_nonfinite_step_is_not_applied(corpus):
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     cfg = config.get("tiny", num_layers=2)
@@ -168,6 +173,7 @@ def test_nonfinite_step_is_not_applied(corpus):
     assert not np.array_equal(after_good.params["embedding"], state.params["embedding"])
 
 
+@pytest.mark.slow  # 22 s on 2 busy cores
 def test_sharded_step_matches_single_device(corpus):
     assert jax.device_count() >= 8, "tests/conftest.py provides 8 CPU devices"
     batches = _batches(corpus, 3)
@@ -188,6 +194,7 @@ def test_sharded_step_matches_single_device(corpus):
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA_JAX_SHAKESPEARE"), reason="LLAMA_JAX_SHAKESPEARE is unset")
+@pytest.mark.slow  # 74 s on 2 busy cores
 def test_tiny_model_learns_shakespeare(tmp_path):
     """Held-out loss must fall well below the byte unigram entropy of the corpus (NumPy, from the texts):
     a model at the unigram entropy has learned only letter frequencies; below it, it uses context."""
@@ -209,6 +216,7 @@ def test_tiny_model_learns_shakespeare(tmp_path):
     assert summary["eval_loss"] < unigram_entropy - 0.5, (summary["eval_loss"], unigram_entropy)
 
 
+@pytest.mark.slow  # 77 s on 2 busy cores
 def test_resume_is_bit_identical_across_ramp_phases(corpus, tmp_path):
     """A batch ramp (rows of 32 tokens, then two data batches of 64 a step from 1,536 tokens on): 6 steps straight ==
     stop inside the first phase, stop at its end, resume. The same steps, shapes, losses and state."""
@@ -244,6 +252,7 @@ def test_configs_build(name):
         np.testing.assert_allclose([lr(8_000), lr(1_199_997), lr(1_200_000)], [8e-5, 8e-7, 0.0], rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow  # 49 s on 2 busy cores
 def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     """A start banner, the compile, evals, and on resume where it resumed and which config keys changed."""
     run_dir = tmp_path / "run"
