@@ -1,4 +1,5 @@
-"""Suite-wide setup: 8 simulated CPU devices for sharding tests, and no model-hub access."""
+"""Suite-wide setup: 8 simulated CPU devices for sharding tests, no model-hub access and one XLA compilation cache;
+and the helpers several test files share."""
 
 import atexit
 import json
@@ -118,7 +119,7 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(jitter_norms, params)
 
 
-def ours(cfg, params, tokens, **kwargs):
+def our_logits(cfg, params, tokens, **kwargs):
     """Our logits for ``tokens`` (numpy)."""
     import jax.numpy as jnp
     import numpy as np

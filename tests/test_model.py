@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PARITY_CONFIGS, ours, random_params
+from conftest import PARITY_CONFIGS, our_logits, random_params
 
 from llama_jax import config, model
 from llama_jax.errors import ConfigError, DataError
@@ -39,11 +39,11 @@ def test_packed_documents_equal_separate_documents():
     packed = np.concatenate([doc_a, doc_b, [[0, 0, 0]]], axis=1).astype(np.int32)
     segment_ids = np.array([[1] * 7 + [2] * 12 + [0] * 3], np.int32)
     positions = np.array([list(range(7)) + list(range(12)) + [0, 0, 0]], np.int32)
-    got = ours(cfg, params, packed, positions=positions, segment_ids=segment_ids)
-    np.testing.assert_allclose(got[:, :7], ours(cfg, params, doc_a.astype(np.int32)), atol=1e-5)
-    np.testing.assert_allclose(got[:, 7:19], ours(cfg, params, doc_b.astype(np.int32)), atol=1e-5)
+    got = our_logits(cfg, params, packed, positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(got[:, :7], our_logits(cfg, params, doc_a.astype(np.int32)), atol=1e-5)
+    np.testing.assert_allclose(got[:, 7:19], our_logits(cfg, params, doc_b.astype(np.int32)), atol=1e-5)
     # without segment ids the second document would see the first: the test can tell the difference
-    unmasked = ours(cfg, params, packed, positions=positions)
+    unmasked = our_logits(cfg, params, packed, positions=positions)
     assert np.abs(unmasked[:, 7:19] - got[:, 7:19]).max() > 1e-3
 
 
@@ -76,8 +76,8 @@ def test_bfloat16_compute_tracks_float32():
     cfg = PARITY_CONFIGS["mha"]
     params = random_params(cfg)
     tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 16), dtype=np.int32)
-    f32 = ours(cfg, params, tokens)
-    bf16 = ours(cfg.replace(dtype="bfloat16"), params, tokens)
+    f32 = our_logits(cfg, params, tokens)
+    bf16 = our_logits(cfg.replace(dtype="bfloat16"), params, tokens)
     assert bf16.dtype == np.float32
     assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
 
@@ -116,7 +116,7 @@ def test_kv_cache_decoding_matches_full_forward():
     cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
     params = random_params(cfg)
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
-    full = ours(cfg, params, tokens)
+    full = our_logits(cfg, params, tokens)
     cache = model.init_cache(cfg, batch=2, length=16)
     llama = model.Llama(cfg)
     logits, cache = llama.apply({"params": params}, tokens[:, :5], cache=cache)

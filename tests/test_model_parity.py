@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import PARITY_CONFIGS, SEQ_LEN, ours, random_params
+from conftest import PARITY_CONFIGS, SEQ_LEN, our_logits, random_params
 
 from llama_jax import config
 from llama_jax.config import ModelConfig
@@ -41,7 +41,7 @@ def test_logits_match_transformers_from_our_weights(name):
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, SEQ_LEN[name]), dtype=np.int32)
     reference = hf_logits(hf_model(cfg, params_to_hf(params, cfg)), tokens)
     assert np.abs(reference).max() > 1.0  # logits large enough for the tolerance to mean something
-    np.testing.assert_allclose(ours(cfg, params, tokens), reference, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(our_logits(cfg, params, tokens), reference, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
@@ -54,7 +54,7 @@ def test_logits_match_transformers_from_hf_weights(name):
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, SEQ_LEN[name]), dtype=np.int32)
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
     params = params_from_hf(sd, cfg)
-    np.testing.assert_allclose(ours(cfg, params, tokens), hf_logits(m, tokens), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(our_logits(cfg, params, tokens), hf_logits(m, tokens), atol=1e-4, rtol=0)
     # and back: the exported state dict is the one we read, bit for bit
     back = params_to_hf(params, cfg)
     expected = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
