@@ -27,7 +27,6 @@ def _run(*argv):
     return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env(), timeout=300)
 
 
-@pytest.mark.slow  # 64 s on 2 busy cores
 def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):
     a, b = random_params(CFG, 0), random_params(CFG, 1)
     checkpoint.save_params(str(tmp_path / "a"), a, CFG, tokenizer=BYTE)
