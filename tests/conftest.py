@@ -66,6 +66,23 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
+def preference_config(stage: str, prefs, run_dir, init_from=None, **sections):
+    """configs/<stage>/tiny.py (dpo or reward) on the preference file ``prefs``: two layers, batches of 8 rows of 96
+    tokens, every step logged, no eval; then each of ``sections`` updates its section."""
+    import runpy
+
+    c = runpy.run_path(str(ROOT / "configs" / stage / "tiny.py"))["get_config"](str(prefs))
+    c.run_dir = str(run_dir)
+    if init_from is not None:
+        c.init_from = str(init_from)
+    c.model.num_layers = 2
+    c.data.update(batch_size=8, seq_len=96)
+    c.logging.update(every=1, eval_every=0)
+    for section, values in sections.items():
+        c[section].update(values)
+    return c
+
+
 def read_metrics(run_dir) -> list[dict]:
     """Every record a run logged to its metrics.jsonl, in order."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -3,14 +3,13 @@ normalisation, ln 2 at the first step (accumulated, sharded), precomputed refere
 held-out pairs, and stages chained through the real train command."""
 
 import json
-import runpy
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env, losses_by_step, read_metrics
+from conftest import ROOT, env, losses_by_step, preference_config, read_metrics
 
 from llama_jax import checkpoint, config, data, model, optim, reference_logps, sharding
 from llama_jax.data.preference import FORMATTING_TOKENS
@@ -145,17 +144,6 @@ def test_first_step_with_policy_equal_to_reference_is_ln2(word_pairs, mesh_spec,
     assert float(metrics["loss"]) < LN2 and float(metrics["margin"]) > 0  # the policy moved, the reference did not
 
 
-def dpo_config(prefs, run_dir, start, **sections):
-    c = runpy.run_path(str(ROOT / "configs" / "dpo" / "tiny.py"))["get_config"](str(prefs))
-    c.run_dir, c.init_from = str(run_dir), str(start)
-    c.model.num_layers = 2
-    c.data.update(batch_size=8, seq_len=96)
-    c.logging.update(every=1, eval_every=0)
-    for section, values in sections.items():
-        c[section].update(values)
-    return c
-
-
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     path = tmp_path_factory.mktemp("start") / "sft"
@@ -173,8 +161,9 @@ def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path
     column = json.loads(annotated.read_text().splitlines()[0])["reference_logps"]
     assert column["checkpoint"] == checkpoint.identity(str(start)) and column["seq_len"] == 96
     steps = dict(train=dict(steps=3))
-    loop.run(dpo_config(word_pairs, tmp_path / "model", start, **steps))
-    loop.run(dpo_config(annotated, tmp_path / "precomputed", start, dpo=dict(reference="precomputed"), **steps))
+    loop.run(preference_config("dpo", word_pairs, tmp_path / "model", start, **steps))
+    loop.run(preference_config("dpo", annotated, tmp_path / "precomputed", start, dpo=dict(reference="precomputed"),
+                               **steps))
     model_losses, precomputed = losses_by_step(tmp_path / "model"), losses_by_step(tmp_path / "precomputed")
     assert model_losses[1] == pytest.approx(LN2 + 0.2 * 5.0, abs=2.0)  # sanity: ln 2 + 0.2 x a per-token NLL
     np.testing.assert_allclose([precomputed[s] for s in (1, 2, 3)], [model_losses[s] for s in (1, 2, 3)], rtol=2e-5)
@@ -198,9 +187,9 @@ def test_a_short_run_grows_the_margin_and_ranks_held_out_pairs_better(start, tmp
     replies = [" ".join(rng.choice(word_count.WORDS, size=rng.integers(1, 6))) + "." for _ in range(400)]
     path = write_jsonl(tmp_path / "case.jsonl", [{"prompt": f"Say something about {rng.choice(word_count.TOPICS)}.",
                                                   "chosen": r, "rejected": r.upper()} for r in replies])
-    c = dpo_config(path, tmp_path / "run", start, train=dict(steps=30),
-                   schedule=dict(peak_lr=1e-3, warmup_steps=3, decay_steps=30, total_steps=30),
-                   logging=dict(every=5, eval_every=30, eval_batches=6))
+    c = preference_config("dpo", path, tmp_path / "run", start, train=dict(steps=30),
+                          schedule=dict(peak_lr=1e-3, warmup_steps=3, decay_steps=30, total_steps=30),
+                          logging=dict(every=5, eval_every=30, eval_batches=6))
     run = loop.build(c)
     held_out = [b for _, b in zip(range(6), run.stage.make_batches(c, run.tokenizer, "eval"))]
     before = [jax.device_get(run.eval_step(run.state, b)) for b in held_out]

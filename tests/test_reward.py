@@ -3,14 +3,13 @@ score command, the run resumes from its own checkpoints and starts from a pretra
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env, losses_by_step
+from conftest import env, losses_by_step, preference_config
 
 from llama_jax import checkpoint, config, data, model
 from llama_jax.checkpoint import CheckpointManager
@@ -104,17 +103,6 @@ def test_loss_averages_the_ordered_pairs_of_each_record(params, tmp_path):
     assert float(loss) == np.float32(np.log(2)) and float(metrics["accuracy"]) == 0.5
 
 
-def reward_config(prefs, run_dir, **sections):
-    c = runpy.run_path(str(ROOT / "configs" / "reward" / "tiny.py"))["get_config"](str(prefs))
-    c.run_dir = str(run_dir)
-    c.model.num_layers = 2
-    c.data.update(batch_size=8, seq_len=96)
-    c.logging.update(every=1, eval_every=0)
-    for section, values in sections.items():
-        c[section].update(values)
-    return c
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 'pretrained' checkpoint (random weights) and word-count preference data."""
@@ -129,10 +117,10 @@ def pretrained(tmp_path_factory):
 @pytest.mark.slow  # 30 s on 2 busy cores
 def test_reward_run_starts_from_pretrained_and_resumes_exactly(pretrained, tmp_path):
     start, prefs = pretrained
-    straight = reward_config(prefs, tmp_path / "a", train=dict(steps=4))
+    straight = preference_config("reward", prefs, tmp_path / "a", train=dict(steps=4))
     straight.init_from = str(start)
     assert loop.run(straight)["step"] == 4
-    split = reward_config(prefs, tmp_path / "b", train=dict(steps=2))
+    split = preference_config("reward", prefs, tmp_path / "b", train=dict(steps=2))
     split.init_from = str(start)
     loop.run(split)
     split.train.steps = 4
@@ -183,7 +171,7 @@ def test_bad_records_are_clear_errors_or_counted_skips(tmp_path):
            {"prompt": "x" * 500, "chosen": "A.", "rejected": "B."},  # the prompt fills the row
            {"prompt": "Hi", "rejected": "No."}]  # no chosen reply
     path = write_jsonl(tmp_path / "bad.jsonl", RECORDS[:1] + bad)
-    c = reward_config(path, tmp_path / "run")
+    c = preference_config("reward", path, tmp_path / "run")
     c.data.update(holdout_every=1, batch_size=5)  # the eval pass: records in file order
     for line, (record, why) in enumerate(zip(bad, ["empty", "identical", "fills the row", '"chosen"']), start=2):
         only = write_jsonl(tmp_path / f"bad{line}.jsonl", [record])
@@ -208,9 +196,9 @@ def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_pat
     replies = [" ".join(rng.choice(word_count.WORDS, size=rng.integers(1, 6))) + "." for _ in range(400)]
     path = write_jsonl(tmp_path / "case.jsonl", [{"prompt": f"Say something about {rng.choice(word_count.TOPICS)}.",
                                                   "chosen": r, "rejected": r.upper()} for r in replies])
-    c = reward_config(path, tmp_path / "run", train=dict(steps=30), reward=dict(packed=True),
-                      schedule=dict(warmup_steps=3, decay_steps=30, total_steps=30),
-                      logging=dict(every=5, eval_every=30, eval_batches=6))
+    c = preference_config("reward", path, tmp_path / "run", train=dict(steps=30), reward=dict(packed=True),
+                          schedule=dict(warmup_steps=3, decay_steps=30, total_steps=30),
+                          logging=dict(every=5, eval_every=30, eval_batches=6))
     c.init_from, c.data.seq_len = str(start), 128
     summary = loop.run(c)
     assert summary["loss"] < np.log(2) and summary["chosen_score"] > summary["rejected_score"]
@@ -219,7 +207,8 @@ def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_pat
 
 
 def test_packed_rows_refuse_the_fused_attention(tmp_path):
-    c = reward_config(write_jsonl(tmp_path / "p.jsonl", RECORDS), tmp_path / "run", reward=dict(packed=True))
+    c = preference_config("reward", write_jsonl(tmp_path / "p.jsonl", RECORDS), tmp_path / "run",
+                          reward=dict(packed=True))
     c.model.attention = "flash"
     with pytest.raises(ConfigError, match="model.attention=dense"):
         reward.STAGE.make_loss_fn(loop.model_config(c.model), c)
