@@ -28,6 +28,7 @@ def packed_batch(cfg, rows=2, length=48, seed=0):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
+@pytest.mark.slow  # 59 s on 2 busy cores
 def test_flash_model_equals_dense_model(kv_heads):
     dense = config.get("tiny", num_layers=2, num_heads=4, num_kv_heads=kv_heads, attention="dense")
     flash = dense.replace(attention="flash")
@@ -48,6 +49,7 @@ def test_flash_model_equals_dense_model(kv_heads):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.slow  # 46 s on 2 busy cores
 def test_flash_runs_per_shard_on_a_mesh():
     dense = config.get("tiny", num_layers=1, attention="dense")
     params = model.init_params(dense, jax.random.key(1))

@@ -6,17 +6,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import env
 
 from llama_jax import checkpoint, config, model
 from llama_jax.posttrain import average
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = config.get("tiny", num_layers=2, dim=64, num_heads=4, num_kv_heads=2, ffn_dim=128, vocab_size=300)
 BYTE = {"name": "byte", "sha256": "b" * 64}
 
@@ -27,8 +26,7 @@ def random_params(cfg, seed, dtype=np.float32):
 
 
 def _run(*argv):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env(), timeout=300)
 
 
 def test_the_old_spelling_runs_the_command_and_says_so():
@@ -61,6 +59,7 @@ def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):
     assert shown.returncode == 0 and json.loads(shown.stdout.splitlines()[-1])["tokens"] == [3], shown.stderr
 
 
+@pytest.mark.slow  # 14 s on 2 busy cores
 def test_bfloat16_is_accumulated_in_float32_and_cast_back(tmp_path):
     cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
     sources = [random_params(cfg, seed, ml_dtypes.bfloat16) for seed in range(3)]
@@ -73,6 +72,7 @@ def test_bfloat16_is_accumulated_in_float32_and_cast_back(tmp_path):
         np.testing.assert_allclose(x.astype(np.float64), exact, rtol=2**-8, atol=1e-30)  # bf16 rounding only
 
 
+@pytest.mark.slow  # 19 s on 2 busy cores
 def test_mismatched_sources_are_refused(tmp_path, capsys):
     checkpoint.save_params(str(tmp_path / "a"), random_params(CFG, 0), CFG, tokenizer=BYTE)
     wider = CFG.replace(ffn_dim=256)

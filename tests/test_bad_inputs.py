@@ -6,7 +6,6 @@ Each test feeds the input that used to fail (hang, crash or a foreign message) a
 """
 
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, config, experiment, generate, model
 from llama_jax.data import make_batches
@@ -25,20 +25,13 @@ from llama_jax.quantize import quantize_params
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 BYTE = get_tokenizer("byte")
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _command(*argv, stdin: bytes | None = None):
     return subprocess.run([sys.executable.encode(), b"-m", *[a if isinstance(a, bytes) else a.encode() for a in argv]],
-                          input=stdin, capture_output=True, env=_env(), timeout=300)
+                          input=stdin, capture_output=True, env=env(), timeout=300)
 
 
 def _data(sources, **keys):
@@ -88,6 +81,7 @@ def tiny_checkpoint(tmp_path_factory):
     return path, params, cfg
 
 
+@pytest.mark.slow  # 47 s on 2 busy cores
 def test_p6_sampling_draws_only_ids_the_tokenizer_decodes(tiny_checkpoint):
     _, params, cfg = tiny_checkpoint
     prompt = [BYTE.encode("To be", bos=True)]
@@ -102,6 +96,7 @@ def test_p6_sampling_draws_only_ids_the_tokenizer_decodes(tiny_checkpoint):
         BYTE.decode(ids)
 
 
+@pytest.mark.slow  # 20 s on 2 busy cores
 def test_p6_p8_generate_command_samples_hot_from_a_non_utf8_prompt(tiny_checkpoint):
     """The command at temperature 1.5 on the tiny setup, with a prompt holding bytes that are not UTF-8 (as a
     terminal may pass them): a warning and a completion, exit 0 (TokenizerError / UnicodeEncodeError before)."""
@@ -116,6 +111,7 @@ def test_p6_p8_generate_command_samples_hot_from_a_non_utf8_prompt(tiny_checkpoi
     assert result.stdout.decode().startswith("café \ufffd\ufffd!")
 
 
+@pytest.mark.slow  # 35 s on 2 busy cores
 def test_p8_chat_survives_input_that_is_not_utf8_and_refuses_zero_new_tokens(tiny_checkpoint):
     path, _, _ = tiny_checkpoint
     result = _command("llama_jax.chat", "--checkpoint", path, "--temperature", "1.5", "--max-new-tokens", "8",
@@ -177,6 +173,7 @@ def test_p8_batch_size_not_divisible_by_grad_accum(tmp_path):
         loop.build(c)
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_p8_zero_division_keys_from_the_command_line(tmp_path):
     """checkpoint.every=0 used to end in a ZeroDivisionError traceback after the first step."""
     result = _command("llama_jax.train", f"--config={TINY}", f"--config.run_dir={tmp_path / 'run'}",
@@ -261,6 +258,7 @@ def test_p8_meta_checkpoint_errors_name_the_key_and_tensor(meta_dirs, tmp_path):
         meta_format.write(str(tmp_path), *checkpoint.load(str(meta_dirs / "shards1"))[:2], num_shards=0)
 
 
+@pytest.mark.slow  # 22 s on 2 busy cores
 def test_p8_convert_refuses_zero_shards_and_quantized_to_hf(meta_dirs, tmp_path):
     result = _command("llama_jax.convert", "--checkpoint", str(meta_dirs / "shards1"), "--to", "meta",
                       "--num-shards", "0", "--out", str(tmp_path / "out"))

@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, env
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 ABSENT_ON_GPU_MACHINES = ("ml_collections", "grain", "llama_models")
 
@@ -28,6 +27,7 @@ def imported_modules() -> set[str]:
     return names
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_benchmarks_import_nothing_the_gpu_machines_lack():
     modules = sorted(name for name in imported_modules() if name.split(".")[0] in ("llama_jax", "harness"))
     assert {"llama_jax.generate", "llama_jax.train.pretrain", "harness"} <= set(modules)
@@ -37,15 +37,16 @@ def test_benchmarks_import_nothing_the_gpu_machines_lack():
         *(f"sys.modules[{name!r}] = None  # import fails as if not installed" for name in ABSENT_ON_GPU_MACHINES),
         *(f"import {name}" for name in modules + scripts),
     ])
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{BENCHMARKS}"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    with_benchmarks = env()
+    with_benchmarks["PYTHONPATH"] += os.pathsep + str(BENCHMARKS)
+    done = subprocess.run([sys.executable, "-c", code], env=with_benchmarks, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_the_import_check_notices_a_missing_package():
     code = "import sys\nsys.modules['ml_collections'] = None\nimport llama_jax.train.defaults"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "ml_collections" in done.stderr
 
 
@@ -53,7 +54,7 @@ def test_the_import_check_notices_a_missing_package():
 def test_train_step_benchmark_runs_each_side_in_its_own_process():
     done = subprocess.run([sys.executable, str(BENCHMARKS / "train_step.py"), "--preset", "quick", "--batch", "2",
                            "--seq", "32", "--steps", "1", "--alternations", "2"],
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+                          env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["config"]["resolved_matmul_precision"] == "highest"

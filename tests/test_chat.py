@@ -4,6 +4,7 @@ import io
 import json
 
 import jax
+import pytest
 from conftest import successor_params
 
 from llama_jax import chat, checkpoint, model
@@ -31,6 +32,7 @@ def run(main, argv, stdin, monkeypatch, capsys) -> str:
     return human + "\n"
 
 
+@pytest.mark.slow  # 53 s on 2 busy cores
 def test_chat_turns_follow_the_dialog_format(tmp_path, monkeypatch, capsys):
     params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
     path = save(tmp_path, params)
@@ -52,6 +54,7 @@ def test_chat_turns_follow_the_dialog_format(tmp_path, monkeypatch, capsys):
 
 
 
+@pytest.mark.slow  # 38 s on 2 busy cores
 def test_tool_call_turns_are_shown_and_answered(tmp_path, monkeypatch, capsys):
     cfg = CFG.replace(dim=272)  # one-hot embeddings need dim >= vocab
     code = [ord(c) for c in "print(1)"]  # distinct characters, so a successor chain spells it
@@ -69,6 +72,7 @@ def test_tool_call_turns_are_shown_and_answered(tmp_path, monkeypatch, capsys):
     assert [m["role"] for m in c.messages] == ["user", "assistant", "ipython", "assistant"]
 
 
+@pytest.mark.slow  # 24 s on 2 busy cores
 def test_generate_cli_streams_a_continuation(tmp_path, monkeypatch, capsys):
     params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(1))
     path = save(tmp_path, params)

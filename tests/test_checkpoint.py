@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_trees_equal, env
 
 import llama_jax
 from llama_jax import checkpoint, model, sharding
@@ -26,13 +27,6 @@ def _host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.asarray(x).dtype == np.asarray(y).dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _random_params(cfg, seed=0):
     rng = np.random.default_rng(seed)  # numpy, not model.init_params: no compile, and every leaf differs
     return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32), s.dtype),
@@ -44,6 +38,7 @@ def params():
     return _random_params(CFG)
 
 
+@pytest.mark.slow  # 23 s on 2 busy cores
 def test_save_restore_everything(tmp_path, params):
     tx = optax.adamw(1e-3)
     opt_state = tx.init(params)
@@ -63,8 +58,8 @@ def test_save_restore_everything(tmp_path, params):
         restored = manager.restore(opt_state_target=opt_state)
 
     assert restored.step == 5
-    _assert_trees_equal(restored.params, params)
-    _assert_trees_equal(restored.opt_state, opt_state)  # the optax NamedTuple structure comes back
+    assert_trees_equal(restored.params, params)
+    assert_trees_equal(restored.opt_state, opt_state)  # the optax NamedTuple structure comes back
     assert restored.data_state == {"epoch": 1, "position": 123}
     np.testing.assert_array_equal(jax.random.key_data(restored.rng), jax.random.key_data(rng))
     np.testing.assert_array_equal(jax.random.uniform(restored.rng, (3,)), jax.random.uniform(rng, (3,)))
@@ -88,11 +83,11 @@ def test_params_only_restore_and_load(tmp_path, params):
         manager.save(3, params=params, cfg=CFG, stage="pretrain", opt_state=tx.init(params), data_state={"i": 1})
         restored = manager.restore(params_only=True)
     assert restored.opt_state is None and restored.data_state is None
-    _assert_trees_equal(restored.params, params)
+    assert_trees_equal(restored.params, params)
 
     loaded, cfg, meta = checkpoint.load(str(tmp_path))  # a run dir: its latest step
     assert cfg == CFG and meta["stage"] == "pretrain"
-    _assert_trees_equal(loaded, params)
+    assert_trees_equal(loaded, params)
 
 
 def test_wrong_config_lists_mismatched_leaves(tmp_path, params):
@@ -135,12 +130,13 @@ def test_incomplete_step_directories_are_ignored(tmp_path, params):
     (bogus / "params").mkdir()
     manager = checkpoint.CheckpointManager(tmp_path)
     assert manager.latest_step() == 2
-    _assert_trees_equal(manager.restore().params, params)
+    assert_trees_equal(manager.restore().params, params)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         manager.restore(9)
     manager.close()
 
 
+@pytest.mark.slow  # 11 s on 2 busy cores
 def test_restore_onto_other_meshes(tmp_path):
     assert jax.device_count() == 8
     save_mesh = sharding.make_mesh("fsdp=8")
@@ -158,15 +154,15 @@ def test_restore_onto_other_meshes(tmp_path):
             assert leaf.sharding == want.sharding
         # query [L, D, N, H]: D over fsdp=4, heads over tensor=2
         assert on_tp["layers"]["attention"]["query"].addressable_shards[0].data.shape == (2, 128 // 4, 4 // 2, 32)
-        _assert_trees_equal(_host(on_tp), expected)
+        assert_trees_equal(_host(on_tp), expected)
 
         one_device = manager.restore().params  # no target: the default device
         assert {d for leaf in jax.tree.leaves(one_device) for d in leaf.devices()} == {jax.devices()[0]}
-        _assert_trees_equal(_host(one_device), expected)
+        assert_trees_equal(_host(one_device), expected)
 
     loaded, _, _ = checkpoint.load(str(tmp_path), shardings=tp_mesh)
     assert loaded["lm_head"].sharding == model.param_shardings(CFG, tp_mesh)["lm_head"]
-    _assert_trees_equal(_host(loaded), expected)
+    assert_trees_equal(_host(loaded), expected)
 
 
 _SAVER = textwrap.dedent("""
@@ -185,8 +181,7 @@ _SAVER = textwrap.dedent("""
 def _kill_while_saving(script, run_dir) -> list[str]:
     """Runs the saver, SIGKILLs it as soon as a save (after the first two) is seen in flight; returns what the
     checkpoints directory held right after the kill."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.DEVNULL, env=env())
     checkpoints = run_dir / "checkpoints"
     try:
         deadline = time.time() + 120
@@ -203,6 +198,7 @@ def _kill_while_saving(script, run_dir) -> list[str]:
     return os.listdir(checkpoints)
 
 
+@pytest.mark.slow  # 20 s on 2 busy cores
 def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)

@@ -23,10 +23,10 @@ from types import ModuleType
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, cli, config, model
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "llama_jax"
 MULTI_HOST = {"--coordinator", "--num-processes", "--process-id", "-h", "--help"}
 # The flags a path may go through; any other flag whose help or metavar speaks of a file, directory or path is wrong.
@@ -240,6 +240,7 @@ def test_renamed_flags_and_new_spellings(capsys):
         _old_and_new().parse_args(["--input", "i", "--out", "o", "--checkpoint", "c", "stray"])
 
 
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_the_old_average_spelling_still_works_from_the_shell(tmp_path):
     cfg = config.get("tiny", num_layers=1, dim=32, num_heads=2, num_kv_heads=1, ffn_dim=64)
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.param_shapes(cfg))
@@ -247,10 +248,8 @@ def test_the_old_average_spelling_still_works_from_the_shell(tmp_path):
     for source in sources:
         checkpoint.save_params(source, zeros, cfg, tokenizer={"name": "byte", "sha256": "-"})
     out = str(tmp_path / "avg")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", "llama_jax.posttrain.average", out, *sources], capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "llama_jax.posttrain.average", out, *sources], capture_output=True, text=True,
+                          env=env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"deprecated: {out} {sources[0]} {sources[1]} -> use --out {out} --checkpoint {sources[0]} --checkpoint " \
            f"{sources[1]}\n" in done.stderr

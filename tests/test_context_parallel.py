@@ -99,6 +99,7 @@ def test_gradients_equal_dense_attention():
 
 
 @pytest.mark.parametrize("shards", [2, 8])
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_model_logits_with_sequence_sharding(shards):
     cfg = config.get("tiny", vocab_size=256, dim=64, num_layers=2, num_heads=8, num_kv_heads=4, ffn_dim=128)
     params = model.init_params(cfg, jax.random.key(0))
@@ -126,6 +127,7 @@ def test_bad_input():
         context_parallel.zigzag_order(30, 4)
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_all_gather_with_the_fused_kernel_equals_dense_attention_and_its_gradients():
     """Local queries against the gathered keys through the flash kernel (Pallas's interpreter here), zig-zag rows on
     4 shards: outputs against the NumPy formula, gradients against dense attention's."""

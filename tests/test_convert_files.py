@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import assert_trees_equal
 from safetensors import safe_open
 
 from llama_jax import checkpoint, model, sharding
@@ -37,14 +38,6 @@ def _params(cfg, seed=0):
         return (scale + 0.05 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, model.param_shapes(cfg))
-
-
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()  # bit-equal
 
 
 def read(path):
@@ -77,7 +70,7 @@ def test_hf_round_trip(tmp_path, name, max_shard_bytes):
     assert dtypes == {"BF16" if cfg.param_dtype == "bfloat16" else "F32"}
 
     back, cfg_back = read(str(tmp_path / "hf"))
-    _assert_trees_equal(back, params)
+    assert_trees_equal(back, params)
     assert cfg_back == cfg
 
 
@@ -90,7 +83,7 @@ def test_meta_round_trip(tmp_path, name, shards):
     files = sorted(os.listdir(tmp_path / "meta"))
     assert set(files) == {"params.json", "llama_jax.json"} | {f"consolidated.{r:02d}.pth" for r in range(shards)}
     back, cfg_back = read(str(tmp_path / "meta"))
-    _assert_trees_equal(back, params)
+    assert_trees_equal(back, params)
     assert cfg_back == cfg  # params.json lacks the context length: llama_jax.json carries it
 
 
@@ -99,7 +92,7 @@ def test_llama_jax_export_round_trip(tmp_path):
     params = _params(cfg)
     checkpoint.export(str(tmp_path / "ckpt"), "llama_jax", params, cfg, tokenizer=ByteTokenizer())
     loaded, cfg_back, meta = checkpoint.load(str(tmp_path / "ckpt"))
-    _assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
+    assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
     assert cfg_back == cfg and meta["stage"] == "export" and meta["tokenizer"]["name"] == "byte"
 
 
@@ -292,7 +285,7 @@ def test_load_detects_each_format(tmp_path):
         assert checkpoint.detect_format(str(tmp_path / fmt)) == fmt
         loaded, cfg, _ = checkpoint.load(str(tmp_path / fmt))
         assert isinstance(jax.tree.leaves(loaded)[0], jax.Array)
-        _assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
+        assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
         assert cfg.dim == BASE.dim
     with pytest.raises(CheckpointError, match="neither"):
         checkpoint.detect_format(str(tmp_path))
@@ -302,7 +295,7 @@ def test_load_detects_each_format(tmp_path):
     assert meta["format"] == "hf"
     want = model.param_shardings(BASE, mesh)
     assert all(a.sharding == s for a, s in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)))
-    _assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
+    assert_trees_equal(jax.tree.map(np.asarray, loaded), params)
 
 
 def test_bf16_stays_bf16_through_every_format(tmp_path):
@@ -315,5 +308,5 @@ def test_bf16_stays_bf16_through_every_format(tmp_path):
                          "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     assert convert_main(["--to", "meta", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "meta2")]) == 0
     back, cfg_back = read(str(tmp_path / "meta2"))
-    _assert_trees_equal(back, params)
+    assert_trees_equal(back, params)
     assert cfg_back.param_dtype == "bfloat16" and cfg_back.tie_embeddings

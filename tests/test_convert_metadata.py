@@ -69,6 +69,7 @@ def _read_json(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # 3 s on 2 busy cores
 def test_hf_export_tokenizer_encodes_like_ours(tmp_path, llama3, llama3_model):
     params, cfg = llama3_model
     checkpoint.export(str(tmp_path / "hf"), "hf", params, cfg, tokenizer=llama3)

@@ -2,20 +2,19 @@
 file's first record), and ``configs/pretrain/tiny.py:my.jsonl`` reading JSONL as JSONL."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import cli
 from llama_jax.data import make_batches, source_spec
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.tokenizer import ByteTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.py")
 WORDS = "the king queen lord night day love death sword crown heart fair foul sleep dream".split()
 
@@ -67,14 +66,15 @@ def test_tiny_config_reads_jsonl_as_jsonl(documents):
     assert '"text"' not in text and '"id"' not in text  # the records' text, not their JSON
 
 
+@pytest.mark.slow  # 18 s on 2 busy cores
 def test_train_from_the_command_line_with_data(documents, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    command = env()
     shown = subprocess.run([sys.executable, "-m", "llama_jax.train", "--help"], capture_output=True, text=True,
-                           env=env, timeout=120)
+                           env=command, timeout=120)
     assert "--data PATH[:FORMAT]" in shown.stdout and ".jsonl" in shown.stdout
     run = subprocess.run([sys.executable, "-m", "llama_jax.train", "--config", TINY, "--data", str(documents),
                           f"--config.run_dir={tmp_path / 'run'}", "--config.train.steps=2",
-                          "--config.logging.eval_every=2"], capture_output=True, text=True, env=env, timeout=300)
+                          "--config.logging.eval_every=2"], capture_output=True, text=True, env=command, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.splitlines()[-1])["step"] == 2
     saved = json.loads(next((tmp_path / "run" / "checkpoints" / "2" / "metadata").glob("*.json")).read_text())
@@ -83,6 +83,6 @@ def test_train_from_the_command_line_with_data(documents, tmp_path):
 
     chats = _jsonl(tmp_path / "chats.jsonl", [{"prompt": "hi", "completion": "hello"}] * 20)
     wrong = subprocess.run([sys.executable, "-m", "llama_jax.train", "--config", TINY, "--data", str(chats),
-                            f"--config.run_dir={tmp_path / 'chat-run'}"], capture_output=True, text=True, env=env,
+                            f"--config.run_dir={tmp_path / 'chat-run'}"], capture_output=True, text=True, env=command,
                            timeout=300)
     assert wrong.returncode == 2 and "this stage reads documents data, but data.sources are chat" in wrong.stderr

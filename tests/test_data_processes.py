@@ -5,11 +5,10 @@ import json
 import os
 import runpy
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import global_batches, processes
+from conftest import ROOT, global_batches, processes
 
 from llama_jax.data import concat_batches, make_batches, merge_states, split_rows
 from llama_jax.data import sources as sources_lib
@@ -18,7 +17,7 @@ from llama_jax.tokenizer import get_tokenizer
 
 TOK = get_tokenizer("byte")
 EOS = TOK.eos_id
-TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.py"
+TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 needs_shakespeare = pytest.mark.skipif(not os.environ.get("LLAMA_JAX_SHAKESPEARE"),
                                        reason="LLAMA_JAX_SHAKESPEARE is unset")
 

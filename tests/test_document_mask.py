@@ -34,6 +34,7 @@ def test_unmasked_rows_are_one_sequence_with_the_same_targets(tmp_path):
     np.testing.assert_array_equal(unmasked["positions"], np.where(real, np.arange(48), 0))
 
 
+@pytest.mark.slow  # 8 s on 2 busy cores
 def test_the_mask_decides_whether_attention_crosses_documents(tmp_path):
     params = model.init_params(CFG, jax.random.key(0))
     llama = model.Llama(CFG)

@@ -3,15 +3,13 @@ normalisation, ln 2 at the first step (accumulated, sharded), precomputed refere
 held-out pairs, and stages chained through the real train command."""
 
 import json
-import os
-import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env, losses_by_step, preference_config, read_metrics
 
 from llama_jax import checkpoint, config, data, model, optim, sharding
 from llama_jax.data.preference import FORMATTING_TOKENS
@@ -21,7 +19,6 @@ from llama_jax.posttrain import reference_logps
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import create_state, dpo, loop, make_train_step, state_shardings
 
-ROOT = Path(__file__).resolve().parents[1]
 BYTE = get_tokenizer("byte")
 TINY = config.get("tiny", num_layers=2)
 LN2 = float(np.float32(np.log(2)))
@@ -67,6 +64,7 @@ def llama3_case(tmp_path_factory):
     return tok, cfg, params, batch
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_log_probs_sum_over_the_reply_without_formatting_tokens(llama3_case):
     tok, cfg, params, batch = llama3_case
     formatting = [tok.special_id(t) for t in FORMATTING_TOKENS]
@@ -96,6 +94,7 @@ def test_log_probs_sum_over_the_reply_without_formatting_tokens(llama3_case):
     assert abs(float(after["dpo_mask"][0] - before["dpo_mask"][0])) > 1e-3
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_nll_term_is_each_chosen_replys_token_mean_averaged_over_pairs(llama3_case):
     _, cfg, params, batch = llama3_case
     per_target = numpy_logps(params, cfg, batch["chosen"])
@@ -122,8 +121,11 @@ def train_batches(path, n, rows=8, seq_len=96):
     return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("mesh_spec,accumulate", [("fsdp=1", False), ("fsdp=1", True), ("data=2,fsdp=2,tensor=2",
-                                                                                         True)])
+@pytest.mark.parametrize("mesh_spec,accumulate", [
+    ("fsdp=1", False),
+    pytest.param("fsdp=1", True, marks=pytest.mark.slow),  # 9 s on 2 busy cores
+    pytest.param("data=2,fsdp=2,tensor=2", True, marks=pytest.mark.slow),  # 9 s on 2 busy cores
+])
 def test_first_step_with_policy_equal_to_reference_is_ln2(word_pairs, mesh_spec, accumulate):
     devices = jax.devices()[:1] if mesh_spec == "fsdp=1" else None
     mesh = sharding.make_mesh(mesh_spec, devices=devices)
@@ -143,22 +145,6 @@ def test_first_step_with_policy_equal_to_reference_is_ln2(word_pairs, mesh_spec,
     assert float(metrics["loss"]) < LN2 and float(metrics["margin"]) > 0  # the policy moved, the reference did not
 
 
-def dpo_config(prefs, run_dir, start, **sections):
-    c = runpy.run_path(str(ROOT / "configs" / "dpo" / "tiny.py"))["get_config"](str(prefs))
-    c.run_dir, c.init_from = str(run_dir), str(start)
-    c.model.num_layers = 2
-    c.data.update(batch_size=8, seq_len=96)
-    c.logging.update(every=1, eval_every=0)
-    for section, values in sections.items():
-        c[section].update(values)
-    return c
-
-
-def read_losses(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
-
-
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     path = tmp_path_factory.mktemp("start") / "sft"
@@ -167,6 +153,7 @@ def start(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # 18 s on 2 busy cores
 def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path):
     annotated = tmp_path / "prefs.ref.jsonl"
     args = [f"--config={ROOT / 'configs' / 'dpo' / 'tiny.py'}:{word_pairs}", f"--config.init_from={start}",
@@ -175,9 +162,10 @@ def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path
     column = json.loads(annotated.read_text().splitlines()[0])["reference_logps"]
     assert column["checkpoint"] == checkpoint.identity(str(start)) and column["seq_len"] == 96
     steps = dict(train=dict(steps=3))
-    loop.run(dpo_config(word_pairs, tmp_path / "model", start, **steps))
-    loop.run(dpo_config(annotated, tmp_path / "precomputed", start, dpo=dict(reference="precomputed"), **steps))
-    model_losses, precomputed = read_losses(tmp_path / "model"), read_losses(tmp_path / "precomputed")
+    loop.run(preference_config("dpo", word_pairs, tmp_path / "model", start, **steps))
+    loop.run(preference_config("dpo", annotated, tmp_path / "precomputed", start, dpo=dict(reference="precomputed"),
+                               **steps))
+    model_losses, precomputed = losses_by_step(tmp_path / "model"), losses_by_step(tmp_path / "precomputed")
     assert model_losses[1] == pytest.approx(LN2 + 0.2 * 5.0, abs=2.0)  # sanity: ln 2 + 0.2 x a per-token NLL
     np.testing.assert_allclose([precomputed[s] for s in (1, 2, 3)], [model_losses[s] for s in (1, 2, 3)], rtol=2e-5)
     spec = {"mask": "dpo_mask", "checkpoint": checkpoint.identity(str(start))}
@@ -192,6 +180,7 @@ def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path
                                BYTE, reference=spec))
 
 
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_a_short_run_grows_the_margin_and_ranks_held_out_pairs_better(start, tmp_path):
     """A preference a program states and a model learns fast from random weights: the same reply in lower case
     (chosen) or in capitals (rejected). Held-out pairs are other prompts and other words."""
@@ -199,24 +188,18 @@ def test_a_short_run_grows_the_margin_and_ranks_held_out_pairs_better(start, tmp
     replies = [" ".join(rng.choice(word_count.WORDS, size=rng.integers(1, 6))) + "." for _ in range(400)]
     path = write_jsonl(tmp_path / "case.jsonl", [{"prompt": f"Say something about {rng.choice(word_count.TOPICS)}.",
                                                   "chosen": r, "rejected": r.upper()} for r in replies])
-    c = dpo_config(path, tmp_path / "run", start, train=dict(steps=30),
-                   schedule=dict(peak_lr=1e-3, warmup_steps=3, decay_steps=30, total_steps=30),
-                   logging=dict(every=5, eval_every=30, eval_batches=6))
+    c = preference_config("dpo", path, tmp_path / "run", start, train=dict(steps=30),
+                          schedule=dict(peak_lr=1e-3, warmup_steps=3, decay_steps=30, total_steps=30),
+                          logging=dict(every=5, eval_every=30, eval_batches=6))
     run = loop.build(c)
     held_out = [b for _, b in zip(range(6), run.stage.make_batches(c, run.tokenizer, "eval"))]
     before = [jax.device_get(run.eval_step(run.state, b)) for b in held_out]
     summary = loop.fit(run)
     assert float(np.mean([m["accuracy"] for m in before])) == 0.5  # policy == reference: every pair a tie
-    first = read_losses(tmp_path / "run")
+    first = losses_by_step(tmp_path / "run")
     assert summary["margin"] > 0.1 and summary["eval_margin"] > 0.1 and summary["loss"] < first[5]
     # 48 held-out pairs: 0.5 + 3 binomial standard deviations (3 x sqrt(0.25 / 48) = 0.22) is 0.72.
     assert summary["eval_accuracy"] >= 0.72, summary
-
-
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.mark.slow
@@ -228,14 +211,13 @@ def test_dpo_starts_from_sft_and_resumes_in_fresh_processes(word_pairs, start, t
                 "--config.logging.eval_every=0", f"--config.train.steps={steps}"]
 
     for steps in (2, 4):  # two fresh processes: the second resumes the first's checkpoint
-        done = subprocess.run(command(tmp_path / "split", steps), env=_env(), capture_output=True, text=True,
+        done = subprocess.run(command(tmp_path / "split", steps), env=env(), capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run(command(tmp_path / "straight", 4), env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(tmp_path / "straight", 4), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["step"] == 4
-    assert read_losses(tmp_path / "split") == read_losses(tmp_path / "straight")
-    metrics = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["resumed_from"] for m in metrics if "resumed_from" in m] == [2]
+    assert losses_by_step(tmp_path / "split") == losses_by_step(tmp_path / "straight")
+    assert [m["resumed_from"] for m in read_metrics(tmp_path / "split") if "resumed_from" in m] == [2]
     saved = checkpoint.read_metadata(checkpoint.resolve_step_dir(str(tmp_path / "split")))
     assert saved["stage"] == "dpo" and saved["init_from"]["stage"] == "sft"

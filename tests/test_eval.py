@@ -3,14 +3,13 @@ per byte on a file equal a direct computation (each document alone through the m
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env, read_metrics
 
 from llama_jax import checkpoint, model
 from llama_jax import config as config_lib
@@ -18,19 +17,19 @@ from llama_jax.eval import perplexity
 from llama_jax.tokenizer import ByteTokenizer
 from llama_jax.train.__main__ import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "pretrain" / "tiny.py")
 DOCS = ["Now is the winter of our discontent", "Größe, café, naïve — déjà vu", "数字 12345 and emoji 🎉 ok",
         "short", "To be, or not to be: that is the question", "tabs\tand\nnewlines", "ÆØÅ æøå", "the end."]
 
 
 def _command(*argv):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env(devices=8),
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
+@pytest.mark.slow  # 23 s on 2 busy cores
 def test_reproduces_the_logged_training_eval_loss(tmp_path):
     corpus = tmp_path / "corpus.txt"
     rng = np.random.default_rng(0)
@@ -39,8 +38,7 @@ def test_reproduces_the_logged_training_eval_loss(tmp_path):
     run_dir = tmp_path / "run"
     assert train_main(["--config", f"{TINY}:{corpus}", f"--config.run_dir={run_dir}", "--config.train.steps=4",
                        "--config.logging.eval_every=4", "--config.logging.progress=false"]) == 0
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    eval_loss = next(r["eval_loss"] for r in logged if r.get("step") == 4 and "eval_loss" in r)
+    eval_loss = next(r["eval_loss"] for r in read_metrics(run_dir) if r.get("step") == 4 and "eval_loss" in r)
 
     # The checkpoint's own data config, held-out split, the loop's two eval batches; on another mesh.
     result, stderr = _command("llama_jax.eval", "--checkpoint", str(run_dir), "--mesh", "data=2,fsdp=4")
@@ -73,6 +71,7 @@ def _nll(params, cfg, sequences, masks):
                 for t in range(len(ids) - 1) if mask[t + 1])
 
 
+@pytest.mark.slow  # 16 s on 2 busy cores
 def test_scores_on_a_file_equal_a_direct_computation(tmp_path, tiny_checkpoint, capsys):
     """Eight documents, eight rows: each row holds one document, so the pipeline's packed, sharded batch must give
     what each document alone gives."""
@@ -93,6 +92,7 @@ def test_scores_on_a_file_equal_a_direct_computation(tmp_path, tiny_checkpoint, 
     assert result["perplexity"] == pytest.approx(math.exp(nll / targets), rel=1e-5)
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_chat_data_scores_the_assistant_only(tmp_path, tiny_checkpoint, capsys):
     path, params, cfg = tiny_checkpoint
     chats = [[{"role": "user", "content": f"Say hello to {name}."}, {"role": "assistant", "content": f"Hello, {name}!"}]

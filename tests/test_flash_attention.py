@@ -85,6 +85,7 @@ def flash(vectors, **kwargs):
 
 @pytest.mark.parametrize("dtype, atol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize("heads, kv_heads", [(2, 2), (8, 2)])  # GQA groups 1 and 4
+@pytest.mark.slow  # 22 s on 2 busy cores
 def test_flash_packed_rows_with_padding(heads, kv_heads, dtype, atol):
     positions, segments = packed_rows()
     vectors = (positions, segments, positions, segments)
@@ -100,6 +101,7 @@ def test_flash_equals_the_dense_attention():
     np.testing.assert_allclose(got, dense, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_flash_kv_cache_block_at_an_offset():
     """T != S: 16 queries at positions 30..45 written into cache slots 30..45 of 64; slots 46.. are empty
     (segment 0). A second row has two documents in its cache and queries from the second one."""
@@ -115,6 +117,7 @@ def test_flash_kv_cache_block_at_an_offset():
     assert_matches_reference(flash(vectors, block_k=32), q, k, v, vectors, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_flash_key_block_that_starts_at_the_last_query_position():
     """The second key block's first key has the query block's last position: the only visible pair of that
     block pair sits on the boundary of the skipping test, which must keep it."""
@@ -128,6 +131,7 @@ def test_flash_key_block_that_starts_at_the_last_query_position():
     assert (lo.tolist(), hi.tolist()) == ([[1]], [[2]])
 
 
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_flash_rows_in_any_order():
     """Causality is by position: a row stored in a shuffled order (as context parallelism's zig-zag layout
     stores it) gives the same per-token results, and the block skipping stays exact."""
@@ -138,6 +142,7 @@ def test_flash_rows_in_any_order():
     assert_matches_reference(flash(vectors), q, k, v, vectors, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_flash_pads_lengths_and_head_dim_that_do_not_fit_the_blocks():
     """T = S = 40 with blocks of 16 and head dim 24: padded to 48 tokens and 32 dims inside, sliced after.
     Row 0 ends in padding (segment 0), which must not see the padded keys."""
@@ -147,6 +152,7 @@ def test_flash_pads_lengths_and_head_dim_that_do_not_fit_the_blocks():
     assert_matches_reference(flash(vectors), q, k, v, vectors, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow  # 5 s on 2 busy cores
 def test_flash_queries_that_see_no_key_or_only_padding():
     """Query 0 of row 0 has a segment no key carries, query 1 a position before every key of its segment:
     both give zero output and a finite log-sum-exp. Neither they nor padding queries pass gradients to real
@@ -170,6 +176,7 @@ def test_flash_queries_that_see_no_key_or_only_padding():
     assert np.any(np.asarray(dv)[~real])  # padding queries do see padding keys (same segment 0)
 
 
+@pytest.mark.slow  # 5 s on 2 busy cores
 def test_flash_log_sum_exp_and_its_gradient():
     positions, segments = packed_rows()
     vectors = (positions, segments, positions, segments)
@@ -270,6 +277,7 @@ def splash_rows():
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(2, 2), (4, 1)])
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_splash_packed_rows_in_interpret_mode(heads, kv_heads):
     positions, segments = splash_rows()
     vectors = (positions, segments, positions, segments)

@@ -134,6 +134,7 @@ def test_sampled_generation_is_seeded(params):
     assert gen.generate(params, CFG, prompts, 16, seed=3, temperature=1.0, top_k=1, stop_ids=()) == greedy
 
 
+@pytest.mark.slow  # 8 s on 2 busy cores
 def test_tensor_parallel_decode_equals_single_device():
     from llama_jax import sharding
 

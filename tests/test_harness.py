@@ -4,7 +4,6 @@ forward passes), and ``lm_eval`` runs two local tasks (no network) end to end wi
 computations imply."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import env
 
 from llama_jax import checkpoint, model
 from llama_jax import config as config_lib
@@ -23,7 +23,6 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from llama_jax.eval import harness  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 MAX_LENGTH = 64
 QUESTIONS = [  # (question, choices, gold): multiple choice by loglikelihood
@@ -100,6 +99,7 @@ def lm(tiny):
     return harness.LlamaJaxLM(checkpoint=tiny[0], batch_size=3, max_length=MAX_LENGTH, mesh="data=2,fsdp=4")
 
 
+@pytest.mark.slow  # 10 s on 2 busy cores
 def test_loglikelihood_equals_a_direct_computation(tiny, lm):
     _, params, cfg = tiny
     pairs = [(q, c) for q, choices, _ in QUESTIONS for c in choices]
@@ -138,6 +138,7 @@ def test_loglikelihood_rolling_equals_a_direct_computation(tiny, lm):
     assert got == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_generate_until_equals_greedy_decoding(tiny, lm):
     _, params, cfg = tiny
     args = [(prompt, {"until": ["\n\n"], "max_gen_toks": 6}) for prompt, _ in PROMPTS]
@@ -195,13 +196,12 @@ def _write_tasks(folder: Path):
 def test_lm_eval_runs_two_local_tasks_end_to_end(tiny, tmp_path):
     path, params, cfg = tiny
     _write_tasks(tmp_path / "tasks")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    offline = {**env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     done = subprocess.run(
         [sys.executable, "-m", "llama_jax.eval.harness", "--model", "llama_jax", "--model_args",
          f"checkpoint={path},max_length={MAX_LENGTH}", "--tasks", "local_choice,local_answer", "--include_path",
          str(tmp_path / "tasks"), "--batch_size", "8", "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=900)
+        capture_output=True, text=True, env=offline, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
 

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-PACKAGE = Path(__file__).resolve().parents[1] / "llama_jax"
+PACKAGE = ROOT / "llama_jax"
 
 
 def _module_name(path: Path) -> str:

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, global_batches, processes, run_module
+from conftest import ROOT, global_batches, processes, read_metrics, run_module
 
 from llama_jax import config, generate, model, optim, sharding
 from llama_jax.data import make_batches, merge_states
@@ -216,6 +216,7 @@ def test_zigzag_rows_under_context_parallelism_give_the_loss_of_natural_rows():
 
 
 @needs8
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_gate_decoder_on_a_context_parallel_phases_devices_matches_one_device_generate():
     """Replies of the gate's decoder on the devices of a phase with fsdp=4,sequence=2 (sequence folded into fsdp,
     prompts padded to whole rows) equal generate's on one device, cut at the stop token."""
@@ -260,7 +261,7 @@ def test_gate_passes_and_fails_on_stub_models():
 LONG_8B = str(ROOT / "configs" / "pretrain" / "llama3_8b_long_context.py")
 
 
-def run_plan(*args: str, devices: int | None = None) -> tuple[dict, str]:
+def run_plan(*args: str, devices: int = 1) -> tuple[dict, str]:
     """The real ``python -m llama_jax.plan`` command; its JSON result and its console table."""
     *table, last = run_module("llama_jax.plan", "--config", LONG_8B, *args, devices=devices,
                               timeout=3000).strip().splitlines()
@@ -341,7 +342,7 @@ def test_tiny_model_extended_from_256_to_2048_tokens_retrieves_the_passkey(tmp_p
     accuracy_before = dict(zip(before["lengths"], np.mean(before["accuracy"], axis=1)))
     accuracy_after = dict(zip(after["lengths"], np.mean(after["accuracy"], axis=1)))
     accuracy_after[2040] = np.mean([after["accuracy"][-1], second_draw["accuracy"][0]])
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run_dir)
     reference = next(m["eval_loss_before_extension"] for m in metrics if "eval_loss_before_extension" in m)
     final_loss = [m["gate_eval_loss"] for m in metrics if "gate_eval_loss" in m][-1]
     print(f"passkey accuracy before {accuracy_before}, after {accuracy_after}; held-out loss at 256 tokens "

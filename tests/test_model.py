@@ -1,93 +1,14 @@
-"""The network against transformers' PyTorch Llama, the spec's parameter counts, and its own variants."""
+"""The network's own variants (packing, scan / remat, bfloat16, the KV cache), RoPE scaling and the spec's parameter
+counts; no torch needed (parity with transformers is test_model_parity.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PARITY_CONFIGS, our_logits, random_params
 
 from llama_jax import config, model
-from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.errors import ConfigError, DataError
-from llama_jax.formats.hf import params_from_hf, params_to_hf
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-# Three shapes: GQA group 1 with plain RoPE; group 4 with llama3 scaling exercised far past the original
-# context (64); tied embeddings with a head_dim that is not dim / heads.
-PARITY_CONFIGS = {
-    "mha": ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=4, ffn_dim=160,
-                       rope_theta=10_000.0, norm_eps=1e-6, max_seq_len=256),
-    "gqa4_llama3_rope": ModelConfig(vocab_size=300, dim=128, num_layers=3, num_heads=8, num_kv_heads=2,
-                                    ffn_dim=256, rope_scaling=RopeScaling(original_max_position=64),
-                                    max_seq_len=512),
-    "tied_head_dim": ModelConfig(vocab_size=200, dim=96, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=192,
-                                 head_dim=32, tie_embeddings=True, max_seq_len=256),
-}
-SEQ_LEN = {"mha": 33, "gqa4_llama3_rope": 200, "tied_head_dim": 40}
-
-
-def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Init params made less regular than the defaults: unit-scale embeddings, non-trivial norm scales."""
-    params = model.init_params(cfg, jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    params["embedding"] = rng.standard_normal(params["embedding"].shape).astype(np.float32)
-
-    def jitter_norms(path, x):
-        return x + 0.2 * rng.standard_normal(x.shape).astype(np.float32) if "scale" in str(path) else x
-
-    return jax.tree_util.tree_map_with_path(jitter_norms, params)
-
-
-def hf_model(cfg: ModelConfig, state_dict: dict | None = None):
-    hf_cfg = transformers.LlamaConfig(**config.to_hf(cfg))
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(hf_cfg).float().eval()
-    if state_dict is not None:
-        missing, unexpected = m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()},
-                                                strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-        if cfg.tie_embeddings:
-            m.tie_weights()
-    return m
-
-
-def hf_logits(m, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return m(torch.from_numpy(tokens).long()).logits.numpy()
-
-
-def ours(cfg, params, tokens, **kwargs):
-    return np.asarray(model.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), **kwargs))
-
-
-@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
-def test_logits_match_transformers_from_our_weights(name):
-    cfg = PARITY_CONFIGS[name]
-    params = random_params(cfg)
-    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, SEQ_LEN[name]), dtype=np.int32)
-    reference = hf_logits(hf_model(cfg, params_to_hf(params, cfg)), tokens)
-    assert np.abs(reference).max() > 1.0  # logits large enough for the tolerance to mean something
-    np.testing.assert_allclose(ours(cfg, params, tokens), reference, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
-def test_logits_match_transformers_from_hf_weights(name):
-    cfg = PARITY_CONFIGS[name]
-    m = hf_model(cfg)
-    with torch.no_grad():  # HF's default init is tiny (std 0.02): widen it so the logits carry signal
-        for p in m.parameters():
-            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.15)
-    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, SEQ_LEN[name]), dtype=np.int32)
-    sd = {k: v.numpy() for k, v in m.state_dict().items()}
-    params = params_from_hf(sd, cfg)
-    np.testing.assert_allclose(ours(cfg, params, tokens), hf_logits(m, tokens), atol=1e-4, rtol=0)
-    # and back: the exported state dict is the one we read, bit for bit
-    back = params_to_hf(params, cfg)
-    expected = {k: v for k, v in sd.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    assert back.keys() == expected.keys()
-    for k in back:
-        np.testing.assert_array_equal(back[k], expected[k], err_msg=k)
 
 
 def test_rope_frequencies_follow_the_spec_formula():
@@ -109,6 +30,7 @@ def test_rope_frequencies_follow_the_spec_formula():
     assert len({round(g / b, 6) for g, b in zip(got, base)}) > 2  # kept, scaled and interpolated bands all occur
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_packed_documents_equal_separate_documents():
     cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
     params = random_params(cfg)
@@ -117,11 +39,11 @@ def test_packed_documents_equal_separate_documents():
     packed = np.concatenate([doc_a, doc_b, [[0, 0, 0]]], axis=1).astype(np.int32)
     segment_ids = np.array([[1] * 7 + [2] * 12 + [0] * 3], np.int32)
     positions = np.array([list(range(7)) + list(range(12)) + [0, 0, 0]], np.int32)
-    got = ours(cfg, params, packed, positions=positions, segment_ids=segment_ids)
-    np.testing.assert_allclose(got[:, :7], ours(cfg, params, doc_a.astype(np.int32)), atol=1e-5)
-    np.testing.assert_allclose(got[:, 7:19], ours(cfg, params, doc_b.astype(np.int32)), atol=1e-5)
+    got = our_logits(cfg, params, packed, positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(got[:, :7], our_logits(cfg, params, doc_a.astype(np.int32)), atol=1e-5)
+    np.testing.assert_allclose(got[:, 7:19], our_logits(cfg, params, doc_b.astype(np.int32)), atol=1e-5)
     # without segment ids the second document would see the first: the test can tell the difference
-    unmasked = ours(cfg, params, packed, positions=positions)
+    unmasked = our_logits(cfg, params, packed, positions=positions)
     assert np.abs(unmasked[:, 7:19] - got[:, 7:19]).max() > 1e-3
 
 
@@ -134,6 +56,7 @@ def _loss_and_grads(cfg, params, tokens):
 
 
 @pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
+@pytest.mark.slow  # 47 s on 2 busy cores
 def test_scan_unscanned_and_remat_agree(remat):
     base = PARITY_CONFIGS["gqa4_llama3_rope"]
     params = random_params(base)
@@ -153,8 +76,8 @@ def test_bfloat16_compute_tracks_float32():
     cfg = PARITY_CONFIGS["mha"]
     params = random_params(cfg)
     tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 16), dtype=np.int32)
-    f32 = ours(cfg, params, tokens)
-    bf16 = ours(cfg.replace(dtype="bfloat16"), params, tokens)
+    f32 = our_logits(cfg, params, tokens)
+    bf16 = our_logits(cfg.replace(dtype="bfloat16"), params, tokens)
     assert bf16.dtype == np.float32
     assert np.abs(bf16 - f32).max() < 0.1 * np.abs(f32).max()
 
@@ -188,11 +111,12 @@ def test_tiny_initialised_count_and_logical_axes():
                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
+@pytest.mark.slow  # 14 s on 2 busy cores
 def test_kv_cache_decoding_matches_full_forward():
     cfg = PARITY_CONFIGS["gqa4_llama3_rope"]
     params = random_params(cfg)
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
-    full = ours(cfg, params, tokens)
+    full = our_logits(cfg, params, tokens)
     cache = model.init_cache(cfg, batch=2, length=16)
     llama = model.Llama(cfg)
     logits, cache = llama.apply({"params": params}, tokens[:, :5], cache=cache)

@@ -3,20 +3,18 @@ gloo collectives): the same losses and parameters as one process with all 8 devi
 complete checkpoints, and a resume on another number of processes that continues with the same data."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env, losses_by_step, read_metrics
 
 from llama_jax.checkpoint import CheckpointManager
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 MESH = "data=2,fsdp=2,tensor=2"
 
@@ -41,16 +39,14 @@ def _train(corpus, run_dir, steps, processes):
     command = [sys.executable, "-m", "llama_jax.train", f"--config={TINY}:{corpus}", f"--config.run_dir={run_dir}",
                f"--config.mesh={MESH}", f"--config.train.steps={steps}", "--config.checkpoint.every=2",
                "--config.logging.eval_every=0"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
     if processes > 1:
         port = _free_port()
         flags = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),  # noqa: E731
                            "--process-id", str(i)]
     else:
         flags = lambda i: []  # noqa: E731
-    workers = [subprocess.Popen(command + flags(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for i in range(processes)]
+    workers = [subprocess.Popen(command + flags(i), env=env(8 // processes), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(processes)]
     try:
         outputs = [w.communicate(timeout=600) for w in workers]
     finally:
@@ -63,10 +59,9 @@ def _train(corpus, run_dir, steps, processes):
 
 
 def _losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "loss" in r]
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert len(steps) == len(set(steps)), "a step was logged twice: more than one process writes metrics"
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return losses_by_step(run_dir)
 
 
 def _params(run_dir, step):
@@ -80,6 +75,7 @@ def _assert_close(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 53 s on 2 busy cores
 def test_train_command_on_two_processes_matches_one(corpus, tmp_path):
     one = _train(corpus, tmp_path / "one", 4, processes=1)
     two = _train(corpus, tmp_path / "two", 4, processes=2)

@@ -3,13 +3,13 @@ compiled layouts) on the 8 simulated CPU devices it sets up itself (the kernel s
 reaches its asserted finding."""
 
 import re
-from pathlib import Path
 
+import pytest
+from conftest import ROOT
 from test_notebooks import _execute  # the kernel, environment and output handling of notebooks 01 and 02
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
+@pytest.mark.slow  # 16 s on 2 busy cores
 def test_sharding_notebook_reaches_its_finding():
     stdout, stderr = _execute("08_sharding_and_memory.ipynb", {"LLAMA_JAX_NOTEBOOK_FAST": "1"})
     text = "".join(stdout)

@@ -4,14 +4,13 @@ run every time it is executed instead of resuming the last one."""
 
 import os
 import re
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 nbformat = pytest.importorskip("nbformat", reason="executing notebooks needs nbclient: pip install 'llama_jax[test]'")
 from nbclient import NotebookClient  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 # What the training loop itself writes on stderr (banner, compile, evals); anything else there is clutter.
 LOOP_LINES = re.compile(r"^(llama_jax pretrain: .*|compiling the pretrain step .*|step \d+: eval loss [\d.]+)?$")
 
@@ -34,6 +33,7 @@ def _execute(name: str, env: dict) -> tuple[list[str], list[str]]:
     return stdout, stderr
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_model_and_parity_notebook():
     stdout, stderr = _execute("01_model_and_parity.ipynb", {"HF_HUB_OFFLINE": "1"})
     text = "".join(stdout)

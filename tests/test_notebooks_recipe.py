@@ -6,11 +6,12 @@ work in a new run directory each time."""
 import time
 
 import pytest
+from conftest import ROOT
 
 pytest.importorskip("nbformat", reason="executing notebooks needs nbclient: pip install 'llama_jax[test]'")
 # The kernel, environment and output handling of notebooks 01 and 02 (pytest puts tests/ on sys.path); LOOP_LINES:
 # what the training loop writes on stderr when a notebook trains in its own kernel.
-from test_notebooks import LOOP_LINES, ROOT, _execute  # noqa: E402
+from test_notebooks import LOOP_LINES, _execute  # noqa: E402
 
 FIGURES = ROOT / "notebooks" / "figures"
 

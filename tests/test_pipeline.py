@@ -3,11 +3,11 @@ device (GPipe and circular, composed with fsdp, data, tensor and sequence parall
 resumes bit-identically, and its checkpoints restore onto a mesh without a pipeline axis."""
 
 import runpy
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from llama_jax import config, model, sharding
 from llama_jax.checkpoint import CheckpointManager
@@ -17,7 +17,6 @@ from llama_jax.train import dpo, loop, pretrain, reward
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-ROOT = Path(__file__).resolve().parents[1]
 # 8 layers: 4 pipeline ranks x 2 circular repeats of one layer each. Heads, kv heads, mlp and vocab divide by tensor=2.
 CFG = config.get("tiny", vocab_size=256, dim=64, num_layers=8, num_heads=8, num_kv_heads=4, ffn_dim=128)
 
@@ -46,10 +45,10 @@ def reference():
 
 
 @pytest.mark.parametrize("mesh_spec, schedule, microbatches", [
-    ("pipeline=4,fsdp=2", "gpipe", 4),
-    ("pipeline=4,fsdp=2", "circular", 4),
+    pytest.param("pipeline=4,fsdp=2", "gpipe", 4, marks=pytest.mark.slow),  # 4 s on 2 busy cores (+ 4 s of fixture)
+    pytest.param("pipeline=4,fsdp=2", "circular", 4, marks=pytest.mark.slow),  # 6 s on 2 busy cores
     ("pipeline=2,fsdp=2,tensor=2", "gpipe", 2),
-    ("pipeline=2,tensor=2,sequence=2", "circular", 2),
+    pytest.param("pipeline=2,tensor=2,sequence=2", "circular", 2, marks=pytest.mark.slow),  # 10 s on 2 busy cores
     pytest.param("pipeline=2,data=2,fsdp=2", "circular", 8, marks=pytest.mark.slow),
 ])
 def test_pipelined_equals_unpipelined(reference, mesh_spec, schedule, microbatches):
@@ -108,6 +107,7 @@ def _tiny_run(corpus, run_dir, steps):
     return c
 
 
+@pytest.mark.slow  # 34 s on 2 busy cores
 def test_pipelined_run_resumes_bit_identically_and_restores_on_any_mesh(tmp_path):
     corpus = tmp_path / "corpus.txt"
     words = np.random.default_rng(0).choice("the king queen night day love crown sleep".split(), size=3000)

@@ -3,12 +3,12 @@ when libtpu is installed), pipeline ticks read from the compiled loop, the paper
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import pytest
+from conftest import env
 
 from llama_jax import config, plan, sharding
 from llama_jax.errors import ConfigError
@@ -50,14 +50,19 @@ def _check(cfg, mesh_spec, seq, batch, **pipe):
 
 
 @needs8
-@pytest.mark.parametrize("remat", ["none", "full"])
-@pytest.mark.parametrize("mesh_spec", ["data=2,fsdp=2,tensor=2", "fsdp=4,sequence=2"])
+@pytest.mark.parametrize("mesh_spec, remat", [
+    pytest.param("data=2,fsdp=2,tensor=2", "none", marks=pytest.mark.slow),  # 3 s on 2 busy cores
+    ("data=2,fsdp=2,tensor=2", "full"),
+    pytest.param("fsdp=4,sequence=2", "none", marks=pytest.mark.slow),  # 6 s on 2 busy cores
+    pytest.param("fsdp=4,sequence=2", "full", marks=pytest.mark.slow),  # 5 s on 2 busy cores
+])
 def test_analytic_within_10_percent_of_xla_cpu(remat, mesh_spec):
     _check(TINY.replace(remat=remat), mesh_spec, 512, 8)
 
 
 @needs8
 @pytest.mark.parametrize("schedule, remat", [("gpipe", "full"), ("circular", "none")])
+@pytest.mark.slow  # 11 s on 2 busy cores
 def test_pipeline_memory_and_ticks_from_the_compiled_step(schedule, remat):
     cfg = TINY.replace(num_layers=8, remat=remat)
     result = _check(cfg, "pipeline=4,fsdp=2", 256, 16, schedule=schedule, microbatches=4, circular_repeats=2)
@@ -67,6 +72,7 @@ def test_pipeline_memory_and_ticks_from_the_compiled_step(schedule, remat):
 
 
 @needs_libtpu
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_compiles_for_a_tpu_topology_without_a_tpu():
     cfg = config.get("tiny", num_layers=8)
     mesh = aot.mesh_for("pipeline=4,fsdp=2", "v5p:2x2x2")
@@ -136,10 +142,10 @@ def test_table4_layouts():
 
 
 def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    on_4_devices = env(devices=4)
     out = subprocess.run(
         [sys.executable, "-m", "llama_jax.plan", "--model", "tiny", "--mesh", "fsdp=2,tensor=2", "--seq", "128",
-         "--batch", "4", "--remat", "full", "--aot"], env=env, capture_output=True, text=True, timeout=300)
+         "--batch", "4", "--remat", "full", "--aot"], env=on_4_devices, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     *table, last = out.stdout.strip().splitlines()
     result = json.loads(last)  # the CLI convention: the result as JSON on the last line
@@ -157,16 +163,16 @@ def test_command_prints_a_table_compiles_and_names_every_term(tmp_path):
     assert "caveat: cost_analysis counts each loop body once" in flops and "flops_per_token" in flops
     assert result["compiled"]["flops_caveat"] == plan.FLOPS_CAVEAT
     inference = [sys.executable, "-m", "llama_jax.plan", "--model", "llama3.1-405b", "--inference"]
-    only_json = subprocess.run([*inference, "--weight-dtype", "fp8", "--json"], env=env, capture_output=True,
+    only_json = subprocess.run([*inference, "--weight-dtype", "fp8", "--json"], env=on_4_devices, capture_output=True,
                                text=True, timeout=120)
     assert json.loads(only_json.stdout)["fits_80gb"] and len(only_json.stdout.strip().splitlines()) == 1
     assert json.loads(only_json.stdout)["weight_dtype"] == "fp8" and only_json.stderr == ""
     # The old spelling works for one release and says so.
-    old = subprocess.run([*inference, "--weights", "fp8", "--json"], env=env, capture_output=True, text=True,
+    old = subprocess.run([*inference, "--weights", "fp8", "--json"], env=on_4_devices, capture_output=True, text=True,
                          timeout=120)
     assert old.returncode == 0 and old.stdout == only_json.stdout
     assert old.stderr == "deprecated: --weights fp8 -> use --weight-dtype fp8\n"
-    bad = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--aot", "--topology", "v9:2x2"], env=env,
+    bad = subprocess.run([sys.executable, "-m", "llama_jax.plan", "--aot", "--topology", "v9:2x2"], env=on_4_devices,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: topology 'v9:2x2'")
 

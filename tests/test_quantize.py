@@ -76,6 +76,7 @@ CFG = ModelConfig(vocab_size=264, dim=64, num_layers=4, num_heads=4, num_kv_head
                   rope_theta=10_000.0, max_seq_len=256)
 
 
+@pytest.mark.slow  # 4 s on 2 busy cores
 def test_first_and_last_layers_stay_unquantized():
     params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
     fp8, fp8_cfg = q.quantize_params(params, CFG, "fp8")
@@ -132,6 +133,7 @@ def trained():
     return params
 
 
+@pytest.mark.slow  # 21 s on 2 busy cores
 def test_quantized_logits_stay_close_to_bf16_on_a_trained_model(trained):
     bf16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trained)
@@ -154,6 +156,7 @@ def test_quantized_logits_stay_close_to_bf16_on_a_trained_model(trained):
         assert abs(ppl / ref_ppl - 1) < max_ppl_change
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_quantized_checkpoint_is_smaller_and_generates_the_same(tmp_path, trained):
     src, dst = str(tmp_path / "f32"), str(tmp_path / "fp8")
     checkpoint.save_params(src, trained, CFG, tokenizer={"name": "byte", "sha256": "-"})
@@ -178,6 +181,7 @@ def test_quantized_checkpoint_is_smaller_and_generates_the_same(tmp_path, traine
     assert disk(src) - disk(dst) > 0.6 * saved  # orbax compresses, so on-disk savings are a bit smaller
 
 
+@pytest.mark.slow  # 3 s on 2 busy cores
 def test_405b_fits_one_8x80gb_node_in_fp8_not_in_bf16():
     cfg = config.get("llama3.1-405b")
     mesh = sharding.make_mesh("tensor=8")

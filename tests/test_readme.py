@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, env
 
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").rglob("*.md"))
 MAX_README_LINES = 250
@@ -122,8 +122,7 @@ needs_shakespeare = pytest.mark.skipif(not os.environ.get("LLAMA_JAX_SHAKESPEARE
 
 
 def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

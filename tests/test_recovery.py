@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import wait_for
+from conftest import ROOT, env, read_metrics, wait_for
 
 from llama_jax import checkpoint, config, model
 from llama_jax.checkpoint import CheckpointManager
@@ -32,19 +32,8 @@ from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop
 from llama_jax.train.lock import LOCK_FILE, STALE_S, RunLock
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 CFG = config.get("tiny", num_layers=1)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "the king queen lord night day love death sword crown heart fair foul sleep dream".split()
-    paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 30))) + "." for _ in range(200)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
 
 
 def tiny_config(data_path, run_dir, **sections):
@@ -57,10 +46,6 @@ def tiny_config(data_path, run_dir, **sections):
     for section, values in sections.items():
         c[section].update(values)
     return c
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- 1. Integrity: damaged checkpoints are reported and skipped; retention keeps the last healthy one ---------
@@ -166,6 +151,7 @@ def test_p1_retention_keeps_the_newest_healthy_checkpoint(tmp_path):
             CheckpointManager(tmp_path, keep_last=bad)
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_p1_training_resumes_from_the_newest_checkpoint_that_verifies(corpus, tmp_path, capsys):
     """The issue's run: the newest step's params damaged (8 bytes -> NaN), then every step skipped. Resume reports
     the damaged step and moves it aside, trains from the one before, and the checkpoints it saves while every step
@@ -223,12 +209,6 @@ def test_p2_the_lock_refuses_a_second_holder_and_takes_over_stale_ones(tmp_path,
     assert "has not touched it" in capsys.readouterr().err
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _train_command(corpus, run_dir, *overrides):
     return [sys.executable, "-m", "llama_jax.train", f"--config={TINY}:{corpus}", f"--config.run_dir={run_dir}",
             "--config.model.num_layers=1", "--config.train.steps=100000", "--config.schedule.decay_steps=100000",
@@ -236,15 +216,16 @@ def _train_command(corpus, run_dir, *overrides):
             "--config.logging.progress=false", *overrides]
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_p2_a_second_run_on_the_same_run_dir_is_refused(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=_env(),
+    first = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
                              stderr=subprocess.PIPE, text=True)
     try:
         metrics = run_dir / "metrics.jsonl"
         assert wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, first, timeout=300,
                         poll=0.05)
-        second = subprocess.run(_train_command(corpus, run_dir), env=_env(), capture_output=True, text=True,
+        second = subprocess.run(_train_command(corpus, run_dir), env=env(), capture_output=True, text=True,
                                 timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"is in use by another run: pid {first.pid} on host {socket.gethostname()}" in second.stderr
@@ -264,7 +245,7 @@ def test_p2_a_second_run_on_the_same_run_dir_is_refused(corpus, tmp_path):
 
 def test_p3_keep_last_zero_is_refused_before_anything_is_written(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run(_train_command(corpus, run_dir, "--config.checkpoint.keep_last=0"), env=_env(),
+    result = subprocess.run(_train_command(corpus, run_dir, "--config.checkpoint.keep_last=0"), env=env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("error: config key checkpoint.keep_last = 0: expected an "
@@ -299,6 +280,7 @@ class _Data:
         return getattr(self.inner, name)
 
 
+@pytest.mark.slow  # 6 s on 2 busy cores
 def test_p4_sigterm_during_a_step_that_ends_in_a_periodic_save(corpus, tmp_path):
     """SIGTERM arrives while step 4 runs; step 4 ends in the periodic save, which the preemption must not repeat
     (orbax's StepAlreadyExistsError before): one checkpoint of step 4, a normal return (exit status 0)."""
@@ -321,6 +303,7 @@ def test_p4_sigterm_during_a_step_that_ends_in_a_periodic_save(corpus, tmp_path)
     assert manager.restore().step == 4
 
 
+@pytest.mark.slow  # 7 s on 2 busy cores
 def test_p4_sigterm_while_waiting_for_data(corpus, tmp_path):
     """SIGTERM while the loop waits for a batch that never comes (a hung filesystem): it used to be ignored. Now
     the wait is cut short, step 3 is saved with the data position before the batch it was waiting for."""
@@ -373,6 +356,7 @@ def test_p7_an_eval_split_too_small_for_a_batch_fails_before_step_1(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # 8 s on 2 busy cores
 def test_p7_a_malformed_record_mid_run_saves_the_last_step_before_stopping(tmp_path, capsys):
     """on_error="raise" and a malformed line met at some step k: the run stops with the file:line, after saving
     step k - 1 with the data position just before the bad batch, so a rerun resumes there."""

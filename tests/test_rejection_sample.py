@@ -2,15 +2,14 @@
 the best usable sample, and the command resumes after a real kill with exactly an uninterrupted run's records."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import env
 
 from llama_jax import checkpoint, config, generate, model
 from llama_jax.data import read_prompts
@@ -20,7 +19,6 @@ from llama_jax.posttrain.score import Scorer, encode_replies
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import reward
 
-ROOT = Path(__file__).resolve().parents[1]
 BYTE = get_tokenizer("byte")
 CFG = config.get("tiny", num_layers=2, vocab_size=272)
 
@@ -38,6 +36,7 @@ def models(tmp_path_factory):
     return base / "policy", base / "rm"
 
 
+@pytest.mark.slow  # 10 s on 2 busy cores
 def test_shared_prefill_gives_the_samples_of_separate_prefills(models):
     params, cfg, _ = generate.load_model(str(models[0]))
     prompts = [BYTE.encode_dialog([{"role": "user", "content": text}], add_generation_prompt=True)[0]
@@ -50,6 +49,7 @@ def test_shared_prefill_gives_the_samples_of_separate_prefills(models):
     assert shared != generate.generate(params, cfg, prompts, 12, samples_per_prompt=4, **{**kwargs, "seed": 8})
 
 
+@pytest.mark.slow  # 8 s on 2 busy cores
 def test_best_of_k_keeps_the_best_usable_sample(models, tmp_path):
     policy = Policy(*generate.load_model(str(models[0])))
     scorer = Scorer.load(str(models[1]), batch_size=5)
@@ -82,25 +82,19 @@ def _command(models, prompts, out, *extra):
             "--batch-size=1", "--seed=5", *extra]
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_without_duplicates_or_losses(models, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Write {i % 5 + 1} words."}) + "\n"
                                for i in range(8)))
     straight = tmp_path / "straight.jsonl"
-    done = subprocess.run(_command(models, prompts, straight), env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_command(models, prompts, straight), env=env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["sampled_batches"] == 8
 
     killed = tmp_path / "killed.jsonl"
-    proc = subprocess.Popen(_command(models, prompts, killed), env=_env(), stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(models, prompts, killed), env=env(), stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if killed.exists() and len(killed.read_text().splitlines()) >= 2:
@@ -112,12 +106,12 @@ def test_killed_run_resumes_without_duplicates_or_losses(models, tmp_path):
     assert 2 <= cut < 8, f"the kill came too late to test anything ({cut} records)"
     with open(killed, "a") as f:  # what a kill in the middle of a write leaves: half a record
         f.write(killed.read_text().splitlines()[-1][:40])
-    resumed = subprocess.run(_command(models, prompts, killed), env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(_command(models, prompts, killed), env=env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout.splitlines()[-1])["resumed_batches"] == cut
     assert killed.read_text() == straight.read_text()  # every prompt once, the same samples, in order
 
-    other = subprocess.run(_command(models, prompts, killed, "--temperature=0.5"), env=_env(), capture_output=True,
+    other = subprocess.run(_command(models, prompts, killed, "--temperature=0.5"), env=env(), capture_output=True,
                            text=True, timeout=600)
     assert other.returncode == 2 and "other settings" in other.stderr

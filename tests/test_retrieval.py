@@ -1,7 +1,6 @@
 """Retrieval evaluation: prompts (length, depth, determinism), the exact-match metric on stub models, the CLI."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
 from llama_jax import checkpoint, model
 from llama_jax import generate as gen
@@ -20,7 +20,6 @@ from llama_jax.eval.retrieval import command
 from llama_jax.tokenizer import ByteTokenizer, get_tokenizer
 
 BYTE = ByteTokenizer()
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TASKS = [r.Task("passkey"), r.Task("needle"), r.Task("needle", value="word", prompt_format="chat"),
          r.Task("multi", needles=3), r.Task("multi", needles=3, ask="all", value="word"),
@@ -231,11 +230,11 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run([sys.executable, "-m", "llama_jax.eval.retrieval", *args], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=300)
+                          text=True, cwd=ROOT, env=env(), timeout=300)
 
 
+@pytest.mark.slow  # 10 s on 2 busy cores
 def test_cli_writes_json_and_heatmap_of_greedy_replies(tiny_checkpoint, tmp_path):
     path, params = tiny_checkpoint
     plot, full = tmp_path / "result.png", tmp_path / "result.json"

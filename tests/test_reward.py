@@ -3,14 +3,13 @@ score command, the run resumes from its own checkpoints and starts from a pretra
 
 import json
 import os
-import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import env, losses_by_step, preference_config
 
 from llama_jax import checkpoint, config, data, model
 from llama_jax.checkpoint import CheckpointManager
@@ -20,7 +19,6 @@ from llama_jax.posttrain.score import Scorer, encode_replies
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop, reward
 
-ROOT = Path(__file__).resolve().parents[1]
 BYTE = get_tokenizer("byte")
 CFG = config.get("tiny", num_layers=2)
 RECORDS = [
@@ -51,6 +49,7 @@ def params():
     return {**p, reward.HEAD: np.random.default_rng(1).normal(size=CFG.dim).astype(np.float32)}
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_packed_rows_score_like_separate_rows(params, tmp_path):
     batch = eval_batch(write_jsonl(tmp_path / "p.jsonl", RECORDS))
     packed, too_long = reward.pack_replies(batch, data.REPLIES)
@@ -104,17 +103,6 @@ def test_loss_averages_the_ordered_pairs_of_each_record(params, tmp_path):
     assert float(loss) == np.float32(np.log(2)) and float(metrics["accuracy"]) == 0.5
 
 
-def reward_config(prefs, run_dir, **sections):
-    c = runpy.run_path(str(ROOT / "configs" / "reward" / "tiny.py"))["get_config"](str(prefs))
-    c.run_dir = str(run_dir)
-    c.model.num_layers = 2
-    c.data.update(batch_size=8, seq_len=96)
-    c.logging.update(every=1, eval_every=0)
-    for section, values in sections.items():
-        c[section].update(values)
-    return c
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 'pretrained' checkpoint (random weights) and word-count preference data."""
@@ -126,18 +114,18 @@ def pretrained(tmp_path_factory):
     return base / "pretrained", paths["preference"]
 
 
+@pytest.mark.slow  # 30 s on 2 busy cores
 def test_reward_run_starts_from_pretrained_and_resumes_exactly(pretrained, tmp_path):
     start, prefs = pretrained
-    straight = reward_config(prefs, tmp_path / "a", train=dict(steps=4))
+    straight = preference_config("reward", prefs, tmp_path / "a", train=dict(steps=4))
     straight.init_from = str(start)
     assert loop.run(straight)["step"] == 4
-    split = reward_config(prefs, tmp_path / "b", train=dict(steps=2))
+    split = preference_config("reward", prefs, tmp_path / "b", train=dict(steps=2))
     split.init_from = str(start)
     loop.run(split)
     split.train.steps = 4
     loop.run(split)
-    metrics = [map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) for run in ("a", "b")]
-    losses = [{m["step"]: m["loss"] for m in run if "loss" in m} for run in metrics]
+    losses = [losses_by_step(tmp_path / run) for run in ("a", "b")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert losses[0][1] == pytest.approx(np.log(2), abs=1e-6)  # the fresh head
     a, b = (CheckpointManager(tmp_path / run).restore(4) for run in ("a", "b"))
@@ -161,13 +149,11 @@ def test_score_command(pretrained, tmp_path):
                                                                                     "content": "Four."}]}]
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n" + '{"prompt": "x"}\n')
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "llama_jax.posttrain.score", f"--checkpoint={rm}", f"--input={src}",
                f"--out={tmp_path / 'out.jsonl'}"]
-    bad = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and f"error: {src}:4:" in bad.stderr and "Traceback" not in bad.stderr
-    good = subprocess.run([*command, "--on-error=skip", "--batch-size=2"], env=env, capture_output=True, text=True,
+    good = subprocess.run([*command, "--on-error=skip", "--batch-size=2"], env=env(), capture_output=True, text=True,
                           timeout=300)
     assert good.returncode == 0, good.stderr[-2000:]
     summary = json.loads(good.stdout.splitlines()[-1])
@@ -185,7 +171,7 @@ def test_bad_records_are_clear_errors_or_counted_skips(tmp_path):
            {"prompt": "x" * 500, "chosen": "A.", "rejected": "B."},  # the prompt fills the row
            {"prompt": "Hi", "rejected": "No."}]  # no chosen reply
     path = write_jsonl(tmp_path / "bad.jsonl", RECORDS[:1] + bad)
-    c = reward_config(path, tmp_path / "run")
+    c = preference_config("reward", path, tmp_path / "run")
     c.data.update(holdout_every=1, batch_size=5)  # the eval pass: records in file order
     for line, (record, why) in enumerate(zip(bad, ["empty", "identical", "fills the row", '"chosen"']), start=2):
         only = write_jsonl(tmp_path / f"bad{line}.jsonl", [record])
@@ -201,6 +187,7 @@ def test_bad_records_are_clear_errors_or_counted_skips(tmp_path):
     assert batch["chosen"]["score_mask"].sum() == 1 and len(batches.skipped) == 4
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_path):
     """Packed rows through the whole loop, on a preference a program states and a model learns fast from random
     weights: the same reply in lower case (chosen) or in capitals (rejected); held-out pairs have other prompts."""
@@ -209,9 +196,9 @@ def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_pat
     replies = [" ".join(rng.choice(word_count.WORDS, size=rng.integers(1, 6))) + "." for _ in range(400)]
     path = write_jsonl(tmp_path / "case.jsonl", [{"prompt": f"Say something about {rng.choice(word_count.TOPICS)}.",
                                                   "chosen": r, "rejected": r.upper()} for r in replies])
-    c = reward_config(path, tmp_path / "run", train=dict(steps=30), reward=dict(packed=True),
-                      schedule=dict(warmup_steps=3, decay_steps=30, total_steps=30),
-                      logging=dict(every=5, eval_every=30, eval_batches=6))
+    c = preference_config("reward", path, tmp_path / "run", train=dict(steps=30), reward=dict(packed=True),
+                          schedule=dict(warmup_steps=3, decay_steps=30, total_steps=30),
+                          logging=dict(every=5, eval_every=30, eval_batches=6))
     c.init_from, c.data.seq_len = str(start), 128
     summary = loop.run(c)
     assert summary["loss"] < np.log(2) and summary["chosen_score"] > summary["rejected_score"]
@@ -220,7 +207,8 @@ def test_reward_model_ranks_held_out_pairs_after_a_short_run(pretrained, tmp_pat
 
 
 def test_packed_rows_refuse_the_fused_attention(tmp_path):
-    c = reward_config(write_jsonl(tmp_path / "p.jsonl", RECORDS), tmp_path / "run", reward=dict(packed=True))
+    c = preference_config("reward", write_jsonl(tmp_path / "p.jsonl", RECORDS), tmp_path / "run",
+                          reward=dict(packed=True))
     c.model.attention = "flash"
     with pytest.raises(ConfigError, match="model.attention=dense"):
         reward.STAGE.make_loss_fn(loop.model_config(c.model), c)

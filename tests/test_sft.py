@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, env, losses_by_step, read_metrics
 
 from llama_jax import checkpoint, config, data, generate, losses, model
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import loop, pretrain, sft
 
-ROOT = Path(__file__).resolve().parents[1]
 SFT_TINY = ROOT / "configs" / "sft" / "tiny.py"
 PRETRAIN_TINY = ROOT / "configs" / "pretrain" / "tiny.py"
 NAMES = "Ann Bob Cara Dan Eve Finn Gus Hal Ivy Jo Kim Lou Max Ned Oli Pam Quin Rae Sam Tom Uma Val Wes Zed".split()
@@ -134,12 +134,12 @@ def _sft_command(chats, run_dir, init_from, *extra):
 
 
 @pytest.mark.parametrize("source", ["pretrained", "transformers_dir"])
+@pytest.mark.slow  # 61 s on 2 busy cores
 def test_sft_starts_from_a_checkpoint_in_a_fresh_process(source, request, tmp_path):
     start = request.getfixturevalue(source)
     chats = write_chats(tmp_path / "chats.jsonl", 60)
     run_dir = tmp_path / "sft"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    done = subprocess.run(_sft_command(chats, run_dir, start), env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_sft_command(chats, run_dir, start), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "started from" in done.stderr  # the banner says where the run began
 
@@ -148,7 +148,7 @@ def test_sft_starts_from_a_checkpoint_in_a_fresh_process(source, request, tmp_pa
     params, _, _ = checkpoint.load(str(start))
     batch = next(sft.STAGE.make_batches(c, get_tokenizer("byte"), "train"))
     want = float(pretrain.loss_fn_from_config(loop.model_config(c.model), c)(params, batch, None)[0])
-    first = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][0]
+    first = read_metrics(run_dir)[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-4)
 
     _, _, metadata = checkpoint.load(str(run_dir))
@@ -156,6 +156,7 @@ def test_sft_starts_from_a_checkpoint_in_a_fresh_process(source, request, tmp_pa
     assert metadata["init_from"]["format"] == ("hf" if source == "transformers_dir" else "llama_jax")
 
 
+@pytest.mark.slow  # 52 s on 2 busy cores
 def test_sft_checkpoint_generates_and_converts_to_transformers(pretrained, tmp_path):
     import torch
     import transformers
@@ -166,13 +167,12 @@ def test_sft_checkpoint_generates_and_converts_to_transformers(pretrained, tmp_p
     c.train.steps = 2
     c.logging.eval_every = 0
     loop.run(c)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     generated = subprocess.run([sys.executable, "-m", "llama_jax.generate", "--checkpoint", c.run_dir, "--prompt",
-                                "Hi", "--max-new-tokens", "4"], env=env, capture_output=True, text=True, timeout=300)
+                                "Hi", "--max-new-tokens", "4"], env=env(), capture_output=True, text=True, timeout=300)
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert json.loads(generated.stdout.splitlines()[-1])["tokens"] == [4]
     converted = subprocess.run([sys.executable, "-m", "llama_jax.convert", "--checkpoint", c.run_dir, "--to", "hf",
-                                "--out", str(tmp_path / "hf")], env=env, capture_output=True, text=True, timeout=300)
+                                "--out", str(tmp_path / "hf")], env=env(), capture_output=True, text=True, timeout=300)
     assert converted.returncode == 0, converted.stderr[-3000:]
     params, cfg, _ = checkpoint.load(c.run_dir)
     tokens = np.arange(1, 17)[None]
@@ -182,6 +182,7 @@ def test_sft_checkpoint_generates_and_converts_to_transformers(pretrained, tmp_p
     np.testing.assert_allclose(np.asarray(model.Llama(cfg).apply({"params": params}, tokens)), theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # 44 s on 2 busy cores
 def test_sft_resume_is_bit_identical(pretrained, tmp_path):
     """6 SFT steps straight == 3, stop, resume, 3 more (the pretraining resume test, for this stage)."""
     chats = write_chats(tmp_path / "chats.jsonl", 80)
@@ -196,9 +197,8 @@ def test_sft_resume_is_bit_identical(pretrained, tmp_path):
     loop.run(config("straight", 6))
     loop.run(config("resumed", 3))
     loop.run(config("resumed", 6))
-    read = lambda d: {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text()  # noqa: E731
-                                                         .splitlines()) if "loss" in m}
-    assert read("straight") == read("resumed") and sorted(read("straight")) == [1, 2, 3, 4, 5, 6]
+    straight = losses_by_step(tmp_path / "straight")
+    assert losses_by_step(tmp_path / "resumed") == straight and sorted(straight) == [1, 2, 3, 4, 5, 6]
     a, b = checkpoint.load(str(tmp_path / "straight"))[0], checkpoint.load(str(tmp_path / "resumed"))[0]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -118,6 +118,7 @@ def test_axis_that_does_not_divide_is_a_config_error():
         sharding.shard_batch({"tokens": np.zeros((4, 8), np.int32)}, sharding.make_mesh("fsdp=8"))
 
 
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_init_params_is_born_sharded_and_equals_unsharded_init():
     mesh = sharding.make_mesh("fsdp=4,tensor=2")
     params = model.init_params(CFG, jax.random.key(3), mesh)
@@ -130,6 +131,7 @@ def test_init_params_is_born_sharded_and_equals_unsharded_init():
 
 
 @pytest.mark.parametrize("name", MESHES)
+@pytest.mark.slow  # 43 s on 2 busy cores
 def test_loss_and_grads_match_single_device(reference, name):
     params, batch, want_loss, want_grads = reference
     mesh = sharding.make_mesh(MESHES[name])
@@ -181,6 +183,7 @@ def test_embedding_lookup_never_holds_the_global_batch():
     assert not re.search(r"\[16,24,\d+\]", hlo), re.findall(r"\S+\[16,24,\d+\]\S*", hlo)[:5]
 
 
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_tensor_parallelism_splits_the_chunked_loss():
     # The vocabulary is split over `tensor`; the chunked loss must keep it split (each device computes logits
     # for its own shard) rather than gather the LM head and repeat the whole loss on every tensor rank.

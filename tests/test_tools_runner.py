@@ -119,6 +119,7 @@ def random_params(seed=0):
 
 
 @pytest.mark.parametrize("as_code", [False, True], ids=["as-is", "as-code"])
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_real_tiny_model_runs_through_the_loop(as_code):
     """A random model's replies, as they come and wrapped as tool calls (its garbage run as code)."""
     model_reply = runner.model_generator(random_params(), CFG, BYTES, max_new_tokens=24, temperature=1.5, seed=3)
@@ -146,6 +147,7 @@ def test_model_generator_refuses_a_full_context():
 
 
 
+@pytest.mark.slow  # 9 s on 2 busy cores
 def test_chat_command_with_tools_runs_code_in_the_sandbox(tmp_path, monkeypatch, capsys):
     cfg = CFG.replace(dim=272)  # one-hot embeddings need dim >= vocab
     chain = [BYTES.special_id("python_tag"), *map(ord, "print(6*7)"), BYTES.eom_id]  # distinct characters

@@ -2,19 +2,17 @@
 
 import io
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import env
 
 from llama_jax.errors import DataError
 from llama_jax.tokenizer import get_tokenizer
 from llama_jax.tools import calls, runner, synthetic
 
 TOK = get_tokenizer("llama3")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def segments(tok, ids):
@@ -125,7 +123,7 @@ def test_command_writes_jsonl(tmp_path):
     out = tmp_path / "calc.jsonl"
     proc = subprocess.run([sys.executable, "-m", "llama_jax.tools.synthetic", "--out", str(out), "--num", "7",
                            "--seed", "9", "--form", "function_tag"], capture_output=True, text=True, check=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+                          env=env())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"out": str(out), "records": 7, "seed": 9,
                                                                 "form": "function_tag"}
     records = [json.loads(line) for line in out.read_text().splitlines()]

@@ -7,13 +7,12 @@ import runpy
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import wait_for
+from conftest import ROOT, env, losses_by_step, read_metrics, wait_for
 
 from llama_jax import config, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
@@ -22,19 +21,7 @@ from llama_jax.tokenizer import get_tokenizer
 from llama_jax.train import create_state, loop, make_train_step, phases, state_shardings
 from llama_jax.train.pretrain import make_loss_fn
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain" / "tiny.py"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """~200 short paragraphs of varied text (deterministic)."""
-    rng = np.random.default_rng(0)
-    words = "the king queen lord night day love death sword crown heart fair foul sleep dream".split()
-    paragraphs = [" ".join(rng.choice(words, size=rng.integers(5, 30))) + "." for _ in range(200)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
 
 
 def tiny_config(corpus, run_dir, **sections):
@@ -45,31 +32,26 @@ def tiny_config(corpus, run_dir, **sections):
     return c
 
 
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses_by_step(run_dir):
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
-
-
 def test_resume_is_bit_identical(corpus, tmp_path):
-    """20 steps straight == 10 steps, stop, resume, 10 more: same losses each step, same final parameters and
+    """6 steps straight == 3 steps, stop, resume, 3 more: same losses each step, same final parameters and
     optimizer state, same data position (on the 8-device mesh the suite provides)."""
-    quiet = dict(eval_every=0)
-    loop.run(tiny_config(corpus, tmp_path / "straight", train=dict(steps=20), logging=quiet))
-    loop.run(tiny_config(corpus, tmp_path / "resumed", train=dict(steps=10), logging=quiet))
-    loop.run(tiny_config(corpus, tmp_path / "resumed", train=dict(steps=20), logging=quiet))
+    def run(name, steps):
+        loop.run(tiny_config(corpus, tmp_path / name, train=dict(steps=steps), checkpoint=dict(every=3),
+                             logging=dict(eval_every=0)))
+
+    run("straight", 6)
+    run("resumed", 3)
+    run("resumed", 6)
 
     straight, resumed = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "resumed")
-    assert sorted(straight) == sorted(resumed) == list(range(1, 21))
+    assert sorted(straight) == sorted(resumed) == list(range(1, 7))
     assert straight == resumed  # exact float equality, step by step
-    assert [m["resumed_from"] for m in read_metrics(tmp_path / "resumed") if "resumed_from" in m] == [10]
-    a = CheckpointManager(tmp_path / "straight").restore(20)
-    b = CheckpointManager(tmp_path / "resumed").restore(20)
+    assert [m["resumed_from"] for m in read_metrics(tmp_path / "resumed") if "resumed_from" in m] == [3]
+    a = CheckpointManager(tmp_path / "straight").restore(6)
+    b = CheckpointManager(tmp_path / "resumed").restore(6)
     for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert a.data_state == b.data_state and a.step == b.step == 20
+    assert a.data_state == b.data_state and a.step == b.step == 6
     np.testing.assert_array_equal(np.asarray(a.rng), np.asarray(b.rng))
 
 
@@ -79,15 +61,10 @@ def _train_command(corpus, run_dir, *overrides):
             "--config.logging.eval_every=0", *overrides]
 
 
-def _env():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
+@pytest.mark.slow  # 23 s on 2 busy cores
 def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=_env(),
+    proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
@@ -97,12 +74,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     assert CheckpointManager(run_dir).latest_step() == last_step >= 3  # no periodic save was due: SIGTERM's
 
 
+@pytest.mark.slow  # 37 s on 2 busy cores
 def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
     proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1",
                                            "--config.checkpoint.keep_last=100"),
-                            env=_env(), stderr=subprocess.PIPE, text=True)
+                            env=env(), stderr=subprocess.PIPE, text=True)
 
     def saving_after_a_complete_one():
         names = os.listdir(checkpoints) if checkpoints.is_dir() else []
@@ -116,7 +94,7 @@ def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
     assert complete is not None
     partial = [n for n in os.listdir(checkpoints) if "tmp" in n]
 
-    resumed = subprocess.run(_train_command(corpus, run_dir, f"--config.train.steps={complete + 3}"), env=_env(),
+    resumed = subprocess.run(_train_command(corpus, run_dir, f"--config.train.steps={complete + 3}"), env=env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumes = [m["resumed_from"] for m in read_metrics(run_dir) if "resumed_from" in m]
@@ -140,6 +118,7 @@ def _batches(corpus, n, rows=8, seq=32):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.slow  # 18 s on 2 busy cores
 def test_gradient_accumulation_matches_one_big_batch(corpus):
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     batches = _batches(corpus, 2)
@@ -155,6 +134,7 @@ def test_gradient_accumulation_matches_one_big_batch(corpus):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # 19 s on 2 busy cores
 def test_gradient_accumulation_of_bfloat16_params(corpus):
     """Accumulation sums in float32 and hands back gradients in the params' dtype (bfloat16 once broke the scan)."""
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
@@ -168,6 +148,7 @@ def test_gradient_accumulation_of_bfloat16_params(corpus):
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped"]) == 0
 
 
+@pytest.mark.slow  # 15 s on 2 busy cores
 def test_nonfinite_step_is_not_applied(corpus):
     mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
     cfg = config.get("tiny", num_layers=2)
@@ -192,6 +173,7 @@ def test_nonfinite_step_is_not_applied(corpus):
     assert not np.array_equal(after_good.params["embedding"], state.params["embedding"])
 
 
+@pytest.mark.slow  # 22 s on 2 busy cores
 def test_sharded_step_matches_single_device(corpus):
     assert jax.device_count() >= 8, "tests/conftest.py provides 8 CPU devices"
     batches = _batches(corpus, 3)
@@ -212,6 +194,7 @@ def test_sharded_step_matches_single_device(corpus):
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMA_JAX_SHAKESPEARE"), reason="LLAMA_JAX_SHAKESPEARE is unset")
+@pytest.mark.slow  # 74 s on 2 busy cores
 def test_tiny_model_learns_shakespeare(tmp_path):
     """Held-out loss must fall well below the byte unigram entropy of the corpus (NumPy, from the texts):
     a model at the unigram entropy has learned only letter frequencies; below it, it uses context."""
@@ -233,6 +216,7 @@ def test_tiny_model_learns_shakespeare(tmp_path):
     assert summary["eval_loss"] < unigram_entropy - 0.5, (summary["eval_loss"], unigram_entropy)
 
 
+@pytest.mark.slow  # 77 s on 2 busy cores
 def test_resume_is_bit_identical_across_ramp_phases(corpus, tmp_path):
     """A batch ramp (rows of 32 tokens, then two data batches of 64 a step from 1,536 tokens on): 6 steps straight ==
     stop inside the first phase, stop at its end, resume. The same steps, shapes, losses and state."""
@@ -268,11 +252,12 @@ def test_configs_build(name):
         np.testing.assert_allclose([lr(8_000), lr(1_199_997), lr(1_200_000)], [8e-5, 8e-7, 0.0], rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow  # 49 s on 2 busy cores
 def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     """A start banner, the compile, evals, and on resume where it resumed and which config keys changed."""
     run_dir = tmp_path / "run"
     first = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=2", "--config.logging.eval_every=2"),
-                           env=_env(), capture_output=True, text=True, timeout=300)
+                           env=env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "llama_jax pretrain: " in first.stderr and "fresh parameters" in first.stderr
     assert f"writing to {run_dir}" in first.stderr and "compiling the pretrain step" in first.stderr
@@ -280,7 +265,7 @@ def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     assert json.loads(first.stdout.splitlines()[-1])["step"] == 2
 
     again = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=3", "--config.schedule.peak_lr=1e-3"),
-                           env=_env(), capture_output=True, text=True, timeout=300)
+                           env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 2" in again.stderr
     warning = again.stderr.split("warning: the config differs from the one the checkpoint was saved with:")[1]

@@ -78,6 +78,7 @@ def test_the_commands_write_where_out_says(tmp_path, capsys):
     assert json.loads(pairs.read_text())["chosen"] == "Sweet heart."
 
 
+@pytest.mark.slow  # 13 s on 2 busy cores
 def test_win_rates_of_models_with_known_replies(tmp_path):
     """Two models whose greedy reply is fixed: "A." (1 word) and "A B." (2 words)."""
     cfg = config.get("tiny", vocab_size=272, dim=272, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64)
