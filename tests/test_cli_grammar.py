@@ -248,8 +248,8 @@ def test_the_old_average_spelling_still_works_from_the_shell(tmp_path):
     for source in sources:
         checkpoint.save_params(source, zeros, cfg, tokenizer={"name": "byte", "sha256": "-"})
     out = str(tmp_path / "avg")
-    done = subprocess.run([sys.executable, "-m", "llama_jax.posttrain.average", out, *sources], capture_output=True, text=True,
-                          env=env(), timeout=300)
+    done = subprocess.run([sys.executable, "-m", "llama_jax.posttrain.average", out, *sources], capture_output=True,
+                          text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"deprecated: {out} {sources[0]} {sources[1]} -> use --out {out} --checkpoint {sources[0]} --checkpoint " \
            f"{sources[1]}\n" in done.stderr
