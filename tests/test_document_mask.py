@@ -59,7 +59,7 @@ def test_the_mask_decides_whether_attention_crosses_documents(tmp_path):
 
 @pytest.mark.parametrize("value", ["false", 0, None])
 def test_document_mask_must_be_a_bool(tmp_path, value):
-    with pytest.raises(ConfigError, match="data.document_mask must be true or false"):
+    with pytest.raises(ConfigError, match="config key data.document_mask = .*: expected true or false"):
         make_batches(data_config(tmp_path, document_mask=value), TOK)
 
 

@@ -80,7 +80,7 @@ def test_resume_continues_the_same_rows(tmp_path):
 
 
 def test_whole_documents_must_be_a_bool_and_documents(tmp_path):
-    with pytest.raises(ConfigError, match="data.whole_documents must be true or false"):
+    with pytest.raises(ConfigError, match="config key data.whole_documents = .*: expected true or false"):
         make_batches(data_config(tmp_path, whole_documents="yes"), TOK)
     path = tmp_path / "chats.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
