@@ -1,6 +1,6 @@
 # Requirements are ranges, so llama_jax installs next to an existing stack (Colab, a GPU image, next month's numpy).
-# Each lower bound is a version set tested together (tests/test_packaging.py installs the built wheel with every
-# bound below pinned to its minimum); upper bounds only where a break is known. The exact versions `make test`,
+# Each lower bound is a version set tested together (tests/project/test_packaging.py installs the built wheel with
+# every bound below pinned to its minimum); upper bounds only where a break is known. The exact versions `make test`,
 # `make demo`, `make notebooks` and CI install are pinned in constraints.txt.
 from setuptools import find_packages, setup
 

@@ -6,7 +6,7 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu.sh
 #
 # Needs only python3 with jax (CUDA), flax, optax, orbax, torch (CUDA), transformers, tiktoken and safetensors:
-# the benchmarks import no ml_collections, grain or llama-models (tests/test_benchmarks.py checks it). Runs, each
+# the benchmarks import no ml_collections, grain or llama-models (tests/project/test_benchmarks.py checks it). Runs, each
 # under its own time limit so that one that hangs cannot eat the others' time:
 #   1. train step, llama3.2-1b, 4 x 2048, bf16 compute, remat dots_no_batch  vs transformers eager (sdpa, bf16
 #      autocast, fused AdamW), with and without gradient checkpointing

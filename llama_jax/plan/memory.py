@@ -20,7 +20,7 @@ schedules) on the mesh's shards. Every term is what that step holds at its peak,
   * ``stack_copy``, ``compiler_overhead``: the backend's arena beyond the live buffers (``Backend``).
 
 Backends differ in which attention intermediates they materialise (``Backend``); each profile's numbers come
-from that compiler's own buffer assignment (``XLA_FLAGS=--xla_dump_to``) of this step, and tests/test_plan.py
+from that compiler's own buffer assignment (``XLA_FLAGS=--xla_dump_to``) of this step, and tests/parallel/test_plan.py
 checks the model against compiled steps (XLA:CPU always, TPU topologies when libtpu is installed).
 """
 

@@ -14,7 +14,7 @@ its ``ToolUtils`` / ``ChatFormat.decode_assistant_message``):
   4. any other reply that starts with <|python_tag|>: Python code for the code interpreter.
 Anything else, malformed calls included, is a plain reply: `parse` returns None and never raises.
 Where llama-models' parser crashes (a JSON call without ``parameters``) or misreads (nested JSON
-arguments, apostrophes in strings) the result here differs on purpose; tests/test_tools_calls.py lists
+arguments, apostrophes in strings) the result here differs on purpose; tests/tools/test_tools_calls.py lists
 each case next to llama-models' own answer.
 """
 
