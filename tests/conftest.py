@@ -83,6 +83,14 @@ def preference_config(stage: str, prefs, run_dir, init_from=None, **sections):
     return c
 
 
+def train_command(corpus, run_dir, *overrides: str) -> list[str]:
+    """The real ``python -m llama_jax.train`` on configs/pretrain/tiny.py, with a schedule long enough that only
+    ``train.steps`` or a signal stops it."""
+    return [sys.executable, "-m", "llama_jax.train", f"--config={ROOT / 'configs' / 'pretrain' / 'tiny.py'}:{corpus}",
+            f"--config.run_dir={run_dir}", "--config.schedule.decay_steps=100000",
+            "--config.schedule.total_steps=100000", "--config.logging.eval_every=0", *overrides]
+
+
 def read_metrics(run_dir) -> list[dict]:
     """Every record a run logged to its metrics.jsonl, in order."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, env, read_metrics, wait_for
+from conftest import ROOT, env, read_metrics, train_command, wait_for
 
 from llama_jax import checkpoint, config, model
 from llama_jax.checkpoint import CheckpointManager
@@ -210,10 +210,8 @@ def test_p2_the_lock_refuses_a_second_holder_and_takes_over_stale_ones(tmp_path,
 
 
 def _train_command(corpus, run_dir, *overrides):
-    return [sys.executable, "-m", "llama_jax.train", f"--config={TINY}:{corpus}", f"--config.run_dir={run_dir}",
-            "--config.model.num_layers=1", "--config.train.steps=100000", "--config.schedule.decay_steps=100000",
-            "--config.schedule.total_steps=100000", "--config.logging.eval_every=0",
-            "--config.logging.progress=false", *overrides]
+    return train_command(corpus, run_dir, "--config.model.num_layers=1", "--config.train.steps=100000",
+                         "--config.logging.progress=false", *overrides)
 
 
 @pytest.mark.slow  # 12 s on 2 busy cores

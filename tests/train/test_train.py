@@ -6,13 +6,12 @@ import os
 import runpy
 import signal
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, env, losses_by_step, read_metrics, wait_for
+from conftest import ROOT, env, losses_by_step, read_metrics, train_command, wait_for
 
 from llama_jax import config, optim, sharding
 from llama_jax.checkpoint import CheckpointManager
@@ -55,16 +54,10 @@ def test_resume_is_bit_identical(corpus, tmp_path):
     np.testing.assert_array_equal(np.asarray(a.rng), np.asarray(b.rng))
 
 
-def _train_command(corpus, run_dir, *overrides):
-    return [sys.executable, "-m", "llama_jax.train", f"--config={TINY}:{corpus}", f"--config.run_dir={run_dir}",
-            "--config.schedule.decay_steps=100000", "--config.schedule.total_steps=100000",
-            "--config.logging.eval_every=0", *overrides]
-
-
 @pytest.mark.slow  # 23 s on 2 busy cores
 def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
+    proc = subprocess.Popen(train_command(corpus, run_dir, "--config.checkpoint.every=1000"), env=env(),
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
@@ -78,7 +71,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
 def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
     run_dir = tmp_path / "run"
     checkpoints = run_dir / "checkpoints"
-    proc = subprocess.Popen(_train_command(corpus, run_dir, "--config.checkpoint.every=1",
+    proc = subprocess.Popen(train_command(corpus, run_dir, "--config.checkpoint.every=1",
                                            "--config.checkpoint.keep_last=100"),
                             env=env(), stderr=subprocess.PIPE, text=True)
 
@@ -94,7 +87,7 @@ def test_sigkill_during_save_resumes_from_last_complete(corpus, tmp_path):
     assert complete is not None
     partial = [n for n in os.listdir(checkpoints) if "tmp" in n]
 
-    resumed = subprocess.run(_train_command(corpus, run_dir, f"--config.train.steps={complete + 3}"), env=env(),
+    resumed = subprocess.run(train_command(corpus, run_dir, f"--config.train.steps={complete + 3}"), env=env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     resumes = [m["resumed_from"] for m in read_metrics(run_dir) if "resumed_from" in m]
@@ -256,7 +249,7 @@ def test_configs_build(name):
 def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     """A start banner, the compile, evals, and on resume where it resumed and which config keys changed."""
     run_dir = tmp_path / "run"
-    first = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=2", "--config.logging.eval_every=2"),
+    first = subprocess.run(train_command(corpus, run_dir, "--config.train.steps=2", "--config.logging.eval_every=2"),
                            env=env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "llama_jax pretrain: " in first.stderr and "fresh parameters" in first.stderr
@@ -264,7 +257,7 @@ def test_console_says_what_the_run_is_doing(corpus, tmp_path):
     assert "step 2: eval loss" in first.stderr
     assert json.loads(first.stdout.splitlines()[-1])["step"] == 2
 
-    again = subprocess.run(_train_command(corpus, run_dir, "--config.train.steps=3", "--config.schedule.peak_lr=1e-3"),
+    again = subprocess.run(train_command(corpus, run_dir, "--config.train.steps=3", "--config.schedule.peak_lr=1e-3"),
                            env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 2" in again.stderr
