@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -217,28 +217,16 @@ def fit(run: Run, preemption: _Preemption | None = None) -> dict:
 def _fit(run: Run, preemption: _Preemption) -> dict:
     config, data = run.config, run.data
     stop_step = int(config.train.steps or run.plan.end_step or config.schedule.total_steps)
-    is_main = jax.process_index() == 0
-    logger = _Logger(Path(config.run_dir), is_main)
     state, step = run.state, int(run.state.step)
-    first_step, phase = step, None
+    first_step, phase, position = step, None, None  # position: the data's before the batch being fetched
     health = _Health(config.train.on_nonfinite == "halt", last_saved=first_step)
-    window = _Window(run.cfg, float(config.logging.peak_tflops) * 1e12 or measure_peak_flops())
-    cli.log(_banner(run, stop_step))
-    if run.changed:
-        cli.log("warning: the config differs from the one the checkpoint was saved with:\n  "
-                + "\n  ".join(run.changed))
-    if run.resumed_from is not None:
-        logger.write(step, {"resumed_from": float(run.resumed_from)})
 
     def evaluate() -> dict[str, float]:
         results = jax.device_get([run.eval_step(state, b) for b in run.eval_batches])
         return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
-    boundary = dict(evaluate=evaluate if run.eval_batches else None, memo=data.memo,
-                    log=lambda metrics: logger.write(step, metrics))
-    progress = cli.progress(total=stop_step, initial=step, disable=not (is_main and config.logging.progress),
-                            desc=run.stage.name, unit="step")
-    summary, position = {}, None  # position: the data's before the batch being fetched (resume there if it fails)
+    report = _Report(run, stop_step, evaluate if run.eval_batches else None)
+    boundary = dict(evaluate=report.evaluate, memo=data.memo, log=lambda metrics: report.logger.write(step, metrics))
     try:
         try:
             while step < stop_step and not preemption.requested:
@@ -254,32 +242,20 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
                 state, metrics = run.train_step(state, batch)
                 step += 1
                 health.took(step - 1, metrics["skipped"])
-                window.add(metrics, _tokens(batch) * jax.process_count())
-                if step % config.logging.every == 0 or step == stop_step:
-                    summary = window.flush(phase.seq_len)
-                    logger.write(step, summary)
-                    progress.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_s']:,.0f}")
-                if run.eval_batches and (step % config.logging.eval_every == 0 or step == stop_step):
-                    evaluated = {f"eval_{k}": v for k, v in evaluate().items()}
-                    summary.update(evaluated)
-                    logger.write(step, evaluated)
-                    if is_main:
-                        progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
+                report.step(step, metrics, _tokens(batch) * jax.process_count(), phase.seq_len)
                 if step % config.checkpoint.every == 0 and step < stop_step:
                     health.settle()
                     _save(run, state, step, health, None)
-                progress.update(1)
             if step == run.plan.end_step and step > first_step:  # the last phase's end
                 run.hooks.end(phase, state.params, phase.mesh, **boundary)
         except _Preempted:  # SIGTERM while waiting for data: the state is that of the last step taken
             pass
         health.settle()
     except CheckpointError:
-        logger.close()
+        report.close()
         raise
     except LlamaJaxError as e:  # bad data or a halt: the state is sound, so keep it before stopping
-        progress.close()
-        logger.close()
+        report.close()
         with contextlib.suppress(LlamaJaxError):
             health.settle()
         _save(run, state, step, health, position)
@@ -287,13 +263,52 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
         cli.log(f"saved a checkpoint of step {step} before stopping on: {e}\nRemove the cause and rerun the "
                 "same command to resume from it.")
         raise
-    progress.close()
+    report.close()
     _save(run, state, step, health, position)
     run.checkpoints.wait()
-    logger.close()
-    summary.update(step=step, preempted=preemption.requested, skipped_total=health.skipped_total,
-                   skipped_records=len(data.skipped))
-    return summary
+    return {**report.summary, "step": step, "preempted": preemption.requested, "skipped_total": health.skipped_total,
+            "skipped_records": len(data.skipped)}
+
+
+class _Report:
+    """What the steps leave behind: the start banner, a metrics line every logging.every steps (averaged over them,
+    with tokens/s and MFU), the held-out evaluations, the progress bar; ``summary``: the latest of them."""
+
+    def __init__(self, run: Run, stop_step: int, evaluate: Callable[[], dict] | None):
+        config, step = run.config, int(run.state.step)
+        self.every, self.eval_every, self.stop_step = config.logging.every, config.logging.eval_every, stop_step
+        self.evaluate, self.summary = evaluate, {}
+        self.is_main = jax.process_index() == 0
+        self.logger = _Logger(Path(config.run_dir), self.is_main)
+        self.window = _Window(run.cfg, float(config.logging.peak_tflops) * 1e12 or measure_peak_flops())
+        cli.log(_banner(run, stop_step))
+        if run.changed:
+            cli.log("warning: the config differs from the one the checkpoint was saved with:\n  "
+                    + "\n  ".join(run.changed))
+        if run.resumed_from is not None:
+            self.logger.write(step, {"resumed_from": float(run.resumed_from)})
+        self.progress = cli.progress(total=stop_step, initial=step, desc=run.stage.name, unit="step",
+                                     disable=not (self.is_main and config.logging.progress))
+
+    def step(self, step: int, metrics, tokens: int, seq_len: int) -> None:
+        self.window.add(metrics, tokens)
+        last = step == self.stop_step
+        if step % self.every == 0 or last:
+            self.summary = self.window.flush(seq_len)
+            self.logger.write(step, self.summary)
+            self.progress.set_postfix(loss=f"{self.summary['loss']:.3f}",
+                                      tok_s=f"{self.summary['tokens_per_s']:,.0f}")
+        if self.evaluate is not None and ((self.eval_every and step % self.eval_every == 0) or last):
+            evaluated = {f"eval_{k}": v for k, v in self.evaluate().items()}
+            self.summary.update(evaluated)
+            self.logger.write(step, evaluated)
+            if self.is_main:
+                self.progress.write(f"step {step}: eval loss {evaluated['eval_loss']:.4f}", file=sys.stderr)
+        self.progress.update(1)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.logger.close()
 
 
 def _enter(run: Run, state, phase, step: int, boundary: dict):
