@@ -196,8 +196,9 @@ RENAMED = {"optimizer.z_loss": "loss.z_loss", "optimizer.loss_chunk": "loss.voca
 
 
 def from_config(config) -> Experiment:
-    """The typed experiment of a ConfigDict (or dict): unknown keys and bad values are ConfigErrors naming the key."""
-    return Experiment.from_dict(config)
+    """The typed experiment of a ConfigDict (or dict): unknown keys and bad values are ConfigErrors naming the key.
+    An ``Experiment`` is already checked: it is returned as it is."""
+    return config if isinstance(config, Experiment) else Experiment.from_dict(config)
 
 
 def config_dict(preset: str, stage: str = "pretrain", **model_overrides):

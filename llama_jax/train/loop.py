@@ -230,8 +230,8 @@ def _fit(run: Run, preemption: _Preemption) -> dict:
     try:
         try:
             while step < stop_step and not preemption.requested:
-                if run.plan.at(step) is not phase:
-                    phase = run.plan.at(step)
+                if (current := run.plan.at(step)) is not phase:
+                    phase = current
                     state = _enter(run, state, phase, step, boundary)
                 position = data.get_state()
                 with preemption.interruptible():
