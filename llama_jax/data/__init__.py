@@ -7,6 +7,7 @@ from llama_jax.data.batches import (
     make_batches,
     make_source,
     merge_states,
+    record_counts,
     source_kind,
     source_spec,
 )
@@ -19,6 +20,6 @@ from llama_jax.data.sources import JsonlSource, TextSource, TokenSource, shakesp
 __all__ = [
     "BATCH_KEYS", "KINDS", "PAIR_KEYS", "REPLIES", "BatchIterator", "ChatSource", "EncodedChat", "EncodedPair",
     "JsonlSource", "PreferenceSource", "PromptRecord", "TextSource", "TokenSource", "concat_batches", "encode_chat",
-    "encode_pair", "make_batches", "make_source", "merge_states", "read_prompts", "rows_to_batch",
+    "encode_pair", "make_batches", "make_source", "merge_states", "read_prompts", "record_counts", "rows_to_batch",
     "shakespeare_texts", "source_kind", "source_spec", "split_rows",
 ]

@@ -14,9 +14,15 @@ packs documents into rows of ``seq_len + 1`` tokens, a document that does not fi
 batch. So batch ``k`` is a function of the data config alone, and process ``p`` of ``P`` builds only rows
 [p B / P, (p + 1) B / P) of it, reading only those rows' documents. This is levanter's topology-independent
 idea with one virtual shard per row; sharding by row rather than by process is what lets a run resume on
-another number of hosts: a row's whole state is three counters (documents drawn, tokens of the current
-document emitted, documents taken per source), so ``get_state`` gives this process's rows, ``merge_states``
-joins every process's into one global state, and ``set_state`` takes its own rows out of a global state.
+another number of hosts: a row's whole state is a few counters (documents drawn, tokens of the current
+document emitted, documents taken per source, and of them those truncated and dropped), so ``get_state`` gives
+this process's rows, ``merge_states`` joins every process's into one global state, and ``set_state`` takes its
+own rows out of a global state.
+
+Records cut to fit a row and records dropped are counted per source in that state (``streams``):
+``record_counts(global_state)`` gives {"data/truncated/<i>": n, "data/dropped/<i>": n} for source ``i``, what the
+training loop shows in its banner and every metrics line; ``BatchIterator.reports()`` gives, once each, a line
+naming the first record of a source that this process cut and the first it dropped, for the loop to log.
 
 The eval split is one pass over the held-out documents; a row whose documents run out is padding (segment 0,
 no loss) until every row has run out, and then the stream ends. To end at the same batch in every process,
@@ -206,6 +212,7 @@ class BatchIterator:
         # Eval: the other processes' rows, followed (each up to the step it was last checked at) to find the end.
         self._others: dict[int, RowStream] = {}
         self._others_at: dict[int, int] = {}
+        self._reported: set[tuple[int, str]] = set()  # (source, "truncated" | "dropped") already in reports()
 
     def __iter__(self):
         return self
@@ -260,11 +267,38 @@ class BatchIterator:
                 self._others[int(key)].set_state(row_state)
                 self._others_at[int(key)] = self.step
 
+    def reports(self) -> list[str]:
+        """Lines not yet returned naming, per source, the first record this process cut to fit a row and the first it
+        dropped (``record_counts`` counts every one)."""
+        lines = []
+        for i, (name, source) in enumerate(zip(self.split.names, self.sources)):
+            dropped = next(iter(getattr(source, "skipped", {}).items()), None)
+            firsts = {"truncated": getattr(source, "first_truncated", None),
+                      "dropped": dropped and f"{dropped[0]}: {dropped[1]}"}
+            for kind, first in firsts.items():
+                if first and (i, kind) not in self._reported:
+                    self._reported.add((i, kind))
+                    lines.append(f"data source {name}: first {kind} record {first} (every one counts in "
+                                 f"data/{kind}/{i})")
+        return lines
+
     @property
     def skipped(self) -> list[str]:
         """file:line of malformed records met so far by this process (on_error="skip"): in its rows, and for eval
         also in the rows it followed to find the end of the pass."""
         return sorted(w for s in self.sources for w in getattr(s, "skipped", ()))
+
+
+def record_counts(state: Mapping) -> dict[str, int]:
+    """Records truncated and dropped so far per source, summed over the rows of a global state (``merge_states``):
+    {"data/truncated/<i>": n, "data/dropped/<i>": n} for each source ``i`` of the stream."""
+    rows = [list(row) for row in state["rows"].values()]
+    sources = (len(rows[0]) - 2) // 3
+    counts = {}
+    for i in range(sources):
+        counts[f"data/truncated/{i}"] = sum(row[2 + sources + i] for row in rows)
+        counts[f"data/dropped/{i}"] = sum(row[2 + 2 * sources + i] for row in rows)
+    return counts
 
 
 def merge_states(states: Sequence[Mapping]) -> dict:
@@ -315,13 +349,14 @@ def split_orders(sources: Sequence[Sequence], *, split: str, holdout_every: int,
 def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len: int | None = None,
                  batch_size: int | None = None, process_index: int | None = None,
                  process_count: int | None = None, kind: str | None = None,
-                 reference: Mapping | None = None) -> BatchIterator:
+                 reference: Mapping | None = None, edited: bool = True) -> BatchIterator:
     """The batch stream of this process (rows [p B / P, (p + 1) B / P) of every global batch) for ``split``.
 
     Training streams are endless; eval streams end after one pass over the held-out documents. ``kind``
     ("documents", "chat" or "preference"), when given, is the kind of data the caller reads: sources of
     another kind are a ConfigError. ``reference`` (preference data): read precomputed reference log-probs into
-    the batches (``data.preference``).
+    the batches (``data.preference``). ``edited`` (preference data): read the records' edited replies; False
+    ignores them (a stage that ranks none, as DPO), so they are neither encoded nor checked.
     """
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
@@ -367,8 +402,8 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
         sources = [ChatSource(_path(s), tokenizer, max_tokens=seq_len + 1, on_error=on_error) for s in specs]
         layout, tokenize = ChatRows(seq_len), _encoded
     else:
-        sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error, reference=reference)
-                   for s in specs]
+        sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error, reference=reference,
+                                    edited=edited) for s in specs]
         layout, tokenize = PairRows(seq_len, tokenizer, reference=reference is not None), _encoded
     names = [f"{i} ({s.get('format', 'text')} {s.get('path') or '(default corpus)'})" for i, s in enumerate(specs)]
     orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed, names=names)

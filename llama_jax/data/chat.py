@@ -26,9 +26,12 @@ content (<|python_tag|> included) and its closing <|eot_id|> / <|eom_id|>, by po
 
 Rows (``ChatRows``): whole chats, as many as fit in seq_len + 1 tokens, then padding (segment 0); the chat that
 does not fit opens the row's next batch. Chats are never split across rows: a chat longer than the row is cut
-at its end when read, and dropped (counted in ``skipped``, whatever ``on_error`` says) if no trained token
-survives. The batch has the pretraining keys; ``loss_mask[t] = 1`` iff target ``t`` is a trained token of the
-same chat as token ``t``.
+at its end when read (``EncodedChat.cut`` says how much; counted per source as ``data/truncated/<i>``, the first
+logged by the training loop), and dropped (in ``skipped`` and ``data/dropped/<i>``, whatever ``on_error`` says) if
+no trained token survives. A cut chat is kept, as TRL's SFT truncation keeps it: what fits still teaches the
+replies it holds, though the last one lost its closing <|eot_id|> (the model is not taught to stop there); when
+the count is more than a few, raise ``data.seq_len`` or shorten the chats. The batch has the pretraining keys;
+``loss_mask[t] = 1`` iff target ``t`` is a trained token of the same chat as token ``t``.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ class EncodedChat:
 
     ids: np.ndarray
     trained: np.ndarray
+    cut: str = ""  # how the chat was cut to fit a row ("": whole)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -198,7 +202,11 @@ class ChatSource(JsonlSource):
                 self.skipped[where] = (f"dropped: no trained token of this chat of {len(ids)} tokens lies within "
                                        f"the row's {self.max_tokens}")
                 return None
-            ids, trained = ids[:self.max_tokens], trained[:self.max_tokens]
+            lost, closing = int(trained[self.max_tokens:].sum()), self.tokenizer.decode(ids[-1:])
+            cut = (f"a chat of {len(ids)} tokens cut to the row's {self.max_tokens}: {lost} of its "
+                   f"{int(trained.sum())} trained tokens lost, the closing {closing} among them")
+            self.first_truncated = self.first_truncated or f"{where}: {cut}"
+            return EncodedChat(ids[:self.max_tokens], trained[:self.max_tokens], cut)
         return EncodedChat(ids, trained)
 
 

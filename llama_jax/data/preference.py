@@ -5,9 +5,11 @@
 
 Records (JSON Lines, one per line; other fields are ignored):
     {"prompt": str | [messages], "chosen": reply, "rejected": reply, "edited": reply (optional; null = none)}
-    The paper's order is edited > chosen > rejected. A prompt is a string (one user message) or messages ending
-    with a user or ipython message; a reply is a string, an assistant message, or messages that start and end
-    with the assistant's (a tool call, its ipython result, the answer). Messages and their order: ``data.chat``.
+    The paper's order is edited > chosen > rejected. Only a stage that ranks edited replies reads them (the reward
+    model's; ``edited=False`` ignores the field, as DPO does, so it is neither encoded nor checked). A prompt is a
+    string (one user message) or messages ending with a user or ipython message; a reply is a string, an assistant
+    message, or messages that start and end with the assistant's (a tool call, its ipython result, the answer).
+    Messages and their order: ``data.chat``.
 
 Token ids: the templated prompt (``encode_dialog(prompt, add_generation_prompt=True)``) followed by each reply's
 ids, joined as token lists (never by re-tokenising joined text), so every reply of a record has the same prompt
@@ -15,10 +17,13 @@ part by construction. Each sequence fits in ``seq_len`` tokens, one fewer than a
 its last token is an input and has a hidden state to score. When the prompt and the longest reply do not fit,
 the prompt loses tokens from its start (after <|begin_of_text|>), but never its last message or the generation
 header: a reply is only worth training on next to the turn it answers. Then the replies are cut at their end.
+A record cut either way is kept (``EncodedPair.cut`` says what was cut; counted per source as
+``data/truncated/<i>``, the first logged by the training loop): a cut reply still ranks, on its first tokens.
 
 A record is malformed (DataError naming file and line, or counted in ``skipped`` with ``on_error="skip"``) when
-a field is missing or ill-formed, a reply is empty (no non-blank assistant content), two replies are identical
-(before or after truncation), the prompt's last message and generation header leave no room for a reply (the
+a field is missing or ill-formed, a reply is empty (no non-blank assistant content), two replies read are identical
+(before or after truncation: the pair carries no preference, and a reward model's Bradley-Terry term on it is ln 2
+whatever the weights), the prompt's last message and generation header leave no room for a reply (the
 prompt fills the row), or a reply loses every trained token to truncation. So no row reaches a loss with an
 empty mask, except padding.
 
@@ -76,13 +81,15 @@ class EncodedPair:
     replies: dict[str, tuple[np.ndarray, np.ndarray]]
     prompt_len: int  # tokens of the (possibly truncated) prompt, shared by every reply
     reference_logps: dict[str, float] | None = None  # per reply: the precomputed reference log-prob, if read
+    cut: str = ""  # what was cut to fit the row ("": nothing)
 
     def __len__(self) -> int:
         return max(len(ids) for ids, _ in self.replies.values())
 
 
-def encode_pair(tokenizer: Tokenizer, record: Mapping, *, seq_len: int) -> EncodedPair:
-    """One preference record, checked, encoded and truncated to ``seq_len`` tokens (see the module docstring)."""
+def encode_pair(tokenizer: Tokenizer, record: Mapping, *, seq_len: int, edited: bool = True) -> EncodedPair:
+    """One preference record, checked, encoded and truncated to ``seq_len`` tokens (see the module docstring).
+    ``edited``: read the edited reply, if any; False ignores it."""
     if not isinstance(record, Mapping):
         raise DataError(f"a preference record is a JSON object, got {type(record).__name__}")
     for key in ("prompt", "chosen", "rejected"):
@@ -91,7 +98,7 @@ def encode_pair(tokenizer: Tokenizer, record: Mapping, *, seq_len: int) -> Encod
     prompt = prompt_messages(record["prompt"])
     replies = {}
     for name in REPLIES:
-        if record.get(name) is None and name == "edited":
+        if name == "edited" and (not edited or record.get(name) is None):
             continue
         reply = reply_messages(record[name], f"reply {name!r}")
         if not any(m["content"].strip() for m in reply if m["role"] == "assistant"):
@@ -101,6 +108,7 @@ def encode_pair(tokenizer: Tokenizer, record: Mapping, *, seq_len: int) -> Encod
     _refuse_identical(replies, "")
 
     prompt_ids = encode_prompt(tokenizer, prompt)
+    full_prompt = len(prompt_ids)
     # The last message and the generation header stay: the prompt is cut only between <|begin_of_text|> and them.
     kept_end = len(tokenizer.encode_message(prompt[-1])[0]) + len(tokenizer.encode_header("assistant"))
     excess = len(prompt_ids) + max(len(ids) for ids, _ in replies.values()) - seq_len
@@ -112,6 +120,9 @@ def encode_pair(tokenizer: Tokenizer, record: Mapping, *, seq_len: int) -> Encod
         raise DataError(f"the prompt fills the row: its last message and the generation header take "
                         f"{len(prompt_ids) - 1} tokens after <|begin_of_text|>, leaving no room for a reply in "
                         f"{seq_len} tokens")
+    cut = [f"prompt cut from {full_prompt} to {len(prompt_ids)} tokens"] if len(prompt_ids) < full_prompt else []
+    cut += [f"reply {name!r} cut from {len(ids)} to {room} tokens" for name, (ids, _) in replies.items()
+            if len(ids) > room]
     replies = {name: (ids[:room], trained[:room]) for name, (ids, trained) in replies.items()}
     for name, (_, trained) in replies.items():
         if not any(trained):
@@ -119,7 +130,7 @@ def encode_pair(tokenizer: Tokenizer, record: Mapping, *, seq_len: int) -> Encod
     _refuse_identical(replies, f" after truncation to {seq_len} tokens")
     encoded = {name: (np.asarray(prompt_ids + ids, np.int32), np.asarray([0] * len(prompt_ids) + trained, np.int32))
                for name, (ids, trained) in replies.items()}
-    return EncodedPair(encoded, len(prompt_ids))
+    return EncodedPair(encoded, len(prompt_ids), cut=", ".join(cut))
 
 
 def _refuse_identical(replies: Mapping[str, tuple[list[int], list[int]]], when: str) -> None:
@@ -160,18 +171,20 @@ def read_reference(record: Mapping, pair: EncodedPair, reference: Mapping, token
 class PreferenceSource(JsonlSource):
     """Preference records of JSON Lines files, encoded for rows of ``seq_len`` tokens (see the module docstring).
     Records that cannot be used raise DataError naming file and line, or are counted in ``skipped``
-    (``on_error="skip"``). ``reference``: read the precomputed reference log-probs too (module docstring)."""
+    (``on_error="skip"``). ``reference``: read the precomputed reference log-probs too (module docstring).
+    ``edited``: read the edited replies (False: ignore them, for a stage that ranks none)."""
 
     def __init__(self, paths: str | Sequence[str], tokenizer: Tokenizer, *, seq_len: int, on_error: str = "raise",
-                 reference: Mapping | None = None):
+                 reference: Mapping | None = None, edited: bool = True):
         super().__init__(paths, on_error=on_error)
-        self.tokenizer, self.seq_len, self.reference = tokenizer, seq_len, reference
+        self.tokenizer, self.seq_len, self.reference, self.edited = tokenizer, seq_len, reference, edited
         if reference is not None and reference.get("mask") not in REFERENCE_MASKS:
             raise DataError(f"reference mask must be one of {REFERENCE_MASKS}, got {reference.get('mask')!r}")
 
     def parse(self, record, where: str) -> EncodedPair:
-        del where  # every unusable record is an error or a skip, as on_error says
-        pair = encode_pair(self.tokenizer, record, seq_len=self.seq_len)
+        pair = encode_pair(self.tokenizer, record, seq_len=self.seq_len, edited=self.edited)
+        if pair.cut:
+            self.first_truncated = self.first_truncated or f"{where}: {pair.cut}"
         if self.reference is None:
             return pair
         logps = read_reference(record, pair, self.reference, self.tokenizer, self.seq_len)

@@ -77,7 +77,8 @@ class JsonlSource(Sequence):
 
     Line offsets are indexed once up front, so records are parsed lazily, in any order. With
     ``on_error="skip"`` a malformed record reads as None and is counted in ``skipped`` ("file:line" -> why) and
-    ``unusable`` (its index).
+    ``unusable`` (its index). Subclasses whose records may be cut to fit a row note the first in
+    ``first_truncated`` ("file:line: how"; the row streams count them all).
     Subclasses read other record shapes by overriding ``parse``.
     """
 
@@ -87,6 +88,7 @@ class JsonlSource(Sequence):
         self.text_key, self.on_error = text_key, on_error
         self.skipped: dict[str, str] = {}
         self.unusable: set[int] = set()  # indices of the records that read as None (how streams know none is left)
+        self.first_truncated: str | None = None
         self._index: list[tuple[Path, int, int]] = []  # (file, byte offset, 1-based line number)
         for path in expand_paths(paths):
             offset = 0

@@ -4,7 +4,7 @@
     stream = RowStream(split, row=3)
     pieces = stream.take(65)         # token arrays (whole or partial documents) filling one row of 65 tokens
     chats = stream.take_whole(65)    # or: whole documents only, as many as fit (chats are never split)
-    state = stream.get_state()       # [draws, offset, taken per source]: three small counters resume it
+    state = stream.get_state()       # [draws, offset, taken, truncated, dropped per source]: counters resume it
 
 Stream ``r`` of ``num_rows`` (B):
 - Each source's documents are read in an order (``SourceOrder``): training shuffles them with the seed, anew
@@ -16,6 +16,11 @@ Stream ``r`` of ``num_rows`` (B):
   same in whichever process makes it.
 - Documents are tokenized (EOS after each), concatenated and cut into rows; a document that does not fit goes on
   in the stream's next row, with positions restarting at 0 (as grain's concat-then-split packer does).
+- Records are counted per source as the stream finishes them: ``truncated``, chats and preference records cut to
+  fit a row (their ``cut`` says how; packed documents are cut into rows by design and never count), and
+  ``dropped``, records that read as None (malformed and skipped, or unusable). The counts are part of the state, so
+  they survive a resume, and each row counts only its own records, so their sum over the rows (``record_counts``)
+  is the same on any number of processes.
 
 Why not one grain dataset per row: a row's whole position is these counters, where a grain iterator's state is
 a nest of its transformations' states, and grain's per-element overhead made the former grain-based version
@@ -110,18 +115,23 @@ class RowStream:
         self.draws = 0  # documents started (or skipped as malformed) so far
         self.offset = 0  # tokens of the current document already emitted
         self.taken = [0] * len(split.sources)  # documents finished (or skipped) per source
+        self.truncated = [0] * len(split.sources)  # of them, records cut to fit a row
+        self.dropped = [0] * len(split.sources)  # of them, records that read as None
         self._tokens: np.ndarray | None = None  # the current document, once read
         self._source = -1
 
     def get_state(self) -> list[int]:
-        return [self.draws, self.offset, *self.taken]
+        return [self.draws, self.offset, *self.taken, *self.truncated, *self.dropped]
 
     def set_state(self, state: Sequence[int]) -> None:
-        if len(state) != 2 + len(self.taken):
-            raise DataError(f"data state of row {self.row} is {list(state)}; expected [draws, offset] and one count "
-                            f"per source ({len(self.taken)} sources)")
-        self.draws, self.offset, *taken = (int(x) for x in state)
-        self.taken = list(taken)
+        n = len(self.taken)
+        if len(state) not in (2 + n, 2 + 3 * n):
+            raise DataError(f"data state of row {self.row} is {list(state)}; expected [draws, offset] and three counts "
+                            f"per source (taken, truncated, dropped; {n} sources)")
+        values = [int(x) for x in state]
+        self.draws, self.offset, self.taken = values[0], values[1], values[2:2 + n]
+        # A state saved before records were counted holds only the taken counts: counting starts at the resume.
+        self.truncated, self.dropped = values[2 + n:2 + 2 * n] or [0] * n, values[2 + 2 * n:] or [0] * n
         self._tokens = None
 
     def take(self, length: int) -> list[np.ndarray]:
@@ -168,6 +178,7 @@ class RowStream:
             tokens = self.split.tokenize(document)
             self._source = source
             if tokens is None or len(tokens) == 0:  # a malformed record that on_error="skip" let through
+                self.dropped[source] += 1
                 self._finish_document()
                 unreadable += 1
                 # A row reads 1 / num_rows of each epoch, so a long run of skips alone proves nothing; once it is as
@@ -181,6 +192,8 @@ class RowStream:
         return self._tokens
 
     def _finish_document(self) -> None:
+        if getattr(self._tokens, "cut", ""):  # chats and preference records say how they were cut
+            self.truncated[self._source] += 1
         self.taken[self._source] += 1
         self.draws += 1
         self.offset = 0

@@ -115,7 +115,8 @@ def reference_spec(config) -> dict:
 
 def _batches(config, tokenizer, split: str):
     reference = reference_spec(config) if config.dpo.reference == "precomputed" else None
-    return data.make_batches(config.data, tokenizer, split=split, kind="preference", reference=reference)
+    return data.make_batches(config.data, tokenizer, split=split, kind="preference", reference=reference,
+                             edited=False)
 
 
 def _configure(config) -> Stage:

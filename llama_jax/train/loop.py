@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llama_jax import cli, model
-from llama_jax.data import merge_states
+from llama_jax.data import merge_states, record_counts
 from llama_jax.errors import CheckpointError, LlamaJaxError
 from llama_jax.train.build import STAGES, Run, build, model_config, start_from
 
@@ -199,7 +199,8 @@ def _banner(run: Run, stop_step: int) -> str:
     banner = (f"llama_jax {run.stage.name}: {run.cfg.num_params():,} parameters, {jax.device_count()} "
               f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), mesh "
               f"{dict(run.mesh.shape)}; {tokens:,} tokens per data batch; steps {step} -> {stop_step}; {start}; "
-              f"writing to {os.path.abspath(c.run_dir)}")
+              f"writing to {os.path.abspath(c.run_dir)}; records cut to fit a row or dropped so far: "
+              + ", ".join(f"{k} {v}" for k, v in record_counts(_gather_data_state(run.data.get_state())).items()))
     return banner if len(run.plan.phases) == 1 else f"{banner}\nphases:\n{run.plan.describe()}"
 
 
@@ -277,7 +278,7 @@ class _Report:
     def __init__(self, run: Run, stop_step: int, evaluate: Callable[[], dict] | None):
         config, step = run.config, int(run.state.step)
         self.every, self.eval_every, self.stop_step = config.logging.every, config.logging.eval_every, stop_step
-        self.evaluate, self.summary = evaluate, {}
+        self.evaluate, self.summary, self.data = evaluate, {}, run.data
         self.is_main = jax.process_index() == 0
         self.logger = _Logger(Path(config.run_dir), self.is_main)
         self.window = _Window(run.cfg, float(config.logging.peak_tflops) * 1e12 or measure_peak_flops())
@@ -294,7 +295,10 @@ class _Report:
         self.window.add(metrics, tokens)
         last = step == self.stop_step
         if step % self.every == 0 or last:
-            self.summary = self.window.flush(seq_len)
+            # Counted in the data state, every process's rows together: the same on any topology, and across resumes.
+            self.summary = self.window.flush(seq_len) | record_counts(_gather_data_state(self.data.get_state()))
+            for line in self.data.reports():
+                cli.log(line)
             self.logger.write(step, self.summary)
             self.progress.set_postfix(loss=f"{self.summary['loss']:.3f}",
                                       tok_s=f"{self.summary['tokens_per_s']:,.0f}")

@@ -268,6 +268,9 @@ class PhasedBatches:
     def skipped(self) -> list[str]:
         return sorted(set(self._base.skipped) | set(self._current.skipped))
 
+    def reports(self) -> list[str]:
+        return self._current.reports()
+
 
 def zigzag(batch: Mapping[str, np.ndarray], context_parallel: int) -> dict[str, np.ndarray]:
     """Each row in the zig-zag order of ``context_parallel`` shards (unchanged for 1)."""

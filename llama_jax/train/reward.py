@@ -161,6 +161,9 @@ class PackedBatches:
     def skipped(self) -> list[str]:
         return self.batches.skipped + self._dropped
 
+    def reports(self) -> list[str]:
+        return self.batches.reports()
+
 
 def _loss_fn(cfg: ModelConfig, config, run_layers=None) -> LossFn:
     if run_layers is not None:
@@ -174,7 +177,7 @@ def _loss_fn(cfg: ModelConfig, config, run_layers=None) -> LossFn:
 
 
 def _batches(config, tokenizer, split: str):
-    batches = data.make_batches(config.data, tokenizer, split=split, kind="preference")
+    batches = data.make_batches(config.data, tokenizer, split=split, kind="preference", edited=config.reward.edited)
     if not config.reward.packed:
         return batches
     names = data.REPLIES if config.reward.edited else data.REPLIES[:2]
