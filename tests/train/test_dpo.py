@@ -18,7 +18,6 @@ from conftest import (
     losses_by_step,
     preference_config,
     read_metrics,
-    train_command,
 )
 
 from llama_jax import checkpoint, config, data, model, optim, sharding
@@ -245,25 +244,33 @@ def run_command(command) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
 
 
+def pretrain_command(run_dir, steps: int) -> list[str]:
+    """configs/pretrain/tiny.py on Shakespeare, two layers, a checkpoint every 5 steps."""
+    return [sys.executable, "-m", "llama_jax.train", f"--config={ROOT / 'configs/pretrain/tiny.py'}",
+            f"--config.run_dir={run_dir}", "--config.model.num_layers=2", f"--config.train.steps={steps}",
+            "--config.logging.eval_every=0", "--config.checkpoint.every=5"]
+
+
 @pytest.fixture(scope="module")
-def pretrained_run(corpus, tmp_path_factory):
-    """A pretraining run of the tiny model (two layers) with checkpoints at steps 5 and 10: trained weights."""
+def pretrained_run(tmp_path_factory):
+    """A pretraining run of the tiny model (two layers) on Shakespeare, with checkpoints at steps 5 and 10."""
     run_dir = tmp_path_factory.mktemp("pretrained") / "run"
-    done = run_command(train_command(corpus, run_dir, "--config.model.num_layers=2", "--config.train.steps=10",
-                                     "--config.checkpoint.every=5"))
+    done = run_command(pretrain_command(run_dir, 10))
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 
 
-@pytest.mark.slow  # 37 s on 2 busy cores, the pretraining run included
+@pytest.mark.slow  # 20-37 s on 2 busy cores, the pretraining run included
 def test_dpo_from_a_pretrained_run_starts_at_exact_ties_and_counts_the_rows_it_runs(pretrained_run, word_pairs,
                                                                                     tmp_path):
     done = run_command(dpo_command(word_pairs, tmp_path / "dpo", f"--config.init_from={pretrained_run}",
-                                   "--config.train.steps=1"))
+                                   "--config.train.steps=4", "--config.schedule.peak_lr=0"))
     assert done.returncode == 0, done.stderr[-3000:]
-    first = read_metrics(tmp_path / "dpo")[0]
-    # Policy == reference: every pair a tie, bit for bit (trained weights showed 0.44-0.56 before).
-    assert first["accuracy"] == 0.5 and first["margin"] == 0.0, first
+    logged = read_metrics(tmp_path / "dpo")
+    # No update (a learning rate of 0): policy == reference on 4 batches, every pair a tie, bit for bit (trained
+    # weights showed accuracies of 0.44-0.56 before).
+    assert [(m["accuracy"], m["margin"]) for m in logged] == [(0.5, 0.0)] * 4, logged
+    first = logged[0]
     # The chosen and rejected rows run, not the edited ones; the reference's forward pass is a third more FLOPs.
     assert first["tokens_per_step"] == 2 * 8 * 96
     flops = 4 / 3 * config.get("tiny", num_layers=2).flops_per_token(96)
@@ -311,9 +318,8 @@ def test_a_resume_reads_the_reference_from_the_step_it_pinned(tmp_path):
         build.pinned_start(old, TINY, mesh)
 
 
-@pytest.mark.slow  # 70 s on 2 busy cores
-def test_a_resumed_dpo_run_keeps_its_reference_after_the_start_run_moves_on(pretrained_run, corpus, word_pairs,
-                                                                           tmp_path):
+@pytest.mark.slow  # 30 s on 2 busy cores (after the pretraining fixture)
+def test_a_resumed_dpo_run_keeps_its_reference_after_the_start_run_moves_on(pretrained_run, word_pairs, tmp_path):
     start = tmp_path / "pretrained"
     shutil.copytree(pretrained_run, start)  # newest step: 10
     straight = run_command(dpo_command(word_pairs, tmp_path / "straight", f"--config.init_from={start}",
@@ -322,8 +328,7 @@ def test_a_resumed_dpo_run_keeps_its_reference_after_the_start_run_moves_on(pret
     split = dpo_command(word_pairs, tmp_path / "split", f"--config.init_from={start}")
     done = run_command([*split, "--config.train.steps=1"])
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run_command(train_command(corpus, start, "--config.model.num_layers=2", "--config.train.steps=15",
-                                     "--config.checkpoint.every=5"))  # the start run saves step 15
+    done = run_command(pretrain_command(start, 15))  # the start run saves step 15
     assert done.returncode == 0, done.stderr[-3000:]
     done = run_command([*split, "--config.train.steps=2"])
     assert done.returncode == 0, done.stderr[-3000:]
