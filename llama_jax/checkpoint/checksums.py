@@ -1,6 +1,7 @@
 """Checksums of array trees, computed where the arrays live: what a checkpoint records and verifies on restore.
 
     sums = tree_checksums(params)                # {"layers/attention/query": "9f3a...e1", ...}, 16 hex digits each
+    pin = tree_digest(params)                    # one sha256 of them all: what a run that starts from params records
     bad = mismatches(sums, tree_checksums(restored))      # leaf paths whose values differ; [] when intact
 
 A leaf's checksum is a sum, modulo 2**32, of a hash of every element's bits and its position in the array, in two
@@ -16,6 +17,8 @@ back must be what was saved. It is not a defence against someone who rewrites bo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 
 import jax
@@ -86,6 +89,12 @@ def tree_checksums(tree) -> dict[str, str]:
         return {}
     sums = [_host_value(s) for s in _tree_sums([leaf for _, leaf in leaves])]
     return {leaf_path(path): f"{int(s[0]):08x}{int(s[1]):08x}" for (path, _), s in zip(leaves, sums)}
+
+
+def tree_digest(tree) -> str:
+    """One sha256 (hex) of ``tree_checksums(tree)`` and the algorithm: a whole tree's identity in one string."""
+    record = {"algorithm": ALGORITHM, "leaves": tree_checksums(tree)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _host_value(x: jax.Array) -> np.ndarray:

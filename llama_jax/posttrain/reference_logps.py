@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> dict:
         pending = []
         for where, line in cli.progress(_records(config), desc="reference log-probs", unit="record"):
             try:
-                record = json.loads(line)
-                pending.append((record, encode_pair(tok, record, seq_len=seq_len)))
+                record = json.loads(line)  # DPO reads no edited reply: neither encoded nor checked
+                pending.append((record, encode_pair(tok, record, seq_len=seq_len, edited=False)))
             except (ValueError, KeyError, TypeError) as e:
                 if config.data.on_error != "skip":
                     raise DataError(f"{where}: {e}; set data.on_error='skip' to leave such records out") from None

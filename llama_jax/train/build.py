@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax import checkpoint, cli, experiment, model, optim, sharding
-from llama_jax.checkpoint import CheckpointManager
+from llama_jax.checkpoint import CheckpointManager, checksums
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError, ConfigError, DataError
 from llama_jax.experiment import Experiment
@@ -136,7 +136,9 @@ class Run:
 
 
 def start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, dict]:
-    """A Llama tree to start a stage from (any format), checked against the architecture the config names."""
+    """A Llama tree to start a stage from (any format), checked against the architecture the config names, and
+    where it came from, pinned: {"path" (as given), "format", "step", "stage", "source_dir" (the step directory a
+    run directory resolved to, or the HF / Meta directory), "checksum" (``checksums.tree_digest`` of the tree)}."""
     params, source_cfg, metadata = checkpoint.load(path, shardings=mesh if _is_stacked(path) else None)
     if not source_cfg.scan_layers:
         params = model.stack_layers(params, source_cfg.num_layers)
@@ -145,9 +147,48 @@ def start_from(path: str, cfg: ModelConfig, mesh) -> tuple[dict, ModelConfig, di
         raise ConfigError(f"init_from {path} is not the model config.model describes (checkpoint vs config):\n  "
                           + "\n  ".join(differences))
     llama = {k: params[k] for k in model.param_shapes(cfg)}  # a stage's extra leaves (a reward head) stay behind
-    source = {"path": os.path.abspath(path), "format": metadata.get("format", "llama_jax"),
-              "step": metadata.get("step"), "stage": metadata.get("stage")}
+    fmt, step = metadata.get("format", "llama_jax"), metadata.get("step")
+    source_dir = os.path.abspath(path)
+    if fmt == "llama_jax" and not checkpoint.is_checkpoint_dir(path):  # a run directory: the step load() took
+        source_dir = os.path.join(source_dir, checkpoint.CHECKPOINTS_DIR, str(step))
+    source = {"path": os.path.abspath(path), "format": fmt, "step": step, "stage": metadata.get("stage"),
+              "source_dir": source_dir, "checksum": checksums.tree_digest(llama)}
     return llama, source_cfg, source
+
+
+def pinned_start(init_from: Mapping, cfg: ModelConfig, mesh) -> tuple[dict, dict]:
+    """The parameters a run started from, read again from where its checkpoint's ``init_from`` pins them (a resumed
+    DPO rebuilds its reference from them), and their ``start_from`` record. CheckpointError naming the step and the
+    directory when they are gone or no longer hold what the run started from."""
+    what = f"init_from step {init_from.get('step')}" if init_from.get("step") is not None else "init_from"
+    source_dir = _pinned_dir(init_from, what)
+    try:
+        start, _, source = start_from(source_dir, cfg, mesh)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what} ({source_dir}), the parameters this run started from, cannot be read: "
+                              f"{e}") from None
+    if "checksum" in init_from and source["checksum"] != init_from["checksum"]:
+        raise CheckpointError(f"{what} ({source_dir}) no longer holds the parameters this run started from (checksum "
+                              f"{init_from['checksum'][:16]}... recorded, {source['checksum'][:16]}... now): it was "
+                              "overwritten; restore it or start a new run")
+    return start, {**source, "path": init_from["path"]}
+
+
+def _pinned_dir(init_from: Mapping, what: str) -> str:
+    """The directory ``init_from`` pins; a record of an older llama_jax (a run directory and its step, no
+    source_dir) resolves to that step's directory inside the run, never to the run's newest step."""
+    if "source_dir" in init_from:
+        source_dir = init_from["source_dir"]
+    elif init_from.get("format") == "llama_jax" and not checkpoint.is_checkpoint_dir(init_from["path"]):
+        source_dir = os.path.join(init_from["path"], checkpoint.CHECKPOINTS_DIR, str(init_from.get("step")))
+    else:
+        source_dir = init_from["path"]
+    if not os.path.isdir(source_dir) or (init_from.get("format") == "llama_jax"
+                                         and not checkpoint.is_checkpoint_dir(source_dir)):
+        raise CheckpointError(f"{what} ({source_dir}), the parameters this run started from, is gone (deleted, or "
+                              "rotated away by that run's checkpoint.keep_last): the run cannot resume with the "
+                              "same starting point; restore that directory or start a new run")
+    return source_dir
 
 
 def _is_stacked(path: str) -> bool:
@@ -247,7 +288,7 @@ def _start(config: Experiment, stage: Stage, cfg: ModelConfig, tx, mesh, abstrac
         if not init_from:
             raise CheckpointError(f"{config.run_dir}: the {stage.name} stage keeps frozen parameters, rebuilt "
                                   "from the run's init_from on resume, but its checkpoint records none")
-        start, _, _ = start_from(init_from["path"], cfg, mesh)
+        start, init_from = pinned_start(init_from, cfg, mesh)
         frozen = create_state(cfg, tx, mesh, config.seed, stage=stage, params=start).frozen
     state = TrainState(step=jnp.asarray(restored.step, jnp.int32), params=restored.params,
                        opt_state=restored.opt_state, rng=jnp.asarray(restored.rng, jnp.uint32), frozen=frozen)

@@ -8,7 +8,13 @@ A reply's log-prob is the SUM of log p(token) over its targets; chosen and rejec
 one [2B, T] batch. The reference's log-probs come from the same function, run on a frozen copy of the starting
 parameters (``dpo.reference="model"``: the stage's frozen tree, sharded like the policy) or from the data
 (``"precomputed"``: the column ``python -m llama_jax.posttrain.reference_logps`` writes with the checkpoint of
-``init_from``; no copy in memory). A record's edited reply, if any, is not used here.
+``init_from``; no copy in memory). ``init_from`` is required either way (a random start could not be rebuilt on
+resume); a resumed run rebuilds its reference from the step directory it started from, verified by its checksum
+(``train.build.pinned_start``). A record's edited reply, if any, is not used here: the batches leave its rows out.
+
+At the start, policy == reference, so every pair is an exact tie (accuracy 0.5): the policy's cross-entropy is
+rematerialised inside the gradient computation (``_cross_entropy``), so that its forward pass is the very
+computation the reference runs and gives the same bits.
 
 The paper's changes, each a switch (for ablations):
   dpo.mask_formatting  the formatting tokens (<|start_header_id|>, <|end_header_id|>, <|eom_id|>, <|eot_id|>) are
@@ -37,7 +43,7 @@ from llama_jax.data.preference import REFERENCE_MASKS
 from llama_jax.errors import ConfigError
 from llama_jax.experiment import DPO
 from llama_jax.losses import chunked_cross_entropy, dpo_loss
-from llama_jax.train.step import LossFn, Stage
+from llama_jax.train.step import LossFn, ReplyBatches, Stage
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "dpo_mask")
 _PAPER = DPO()  # the section's defaults: the paper's beta and NLL coefficient
@@ -50,8 +56,19 @@ def reply_logps(params, cfg: ModelConfig, rows: dict, *, chunk_size: int | None 
     hidden = model.Llama(cfg).apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
                                     output="hidden")  # [R, T, D]
     head = model.lm_head_kernel(params, cfg).astype(hidden.dtype)
-    nll, _ = chunked_cross_entropy(hidden, head, rows["targets"], chunk_size)  # [R, T]
+    nll, _ = _cross_entropy(hidden, head, rows["targets"], chunk_size)  # [R, T]
     return {mask: -(nll * rows[mask]).sum(-1) for mask in REFERENCE_MASKS}, rows["loss_mask"].sum(-1)
+
+
+def _cross_entropy(hidden, head, targets, chunk_size: int | None):
+    """``chunked_cross_entropy``, its forward pass the same inside a gradient computation as outside. Its
+    single-matmul path keeps the logits for the backward pass, and XLA then fuses the log-softmax otherwise than in
+    a plain forward pass (log-probs 1 ulp apart, so a policy equal to its reference showed margins of ~3e-7 and an
+    accuracy of 0.44-0.56 at step 0). Rematerialised, the logits are computed again in the backward pass (one more
+    [R, T, D] x [D, V] matmul); the chunked path rematerialises each chunk already."""
+    if chunk_size is None or chunk_size >= head.shape[1]:
+        return jax.checkpoint(chunked_cross_entropy, static_argnums=(3,))(hidden, head, targets, chunk_size)
+    return chunked_cross_entropy(hidden, head, targets, chunk_size)
 
 
 def make_loss_fn(cfg: ModelConfig, *, beta: float = _PAPER.beta, nll_coef: float = _PAPER.nll_coef,
@@ -115,13 +132,20 @@ def reference_spec(config) -> dict:
 
 def _batches(config, tokenizer, split: str):
     reference = reference_spec(config) if config.dpo.reference == "precomputed" else None
-    return data.make_batches(config.data, tokenizer, split=split, kind="preference", reference=reference,
-                             edited=False)
+    batches = data.make_batches(config.data, tokenizer, split=split, kind="preference", reference=reference,
+                                 edited=False)
+    return ReplyBatches(batches, ("chosen", "rejected"))
 
 
 def _configure(config) -> Stage:
-    return STAGE if config.dpo.reference == "model" else dataclasses.replace(STAGE, frozen=None, configure=None)
+    if config.dpo.reference == "precomputed":
+        return dataclasses.replace(STAGE, frozen=None, configure=None, flops_factor=1.0)
+    if not config.init_from:
+        raise ConfigError("dpo.reference='model' needs config.init_from: the frozen reference is the checkpoint the "
+                          "policy starts from (an SFT run), and a random start could not be rebuilt on resume")
+    return STAGE
 
 
+# The policy's forward and backward passes, and the reference model's forward pass (a third more FLOPs).
 STAGE = Stage(name="dpo", make_loss_fn=_loss_fn, make_batches=_batches, frozen=lambda params: params,
-              configure=_configure)
+              configure=_configure, flops_factor=4 / 3)

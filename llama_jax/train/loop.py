@@ -281,7 +281,8 @@ class _Report:
         self.evaluate, self.summary, self.data = evaluate, {}, run.data
         self.is_main = jax.process_index() == 0
         self.logger = _Logger(Path(config.run_dir), self.is_main)
-        self.window = _Window(run.cfg, float(config.logging.peak_tflops) * 1e12 or measure_peak_flops())
+        self.window = _Window(run.cfg, float(config.logging.peak_tflops) * 1e12 or measure_peak_flops(),
+                              run.stage.flops_factor)
         cli.log(_banner(run, stop_step))
         if run.changed:
             cli.log("warning: the config differs from the one the checkpoint was saved with:\n  "
@@ -330,10 +331,11 @@ def _enter(run: Run, state, phase, step: int, boundary: dict):
 
 
 class _Window:
-    """The metrics of the steps since the last log line, averaged, with tokens/s and MFU."""
+    """The metrics of the steps since the last log line, averaged, with tokens per step and per second and MFU
+    (``flops_factor``: the stage's FLOPs per token in forward + backward passes)."""
 
-    def __init__(self, cfg, peak_flops: float):
-        self.cfg, self.peak = cfg, peak_flops
+    def __init__(self, cfg, peak_flops: float, flops_factor: float):
+        self.cfg, self.peak, self.flops_factor = cfg, peak_flops, flops_factor
         self.start, self.tokens, self.metrics = time.perf_counter(), 0, []
 
     def add(self, metrics, tokens: int) -> None:
@@ -344,8 +346,10 @@ class _Window:
         fetched = [_scalars(m) for m in self.metrics]
         tokens_per_s = self.tokens / (time.perf_counter() - self.start)
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        summary.update(skipped=float(sum(m["skipped"] for m in fetched)), tokens_per_s=tokens_per_s, seq_len=seq_len,
-                       mfu=self.cfg.flops_per_token(seq_len) * tokens_per_s / (self.peak * jax.device_count()))
+        flops_per_token = self.flops_factor * self.cfg.flops_per_token(seq_len)
+        summary.update(skipped=float(sum(m["skipped"] for m in fetched)), tokens_per_step=self.tokens / len(fetched),
+                       tokens_per_s=tokens_per_s, seq_len=seq_len,
+                       mfu=flops_per_token * tokens_per_s / (self.peak * jax.device_count()))
         self.start, self.tokens, self.metrics = time.perf_counter(), 0, []
         return summary
 

@@ -25,6 +25,8 @@ rows need the dense attention (``model.attention`` "dense"): the fused kernels r
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
@@ -34,9 +36,10 @@ import numpy as np
 
 from llama_jax import data, model
 from llama_jax.config import ModelConfig
+from llama_jax.data.sources import expand_paths
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.losses import bradley_terry_loss
-from llama_jax.train.step import LossFn, Stage
+from llama_jax.train.step import LossFn, ReplyBatches, Stage
 
 HEAD = "reward_head"
 PAIRS = (("chosen", "rejected"), ("edited", "chosen"), ("edited", "rejected"))  # (better, worse)
@@ -173,15 +176,39 @@ def _loss_fn(cfg: ModelConfig, config, run_layers=None) -> LossFn:
         raise ConfigError(f"reward.packed rows share the prompt through ops.attention's shared-prefix rule, which "
                           f"the fused kernels do not implement; set model.attention=dense (not {cfg.attention!r}) "
                           "or reward.packed=false")
-    return make_loss_fn(cfg, packed=config.reward.packed, edited=config.reward.edited)
+    return make_loss_fn(cfg, packed=config.reward.packed, edited=ranks_edited(config))
+
+
+def ranks_edited(config) -> bool:
+    """Whether the run ranks edited replies: ``reward.edited`` and some record of the data has one. Decided once for
+    the whole data, so every batch (and every process's share of it) has the same shape; without edited replies a
+    batch holds no edited rows, which would be padding: a third of the forward pass spent on nothing."""
+    return bool(config.reward.edited) and any(_has_edited(spec["path"]) for spec in config.data.sources
+                                                if spec.get("path"))
+
+
+def _has_edited(paths: str) -> bool:
+    """Whether a record of the JSON Lines files ``paths`` has an edited reply (a non-null "edited"; only lines that
+    mention one are parsed, and a malformed line is left to the data reader to report). One read of the files, as
+    the data reader's index of their lines is."""
+    for path in expand_paths(paths):
+        with open(path, "rb") as f:
+            for line in f:
+                if b'"edited"' in line:
+                    with contextlib.suppress(ValueError):
+                        record = json.loads(line)
+                        if isinstance(record, dict) and record.get("edited") is not None:
+                            return True
+    return False
 
 
 def _batches(config, tokenizer, split: str):
-    batches = data.make_batches(config.data, tokenizer, split=split, kind="preference", edited=config.reward.edited)
-    if not config.reward.packed:
-        return batches
-    names = data.REPLIES if config.reward.edited else data.REPLIES[:2]
-    return PackedBatches(batches, names, config.data.on_error)
+    edited = ranks_edited(config)
+    batches = data.make_batches(config.data, tokenizer, split=split, kind="preference", edited=edited)
+    names = data.REPLIES if edited else data.REPLIES[:2]
+    if config.reward.packed:
+        return PackedBatches(batches, names, config.data.on_error)
+    return ReplyBatches(batches, names)
 
 
 STAGE = Stage(name="reward", make_loss_fn=_loss_fn, make_batches=_batches, extra_params=init_head)

@@ -5,7 +5,8 @@
     state, metrics = train_step(state, batch)      # batch: dict of [B, T] arrays (numpy or sharded)
 
 A stage supplies ``loss_fn(params, batch, rng, frozen) -> (loss, metrics)``, its batches, the parameters it adds to
-a Llama tree (a reward head) and the ones it keeps frozen beside it (DPO's reference). Gradient accumulation,
+a Llama tree (a reward head) and the ones it keeps frozen beside it (DPO's reference). A batch holds the rows its
+loss runs through the model and no others: the loop counts their tokens for throughput and MFU. Gradient accumulation,
 clipping (inside ``tx``), the non-finite guard and the learning-rate metric live here, once.
 """
 
@@ -44,6 +45,26 @@ class Stage:
     #                                              parameters (DPO's reference: a copy of the policy's)
     configure: Callable[[Any], Stage] | None = None  # the stage as an experiment config sets it up (DPO keeps no
     #                                                  reference copy when its log-probs come precomputed)
+    flops_factor: float = 1.0  # a step's FLOPs per token of its batch, in units of the model's forward + backward
+    #                            pass (ModelConfig.flops_per_token): 4/3 when a frozen reference adds a forward pass
+
+
+class ReplyBatches:
+    """A preference batch stream with only the named replies' rows (those the stage's loss runs); everything
+    else (state, skipped records) is the stream's."""
+
+    def __init__(self, batches, names: tuple[str, ...]):
+        self.batches, self.names = batches, names
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.batches)
+        return {name: batch[name] for name in self.names}
+
+    def __getattr__(self, name: str):
+        return getattr(self.batches, name)
 
 
 @struct.dataclass

@@ -3,21 +3,31 @@ normalisation, ln 2 at the first step (accumulated, sharded), precomputed refere
 held-out pairs, and stages chained through the real train command."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env, losses_by_step, preference_config, read_metrics
+from conftest import (
+    ROOT,
+    assert_trees_equal,
+    env,
+    losses_by_step,
+    preference_config,
+    read_metrics,
+)
 
 from llama_jax import checkpoint, config, data, model, optim, sharding
+from llama_jax.checkpoint import CheckpointManager, checksums
 from llama_jax.data.preference import FORMATTING_TOKENS
-from llama_jax.errors import DataError
+from llama_jax.errors import CheckpointError, DataError
 from llama_jax.eval import word_count
 from llama_jax.posttrain import reference_logps
 from llama_jax.tokenizer import get_tokenizer
-from llama_jax.train import create_state, dpo, loop, make_train_step, state_shardings
+from llama_jax.train import build, create_state, dpo, loop, make_train_step, state_shardings
 
 BYTE = get_tokenizer("byte")
 TINY = config.get("tiny", num_layers=2)
@@ -221,3 +231,110 @@ def test_dpo_starts_from_sft_and_resumes_in_fresh_processes(word_pairs, start, t
     assert [m["resumed_from"] for m in read_metrics(tmp_path / "split") if "resumed_from" in m] == [2]
     saved = checkpoint.read_metadata(checkpoint.resolve_step_dir(str(tmp_path / "split")))
     assert saved["stage"] == "dpo" and saved["init_from"]["stage"] == "sft"
+
+
+def dpo_command(prefs, run_dir, *overrides: str) -> list[str]:
+    """The real ``python -m llama_jax.train`` on configs/dpo/tiny.py: two layers, 8 pairs of 96 tokens a step."""
+    return [sys.executable, "-m", "llama_jax.train", f"--config={ROOT / 'configs/dpo/tiny.py'}:{prefs}",
+            f"--config.run_dir={run_dir}", "--config.model.num_layers=2", "--config.data.batch_size=8",
+            "--config.data.seq_len=96", "--config.logging.every=1", "--config.logging.eval_every=0", *overrides]
+
+
+def run_command(command) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def pretrain_command(run_dir, steps: int) -> list[str]:
+    """configs/pretrain/tiny.py on Shakespeare, two layers, a checkpoint every 5 steps."""
+    return [sys.executable, "-m", "llama_jax.train", f"--config={ROOT / 'configs/pretrain/tiny.py'}",
+            f"--config.run_dir={run_dir}", "--config.model.num_layers=2", f"--config.train.steps={steps}",
+            "--config.logging.eval_every=0", "--config.checkpoint.every=5"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """A pretraining run of the tiny model (two layers) on Shakespeare, with checkpoints at steps 5 and 10."""
+    run_dir = tmp_path_factory.mktemp("pretrained") / "run"
+    done = run_command(pretrain_command(run_dir, 10))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow  # 20-37 s on 2 busy cores, the pretraining run included
+def test_dpo_from_a_pretrained_run_starts_at_exact_ties_and_counts_the_rows_it_runs(pretrained_run, word_pairs,
+                                                                                    tmp_path):
+    done = run_command(dpo_command(word_pairs, tmp_path / "dpo", f"--config.init_from={pretrained_run}",
+                                   "--config.train.steps=4", "--config.schedule.peak_lr=0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = read_metrics(tmp_path / "dpo")
+    # No update (a learning rate of 0): policy == reference on 4 batches, every pair a tie, bit for bit (trained
+    # weights showed accuracies of 0.44-0.56 before).
+    assert [(m["accuracy"], m["margin"]) for m in logged] == [(0.5, 0.0)] * 4, logged
+    first = logged[0]
+    # The chosen and rejected rows run, not the edited ones; the reference's forward pass is a third more FLOPs.
+    assert first["tokens_per_step"] == 2 * 8 * 96
+    flops = 4 / 3 * config.get("tiny", num_layers=2).flops_per_token(96)
+    assert first["mfu"] == pytest.approx(flops * first["tokens_per_s"] / 0.1e12, rel=1e-6)  # peak_tflops=0.1
+    # The starting point is pinned: the step the run directory resolved to, and its parameters' checksum.
+    pinned = checkpoint.read_metadata(checkpoint.resolve_step_dir(str(tmp_path / "dpo")))["init_from"]
+    assert pinned["source_dir"] == str(pretrained_run / "checkpoints" / "10") and pinned["step"] == 10
+    assert pinned["checksum"] == checksums.tree_digest(checkpoint.load(str(pretrained_run))[0])
+
+
+def test_dpo_without_init_from_is_refused_when_the_run_is_built(word_pairs, tmp_path):
+    done = run_command(dpo_command(word_pairs, tmp_path / "dpo", "--config.train.steps=1"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: dpo.reference='model' needs config.init_from" in done.stderr
+    assert not (tmp_path / "dpo" / "checkpoints").exists()
+
+
+def test_a_resume_reads_the_reference_from_the_step_it_pinned(tmp_path):
+    """Older checkpoints record the run directory and its step: the step's own directory is read, not the run's
+    newest; a directory that changed or went is refused, naming the step."""
+    steps = {}
+    with CheckpointManager(tmp_path / "run", async_save=False) as manager:
+        for step in (3, 7):
+            steps[step] = model.init_params(TINY, jax.random.key(step))
+            manager.save(step, params=steps[step], cfg=TINY, stage="pretrain")
+    mesh = sharding.make_mesh("fsdp=1", devices=jax.devices()[:1])
+    params, _, source = build.start_from(str(tmp_path / "run"), TINY, mesh)
+    assert source["source_dir"] == str(tmp_path / "run" / "checkpoints" / "7") and source["step"] == 7
+    old = {"path": str(tmp_path / "run"), "format": "llama_jax", "step": 3, "stage": "pretrain"}
+    start, upgraded = build.pinned_start(old, TINY, mesh)
+    assert_trees_equal(start, steps[3])
+    assert upgraded["source_dir"] == str(tmp_path / "run" / "checkpoints" / "3")
+    assert upgraded["checksum"] == checksums.tree_digest(steps[3])
+    start, _ = build.pinned_start(source, TINY, mesh)
+    assert_trees_equal(start, params)
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "7")  # another run saved step 7 again, with other weights
+    with CheckpointManager(tmp_path / "run", async_save=False) as manager:
+        manager.save(7, params=steps[3], cfg=TINY, stage="pretrain")
+    with pytest.raises(CheckpointError, match="init_from step 7 .*no longer holds"):
+        build.pinned_start(source, TINY, mesh)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "3")
+    gone = re.escape(f"init_from step 3 ({tmp_path / 'run' / 'checkpoints' / '3'})")
+    with pytest.raises(CheckpointError, match=f"{gone}.* is gone"):
+        build.pinned_start(old, TINY, mesh)
+
+
+@pytest.mark.slow  # 30 s on 2 busy cores (after the pretraining fixture)
+def test_a_resumed_dpo_run_keeps_its_reference_after_the_start_run_moves_on(pretrained_run, word_pairs, tmp_path):
+    start = tmp_path / "pretrained"
+    shutil.copytree(pretrained_run, start)  # newest step: 10
+    straight = run_command(dpo_command(word_pairs, tmp_path / "straight", f"--config.init_from={start}",
+                                       "--config.train.steps=2"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    split = dpo_command(word_pairs, tmp_path / "split", f"--config.init_from={start}")
+    done = run_command([*split, "--config.train.steps=1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_command(pretrain_command(start, 15))  # the start run saves step 15
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_command([*split, "--config.train.steps=2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses_by_step(tmp_path / "split") == losses_by_step(tmp_path / "straight")  # the reference: step 10
+
+    shutil.rmtree(start / "checkpoints" / "10")
+    done = run_command([*split, "--config.train.steps=3"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"error: init_from step 10 ({start / 'checkpoints' / '10'})" in done.stderr

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import env, losses_by_step, preference_config
+from conftest import ROOT, env, losses_by_step, preference_config, read_metrics
 
 from llama_jax import checkpoint, config, data, model
 from llama_jax.checkpoint import CheckpointManager
@@ -212,3 +212,24 @@ def test_packed_rows_refuse_the_fused_attention(tmp_path):
     c.model.attention = "flash"
     with pytest.raises(ConfigError, match="model.attention=dense"):
         reward.STAGE.make_loss_fn(loop.model_config(c.model), c)
+
+
+def test_without_edited_replies_only_chosen_and_rejected_rows_run(tmp_path):
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{k: v for k, v in r.items() if k != "edited"} for r in RECORDS * 8])
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "llama_jax.train", f"--config={ROOT / 'configs/reward/tiny.py'}:{plain}",
+               f"--config.run_dir={run_dir}", "--config.model.num_layers=2", "--config.data.batch_size=8",
+               "--config.data.seq_len=96", "--config.logging.every=1", "--config.logging.eval_every=0",
+               "--config.train.steps=1"]
+    done = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = read_metrics(run_dir)[0]
+    assert first["tokens_per_step"] == 2 * 8 * 96  # no edited rows: 2 of every record's 3 sub-batches
+    flops = config.get("tiny", num_layers=2).flops_per_token(96)
+    assert first["mfu"] == pytest.approx(flops * first["tokens_per_s"] / 0.1e12, rel=1e-6)  # peak_tflops=0.1
+    # With an edited reply in the data, every batch carries the edited rows (one shape for the whole run).
+    c = preference_config("reward", write_jsonl(tmp_path / "p.jsonl", RECORDS), tmp_path / "b")
+    c.data.update(holdout_every=1, batch_size=3)
+    assert sorted(next(reward.STAGE.make_batches(c, BYTE, "eval"))) == sorted(data.REPLIES)
+    c.data.sources = [dict(format="preference", path=plain, weight=1.0)]
+    assert sorted(next(reward.STAGE.make_batches(c, BYTE, "eval"))) == ["chosen", "rejected"]
