@@ -68,7 +68,7 @@ from llama_jax.data import sources as sources_lib
 from llama_jax.data.chat import ChatRows, ChatSource
 from llama_jax.data.config import DataConfig
 from llama_jax.data.packing import rows_to_batch
-from llama_jax.data.preference import PairRows, PreferenceSource
+from llama_jax.data.preference import REPLIES, PairRows, PreferenceSource
 from llama_jax.data.streams import RowStream, SourceOrder, Split, pack_rows
 from llama_jax.errors import ConfigError, DataError
 
@@ -356,7 +356,8 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     ("documents", "chat" or "preference"), when given, is the kind of data the caller reads: sources of
     another kind are a ConfigError. ``reference`` (preference data): read precomputed reference log-probs into
     the batches (``data.preference``). ``edited`` (preference data): read the records' edited replies; False
-    ignores them (a stage that ranks none, as DPO), so they are neither encoded nor checked.
+    ignores them (a stage that ranks none, as DPO): neither encoded nor checked, and the batches hold no "edited"
+    rows.
     """
     if split not in ("train", "eval"):
         raise ConfigError(f"split must be 'train' or 'eval', got {split!r}")
@@ -404,7 +405,8 @@ def make_batches(data_cfg: Mapping, tokenizer, *, split: str = "train", seq_len:
     else:
         sources = [PreferenceSource(_path(s), tokenizer, seq_len=seq_len, on_error=on_error, reference=reference,
                                     edited=edited) for s in specs]
-        layout, tokenize = PairRows(seq_len, tokenizer, reference=reference is not None), _encoded
+        replies = REPLIES if edited else REPLIES[:2]
+        layout, tokenize = PairRows(seq_len, tokenizer, reference=reference is not None, replies=replies), _encoded
     names = [f"{i} ({s.get('format', 'text')} {s.get('path') or '(default corpus)'})" for i, s in enumerate(specs)]
     orders = split_orders(sources, split=split, holdout_every=int(data_cfg["holdout_every"]), seed=seed, names=names)
     per_process = batch_size // process_count

@@ -28,7 +28,8 @@ prompt fills the row), or a reply loses every trained token to truncation. So no
 empty mask, except padding.
 
 Batch layout (``PairRows.batch``; what the stages read):
-    {"chosen": rows, "rejected": rows, "edited": rows}; row b of each is the same record.
+    {"chosen": rows, "rejected": rows, "edited": rows}; row b of each is the same record. No "edited" sub-batch
+    when the stage reads no edited replies (``make_batches(edited=False)``).
     rows: dict of int32 [B, T] arrays, one sequence per row (segment 1, then padding with segment 0):
       tokens, targets, segment_ids, positions   as in pretraining (targets are next tokens; positions from 0)
       loss_mask    1 on targets that are reply tokens the assistant writes: content (<|python_tag|> included) and
@@ -192,10 +193,12 @@ class PreferenceSource(JsonlSource):
 
 
 class PairRows:
-    """Preference rows: one record per row of every sub-batch (see the module docstring for the layout)."""
+    """Preference rows: one record per row of every sub-batch (see the module docstring for the layout), a sub-batch
+    for each of ``replies`` (a stage that ranks no edited reply runs none of their rows)."""
 
-    def __init__(self, seq_len: int, tokenizer: Tokenizer, *, reference: bool = False):
-        self.seq_len, self.reference = seq_len, reference
+    def __init__(self, seq_len: int, tokenizer: Tokenizer, *, reference: bool = False,
+                 replies: Sequence[str] = REPLIES):
+        self.seq_len, self.reference, self.replies = seq_len, reference, tuple(replies)
         self.formatting = np.array([tokenizer.special_id(t) for t in FORMATTING_TOKENS], np.int32)
 
     def take(self, stream: RowStream) -> list[EncodedPair]:
@@ -203,7 +206,7 @@ class PairRows:
 
     def batch(self, rows: Sequence[Sequence[EncodedPair]]) -> dict[str, dict[str, np.ndarray]]:
         out = {}
-        for name in REPLIES:
+        for name in self.replies:
             sequences = [[row[0].replies[name]] if row and name in row[0].replies else [] for row in rows]
             length = self.seq_len + 1  # rows_to_batch's layout: T inputs, T targets
             batch = rows_to_batch(pack_rows([[ids for ids, _ in s] for s in sequences], length))

@@ -43,7 +43,7 @@ from llama_jax.data.preference import REFERENCE_MASKS
 from llama_jax.errors import ConfigError
 from llama_jax.experiment import DPO
 from llama_jax.losses import chunked_cross_entropy, dpo_loss
-from llama_jax.train.step import LossFn, ReplyBatches, Stage
+from llama_jax.train.step import LossFn, Stage
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "dpo_mask")
 _PAPER = DPO()  # the section's defaults: the paper's beta and NLL coefficient
@@ -132,9 +132,8 @@ def reference_spec(config) -> dict:
 
 def _batches(config, tokenizer, split: str):
     reference = reference_spec(config) if config.dpo.reference == "precomputed" else None
-    batches = data.make_batches(config.data, tokenizer, split=split, kind="preference", reference=reference,
-                                 edited=False)
-    return ReplyBatches(batches, ("chosen", "rejected"))
+    return data.make_batches(config.data, tokenizer, split=split, kind="preference", reference=reference,
+                             edited=False)
 
 
 def _configure(config) -> Stage:

@@ -39,7 +39,7 @@ from llama_jax.config import ModelConfig
 from llama_jax.data.sources import expand_paths
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.losses import bradley_terry_loss
-from llama_jax.train.step import LossFn, ReplyBatches, Stage
+from llama_jax.train.step import LossFn, Stage
 
 HEAD = "reward_head"
 PAIRS = (("chosen", "rejected"), ("edited", "chosen"), ("edited", "rejected"))  # (better, worse)
@@ -206,9 +206,7 @@ def _batches(config, tokenizer, split: str):
     edited = ranks_edited(config)
     batches = data.make_batches(config.data, tokenizer, split=split, kind="preference", edited=edited)
     names = data.REPLIES if edited else data.REPLIES[:2]
-    if config.reward.packed:
-        return PackedBatches(batches, names, config.data.on_error)
-    return ReplyBatches(batches, names)
+    return PackedBatches(batches, names, config.data.on_error) if config.reward.packed else batches
 
 
 STAGE = Stage(name="reward", make_loss_fn=_loss_fn, make_batches=_batches, extra_params=init_head)

@@ -49,24 +49,6 @@ class Stage:
     #                            pass (ModelConfig.flops_per_token): 4/3 when a frozen reference adds a forward pass
 
 
-class ReplyBatches:
-    """A preference batch stream with only the named replies' rows (those the stage's loss runs); everything
-    else (state, skipped records) is the stream's."""
-
-    def __init__(self, batches, names: tuple[str, ...]):
-        self.batches, self.names = batches, names
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict:
-        batch = next(self.batches)
-        return {name: batch[name] for name in self.names}
-
-    def __getattr__(self, name: str):
-        return getattr(self.batches, name)
-
-
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken (skipped non-finite steps included)
