@@ -45,6 +45,7 @@ setup(
             "ruff>=0.17.6",
             "matplotlib>=3.9.0",
             "lm_eval>=0.4.13",
+            "accelerate>=1.15.0",  # lm-eval's own hf model: the reference the lm-eval adapter is compared with
             "nbclient>=0.11.0",
             "ipykernel>=7.4.0",
         ],

@@ -14,9 +14,10 @@ default every device on fsdp), ``max_length`` (default: the model's max_seq_len)
 without it). One process (lm-eval's own data parallelism across processes is not used).
 
 The three requests of lm-eval's ``LM`` interface:
-- ``loglikelihood(context, continuation)``: context and continuation are encoded together and split where the
-  context's own ids end (a space between them stays with the continuation), then <|begin_of_text|> + both, cut to
-  the last ``max_length + 1`` tokens, go through the model once; the result is the continuation's summed log
+- ``loglikelihood(context, continuation)``: split into ids by lm-eval's own code, as its ``hf`` model does
+  (whitespace that ends the context moves to the continuation; both are encoded together and split where the
+  context's own ids end; an empty context is <|begin_of_text|> alone), then <|begin_of_text|> + both, cut to the
+  last ``max_length + 1`` tokens, go through the model once; the result is the continuation's summed log
   probability and whether greedy decoding would have produced every one of its tokens.
 - ``loglikelihood_rolling(text)``: the text's summed log probability after <|begin_of_text|>, in windows of
   ``max_length`` tokens that each see as much earlier text as fits (lm-eval's rolling windows).
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from lm_eval import utils as lm_eval_utils
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from llama_jax import generate, model, sharding
@@ -51,7 +52,7 @@ def _bool(value) -> bool:
 
 
 @register_model(NAME)
-class LlamaJaxLM(LM):
+class LlamaJaxLM(TemplateLM):
     """lm-eval's ``LM`` over a llama_jax checkpoint (see the module docstring for the arguments)."""
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, mesh: str = "", batch_size: int | str = 8,
@@ -118,33 +119,37 @@ class LlamaJaxLM(LM):
 
     # --- lm-eval's interface ---------------------------------------------------------------------------
 
+    # lm-eval's TemplateLM turns loglikelihood requests into ids with these (its hf model's rules: <|begin_of_text|>
+    # first, an empty context becomes the prefix token), then calls _loglikelihood_tokens.
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # Without <|begin_of_text|>, an empty context still needs a token to predict the first one from.
+        return self.tokenizer.bos_id if self.add_bos else self.tokenizer.eos_id
+
     def _prefix(self) -> list[int]:
         return [self.tokenizer.bos_id] if self.add_bos else []
 
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:  # "Question: ... Answer: " + "Paris": the space belongs to the word that follows it
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.tokenizer.encode(context + continuation)
-        context_ids = self.tokenizer.encode(context)
-        # Without <|begin_of_text|>, an empty context still needs a token to predict the first one from.
-        prefix = self._prefix() or ([] if context_ids else [self.tokenizer.eos_id])
-        return prefix + whole[: len(context_ids)], whole[len(context_ids):]
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return (self._prefix() if add_special_tokens is not False else []) + self.tokenizer.encode(string)
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        pairs = [self._encode_pair(*request.args) for request in requests]
-        results = self._score_requests(pairs, with_greedy=True)
-        for request, result in zip(requests, results):
-            self.cache_hook.add_partial("loglikelihood", request.args, result)
+    def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[float, bool]]:
+        results = self._score_requests([(context, continuation) for _, context, continuation in requests],
+                                       with_greedy=True)
+        for (strings, _, _), result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", strings, result)
         return results
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         results = []
-        prefix = self.tokenizer.bos_id if self.add_bos else self.tokenizer.eos_id
         for request in requests:
             (text,) = request.args
             windows = [lm_eval_utils.make_disjoint_window(w) for w in lm_eval_utils.get_rolling_token_windows(
-                token_list=self.tokenizer.encode(text), prefix_token=prefix, max_seq_len=self.max_length,
+                token_list=self.tokenizer.encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
                 context_len=1)]
             total = sum(score for score, _ in self._score_requests([(list(c), list(t)) for c, t in windows],
                                                                    with_greedy=False))

@@ -299,10 +299,11 @@ def _read_hf_named(path: str, progress) -> tuple[ModelConfig, dict[str, np.ndarr
                 elif not np.array_equal(part, target):
                     raise CheckpointError(f"replicated tensor {name!r} differs between {files[0]} and {file}")
                 continue
-            if part.dtype != target.dtype or part.shape[dim] * len(files) != target.shape[dim]:
-                raise CheckpointError(f"{file}: {name!r} is {part.dtype}{list(part.shape)}; rank 0 has "
-                                      f"{target.dtype}[{target.shape[dim] // len(files)} along dim {dim}]")
-            size = part.shape[dim]
+            size = target.shape[dim] // len(files)
+            each = [*target.shape[:dim], size, *target.shape[dim + 1:]]
+            if part.dtype != target.dtype or list(part.shape) != each:  # every dimension: numpy would only broadcast
+                raise CheckpointError(f"{file}: {name!r} is {part.dtype}{list(part.shape)}; the part of each rank is "
+                                      f"{target.dtype}{each} (rank 0's, split along dim {dim})")
             index = [slice(None)] * target.ndim
             index[dim] = slice(rank * size, (rank + 1) * size)
             target[tuple(index)] = part

@@ -9,13 +9,15 @@
 What counts as a call (the forms of llama-models' ``llama3_1/prompt_format.md``, tried in the order of
 its ``ToolUtils`` / ``ChatFormat.decode_assistant_message``):
   1. ``<function=name>{json object}</function>`` anywhere in the reply (custom tool, ``<function>`` form);
-  2. a reply that is one JSON object with a string ``name`` and an object ``parameters`` (custom tool);
+  2. a reply that is one JSON object naming a call (a ``name``, or ``"type": "function"``): a custom tool's
+     call if ``name`` is a string and ``parameters`` an object, else a plain reply (``"parameters": null``
+     too), never code, even after <|python_tag|>;
   3. ``tool.call(query="...")`` anywhere in the reply (brave_search, wolfram_alpha);
   4. any other reply that starts with <|python_tag|>: Python code for the code interpreter.
 Anything else, malformed calls included, is a plain reply: `parse` returns None and never raises.
 Where llama-models' parser crashes (a JSON call without ``parameters``) or misreads (nested JSON
-arguments, apostrophes in strings) the result here differs on purpose; tests/tools/test_tools_calls.py lists
-each case next to llama-models' own answer.
+arguments, apostrophes in strings, non-object ``parameters``) the result here differs on purpose;
+tests/tools/test_tools_calls.py lists each case next to llama-models' own answer.
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ def parse(content: str, python_tag: bool = False) -> ToolCall | None:
     """The call in a reply's text (``python_tag``: the reply began with <|python_tag|>), or None."""
     if not isinstance(content, str):
         return None
-    found = _function_tag_call(content) or _json_call(content) or _builtin_call(content)
-    if found is None and python_tag:
-        found = ("code_interpreter", {"code": content})
+    found = _function_tag_call(content)
+    if found is None:
+        named = _json_naming_a_call(content)
+        if named is not None:
+            found = _json_call(named)
+        else:
+            found = _builtin_call(content) or (("code_interpreter", {"code": content}) if python_tag else None)
     return ToolCall(found[0], found[1], content, python_tag) if found else None
 
 
@@ -82,15 +88,19 @@ def _function_tag_call(content: str) -> tuple[str, dict] | None:
     return (match["name"], arguments) if isinstance(arguments, dict) else None
 
 
-def _json_call(content: str) -> tuple[str, dict] | None:
+def _json_naming_a_call(content: str) -> dict | None:
+    """The reply as a JSON object if it names a call as llama-models reads one (a "name", or "type": "function")."""
     try:
         value = json.loads(content)
     except json.JSONDecodeError:
         return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    arguments = value.get("parameters")
-    return (value["name"], arguments) if isinstance(arguments, dict) else None
+    names_a_call = isinstance(value, dict) and ("name" in value or value.get("type") == "function")
+    return value if names_a_call else None
+
+
+def _json_call(value: dict) -> tuple[str, dict] | None:
+    name, arguments = value.get("name"), value.get("parameters")
+    return (name, arguments) if isinstance(name, str) and isinstance(arguments, dict) else None
 
 
 def _builtin_call(content: str) -> tuple[str, dict] | None:

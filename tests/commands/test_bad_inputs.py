@@ -258,6 +258,24 @@ def test_p8_meta_checkpoint_errors_name_the_key_and_tensor(meta_dirs, tmp_path):
         meta_format.write(str(tmp_path), *checkpoint.load(str(meta_dirs / "shards1"))[:2], num_shards=0)
 
 
+def test_convert_names_a_second_shard_split_another_way(meta_dirs, tmp_path):
+    """Issue 27, item 11: consolidated.01.pth holding a part of the right size along the split dimension but not
+    along the other (split like another checkpoint's) ended in numpy's "could not broadcast" and exit 1."""
+    bad = _copy(meta_dirs / "shards2", tmp_path / "resplit")
+    name = "layers.0.attention.wo.weight"  # [dim, heads * head_dim], split along its columns
+    state = torch.load(bad / "consolidated.01.pth", weights_only=True)
+    state[name] = state[name][: state[name].shape[0] // 2].clone()
+    torch.save(state, bad / "consolidated.01.pth")
+    result = _command("llama_jax.convert", "--checkpoint", str(bad), "--to", "llama_jax", "--out",
+                      str(tmp_path / "out"))
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: {bad / 'consolidated.01.pth'}: {name!r} is float32[64, 64]; the part of each rank is "
+        f"float32[128, 64] (rank 0's, split along dim 1)")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # 22 s on 2 busy cores
 def test_p8_convert_refuses_zero_shards_and_quantized_to_hf(meta_dirs, tmp_path):
     result = _command("llama_jax.convert", "--checkpoint", str(meta_dirs / "shards1"), "--to", "meta",

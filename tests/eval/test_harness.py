@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import env
+from conftest import env, run_module
 
 from llama_jax import checkpoint, model
 from llama_jax import config as config_lib
@@ -20,6 +20,7 @@ from llama_jax.tokenizer import ByteTokenizer
 
 pytest.importorskip("lm_eval", reason="the adapter's tests need lm-eval: pip install 'llama_jax[eval]'")
 from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.model import TemplateLM  # noqa: E402
 
 from llama_jax.eval import harness  # noqa: E402
 
@@ -99,6 +100,37 @@ def lm(tiny):
     return harness.LlamaJaxLM(checkpoint=tiny[0], batch_size=3, max_length=MAX_LENGTH, mesh="data=2,fsdp=4")
 
 
+class _LmEvalEncoding(TemplateLM):
+    """lm-eval's own split of a request into context and continuation ids (``TemplateLM.loglikelihood`` and
+    ``_encode_pair``, which its ``hf`` model inherits), with ``tok_encode`` as that model does it for our exported
+    tokenizer: <|begin_of_text|> first unless ``add_special_tokens=False``. Scoring returns the ids it was given."""
+
+    eot_token_id = TOK.eos_id
+    prefix_token_id = TOK.bos_id
+    loglikelihood_rolling = generate_until = None  # not needed to encode loglikelihood requests
+
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        return ([TOK.bos_id] if add_special_tokens is not False else []) + TOK.encode(string)
+
+    def _loglikelihood_tokens(self, requests, **kwargs):
+        return [(context, continuation) for _, context, continuation in requests]
+
+
+# Contexts ending in each kind of whitespace (lm-eval moves all of it into the continuation), and an empty one.
+WHITESPACE_PAIRS = [("Answer: ", "yes"), ("Label:\t", "x"), ("Answer in one word\n", "Yes"), ("Q:\n\n", " A"),
+                    ("Mixed \t\n ", "end"), ("Line\r\n", "two"), ("No space", " after"), ("", "Hello"),
+                    ("   ", "only spaces")]
+
+
+def test_requests_split_as_lm_eval_splits_them(lm, monkeypatch):
+    scored = []
+    monkeypatch.setattr(lm, "_score_requests", lambda pairs, with_greedy: scored.extend(pairs) or [(0.0, True)] * len(
+        pairs))
+    lm.loglikelihood(_requests("loglikelihood", WHITESPACE_PAIRS))
+    want = _LmEvalEncoding().loglikelihood(_requests("loglikelihood", WHITESPACE_PAIRS))
+    assert [(list(c), list(x)) for c, x in scored] == want
+
+
 @pytest.mark.slow  # 10 s on 2 busy cores
 def test_loglikelihood_equals_a_direct_computation(tiny, lm):
     _, params, cfg = tiny
@@ -150,58 +182,57 @@ def test_generate_until_equals_greedy_decoding(tiny, lm):
         assert cut == [got[0].split(stop)[0]]
 
 
+def _write_task(folder: Path, name: str, records: list[dict], config: str):
+    """A local lm-eval task ``name``: ``records`` as its JSON test split, ``config`` the rest of its YAML."""
+    data = folder / f"{name}.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    data.write_text("\n".join(json.dumps(record) for record in records))
+    (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n"
+                                         f"  data_files: {{test: {data}}}\ntest_split: test\n"
+                                         + textwrap.dedent(config) + "metadata:\n  version: 1.0\n")
+
+
+CHOICE_TASK = """
+    output_type: multiple_choice
+    doc_to_text: "{{question}}"
+    doc_to_choice: "{{choices}}"
+    doc_to_target: gold
+    target_delimiter: ""
+    metric_list:
+      - metric: acc
+      - metric: acc_norm
+    """
+
+
 def _write_tasks(folder: Path):
-    data = folder / "data"
-    data.mkdir(parents=True)
-    (data / "choice.jsonl").write_text("\n".join(json.dumps({"question": q, "choices": c, "gold": g})
-                                                 for q, c, g in QUESTIONS))
-    (data / "answer.jsonl").write_text("\n".join(json.dumps({"prompt": p, "answer": a}) for p, a in PROMPTS))
-    (folder / "local_choice.yaml").write_text(textwrap.dedent(f"""
-        task: local_choice
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {{test: {data / "choice.jsonl"}}}
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "{{{{question}}}}"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: gold
-        target_delimiter: ""
-        metric_list:
-          - metric: acc
-        metadata:
-          version: 1.0
-        """))
-    (folder / "local_answer.yaml").write_text(textwrap.dedent(f"""
-        task: local_answer
-        dataset_path: json
-        dataset_kwargs:
-          data_files: {{test: {data / "answer.jsonl"}}}
-        test_split: test
+    _write_task(folder, "local_choice", [{"question": q, "choices": c, "gold": g} for q, c, g in QUESTIONS],
+                CHOICE_TASK)
+    _write_task(folder, "local_answer", [{"prompt": p, "answer": a} for p, a in PROMPTS], """
         output_type: generate_until
-        doc_to_text: "{{{{prompt}}}}"
-        doc_to_target: "{{{{answer}}}}"
+        doc_to_text: "{{prompt}}"
+        doc_to_target: "{{answer}}"
         target_delimiter: ""
         generation_kwargs:
           until: ["\\n\\n"]
           max_gen_toks: 6
         metric_list:
           - metric: exact_match
-        metadata:
-          version: 1.0
-        """))
+        """)
+
+
+def _offline_env(tmp_path) -> dict[str, str]:
+    return {**env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
 
 
 @pytest.mark.slow  # lm-eval's command in a subprocess: ~35 s of CPU
 def test_lm_eval_runs_two_local_tasks_end_to_end(tiny, tmp_path):
     path, params, cfg = tiny
     _write_tasks(tmp_path / "tasks")
-    offline = {**env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     done = subprocess.run(
         [sys.executable, "-m", "llama_jax.eval.harness", "--model", "llama_jax", "--model_args",
          f"checkpoint={path},max_length={MAX_LENGTH}", "--tasks", "local_choice,local_answer", "--include_path",
          str(tmp_path / "tasks"), "--batch_size", "8", "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, env=offline, timeout=900)
+        capture_output=True, text=True, env=_offline_env(tmp_path), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
 
@@ -212,3 +243,56 @@ def test_lm_eval_runs_two_local_tasks_end_to_end(tiny, tmp_path):
     answer_match = np.mean([text.split("\n\n")[0] == a for text, (_, a) in zip(greedy, PROMPTS)])
     assert results["local_choice"]["acc,none"] == pytest.approx(choice_acc)
     assert results["local_answer"]["exact_match,none"] == pytest.approx(answer_match)
+
+
+# Contexts ending in spaces, tabs and newlines (lm-eval scores that whitespace as part of the continuation).
+WHITESPACE_CHOICES = [("Label:\t", ["pos", "neg"], 0), ("Answer in one word\n", ["Yes", "No", "Maybe"], 1),
+                      ("The sky is ", ["blue", "green"], 0), ("Q: two plus two?\n\n", [" four", "five"], 0),
+                      ("Mixed \t\n ", ["a", "b"], 1), ("No whitespace:", ["x", " y"], 0)]
+WHITESPACE_CONTINUATIONS = [("Sentiment:\t", "happy"), ("Translate to French\n", "Bonjour"),
+                            ("Count: 1 2 3 ", "4"), ("Done.\r\n", "Next")]
+
+
+def _logged_loglikelihoods(out: Path) -> dict[tuple, float]:
+    """(task, doc id, context, continuation) -> log-likelihood, from the samples ``--log_samples`` wrote."""
+    scores = {}
+    for samples in out.rglob("samples_*.jsonl"):
+        task = samples.name.removeprefix("samples_").rsplit("_", 1)[0]
+        for sample in map(json.loads, samples.read_text().splitlines()):
+            for args, response in zip(sample["arguments"].values(), sample["resps"]):
+                scores[(task, sample["doc_id"], args["arg_0"], args["arg_1"])] = float(response[0][0])
+    return scores
+
+
+@pytest.mark.slow  # ~50 s on 2 busy cores: convert --to hf, then lm_eval with each model, as subprocesses
+def test_agrees_with_lm_evals_hf_model_on_the_same_weights(tiny, tmp_path):
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (the test extra installs it)")
+    tasks = tmp_path / "tasks"
+    _write_task(tasks, "space_choice", [{"question": q, "choices": c, "gold": g} for q, c, g in WHITESPACE_CHOICES],
+                CHOICE_TASK)
+    _write_task(tasks, "space_loglikelihood", [{"context": c, "continuation": x} for c, x in WHITESPACE_CONTINUATIONS],
+                """
+        output_type: loglikelihood
+        doc_to_text: "{{context}}"
+        doc_to_target: "{{continuation}}"
+        target_delimiter: ""
+        metric_list:
+          - metric: perplexity
+        """)
+    hf_dir = tmp_path / "hf"
+    run_module("llama_jax.convert", "--checkpoint", tiny[0], "--to", "hf", "--out", str(hf_dir))
+    common = ["--tasks", "space_choice,space_loglikelihood", "--include_path", str(tasks), "--batch_size", "8",
+              "--log_samples"]
+    scores = {}
+    for name, command in [("ours", ["llama_jax.eval.harness", "--model", "llama_jax", "--model_args",
+                                     f"checkpoint={hf_dir}"]),
+                          ("hf", ["lm_eval", "--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32",
+                                  "--device", "cpu"])]:
+        done = subprocess.run([sys.executable, "-m", *command, *common, "--output_path", str(tmp_path / name)],
+                              capture_output=True, text=True, env=_offline_env(tmp_path), timeout=900)
+        assert done.returncode == 0, done.stderr[-4000:]
+        scores[name] = _logged_loglikelihoods(tmp_path / name)
+    assert len(scores["hf"]) == sum(len(c) for _, c, _ in WHITESPACE_CHOICES) + len(WHITESPACE_CONTINUATIONS)
+    assert scores["ours"].keys() == scores["hf"].keys()
+    for request, want in scores["hf"].items():
+        assert scores["ours"][request] == pytest.approx(want, abs=1e-3), request

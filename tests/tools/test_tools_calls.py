@@ -37,6 +37,14 @@ AGREE = [
     '        "n": "10",\n        "genre": "all"\n    }\n}<|eom_id|>',
     '{"name": "get_time", "parameters": {}}<|eot_id|>',
     '{"name": "lookup", "parameters": {"ids": [1, 2, 3], "deep": true, "filter": null}}<|eot_id|>',
+    # a JSON object that names a call is never code, even after <|python_tag|>: a call, or a plain reply when
+    # malformed (no arguments object, no name)
+    '<|python_tag|>{"name": "f", "parameters": null}<|eom_id|>',
+    '{"type": "function", "name": "f", "parameters": null}<|eot_id|>',
+    '<|python_tag|>{"type": "function", "name": "f", "parameters": null}<|eom_id|>',
+    '<|python_tag|>{"name": null, "parameters": {}}<|eom_id|>',
+    '<|python_tag|>{"type": "function", "name": "f", "parameters": {}, "id": 3}<|eom_id|>',
+    '<|python_tag|>{"a": 1}<|eom_id|>',  # names no call: code for the interpreter
     # custom tools, <function> form
     '<function=trending_songs>{"n": 10}</function><|eot_id|>',
     '<function=getWeather>{"location":"New York","date":"2023-08-05"}<|eot_id|>',
@@ -64,6 +72,10 @@ DIFFER = [
     # llama-models raises KeyError on a JSON object with "name" but no "parameters", or the reverse.
     ('{"name": "f"}', KeyError, None),
     ('{"type": "function", "parameters": {"a": 1}}', KeyError, None),
+    ('<|python_tag|>{"name": "f"}<|eom_id|>', KeyError, None),
+    # ... AttributeError on a built-in tool's name with null parameters, IndexError with empty ones.
+    ('<|python_tag|>{"name": "brave_search", "parameters": null}<|eom_id|>', AttributeError, None),
+    ('{"name": "brave_search", "parameters": {}}', IndexError, ("brave_search", {})),
     # Its non-greedy regex stops at the first "}", so nested arguments are lost ...
     ('<function=f>{"a": {"b": 1}}</function>', None, ("f", {"a": {"b": 1}})),
     # ... and it turns every ' into ", which breaks strings holding an apostrophe.
@@ -72,11 +84,16 @@ DIFFER = [
     ("<function=f>{'a': 1}</function>", ("f", {"a": 1}), None),
     # A non-object "parameters" cannot be passed as keyword arguments.
     ('{"name": "f", "parameters": "x"}', ("f", "x"), None),
+    ('<|python_tag|>{"name": "f", "parameters": "x"}<|eom_id|>', ("f", "x"), None),
     # It renames a custom-form call of a built-in tool's sole argument to "query".
     ('{"name": "brave_search", "parameters": {"q": "x"}}', ("brave_search", {"query": "x"}),
      ("brave_search", {"q": "x"})),
+    ('{"name": "code_interpreter", "parameters": {"code": "1"}}', ("code_interpreter", {"query": "1"}),
+     ("code_interpreter", {"code": "1"})),
     # Python-list calls are Llama 3.2's zero-shot format, not Llama 3.1's.
     ('[get_weather(city="Paris")]', ("get_weather", {"city": "Paris"}), None),
+    ('<|python_tag|>[get_weather(city="Paris")]<|eom_id|>', ("get_weather", {"city": "Paris"}),
+     ("code_interpreter", {"code": '[get_weather(city="Paris")]'})),
 ]
 
 
@@ -110,8 +127,8 @@ def test_agreement_set_is_varied():
 @pytest.mark.parametrize("text,theirs,expected", DIFFER)
 def test_deliberate_differences_from_llama_models(text, theirs, expected):
     if isinstance(theirs, type):
-        with pytest.raises(theirs), contextlib.redirect_stdout(io.StringIO()):
-            ToolUtils.maybe_extract_custom_tool_call(text)
+        with pytest.raises(theirs):
+            llama_models_parse(text)
     else:
         assert llama_models_parse(text) == theirs
     assert ours(text) == expected
