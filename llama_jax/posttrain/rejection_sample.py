@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 from collections import Counter
@@ -92,6 +93,11 @@ def sampled_messages(messages: list[dict], system_prompt: str | None) -> list[di
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+@functools.lru_cache(maxsize=4)
+def _token_bytes(tok: Tokenizer) -> list[bytes]:
+    return tok.token_bytes()  # built once: Llama 3's sorts 128k entries
+
+
 def sample_text(tok: Tokenizer, ids: Sequence[int]) -> tuple[str, str | None]:
     """(the reply text of a sample, why it is unusable or None if it is usable: see the module docstring)."""
     body = list(ids[:-1]) if ids and ids[-1] in tok.stop_ids else list(ids)
@@ -104,7 +110,7 @@ def sample_text(tok: Tokenizer, ids: Sequence[int]) -> tuple[str, str | None]:
     if len(plain) != len(body):
         return text, "a special token inside"
     try:
-        b"".join(tok.token_bytes()[t] for t in plain).decode("utf-8")
+        b"".join(_token_bytes(tok)[t] for t in plain).decode("utf-8")
     except UnicodeDecodeError:
         return text, "not valid UTF-8"
     return text, None if text.strip() else "blank"
