@@ -3,6 +3,7 @@
     outs = generate(params, cfg, [[128000, 9906], [128000, 40, 1093]], max_new_tokens=32)   # greedy
     outs = generate(params, cfg, prompts, 64, temperature=0.7, top_p=0.9, seed=1)
     outs = generate(params, cfg, prompts, 64, temperature=1.0, samples_per_prompt=8)   # 8 rows per prompt
+    outs = generate(params, cfg, prompts[8:16], 64, temperature=0.7, first_request=8)    # rows 8..15 of one batch
     for new in stream(params, cfg, prompts, 64): ...      # per step: one token (or None) per prompt
 
 CLI: ``python -m llama_jax.generate --checkpoint PATH --prompt "Once upon a time" [--mesh tensor=8]``.
@@ -16,6 +17,12 @@ Several samples of one prompt (``samples_per_prompt`` K, rejection sampling's be
 prefilled once, and its KV cache and next-token distribution are broadcast to its K rows (rows i K .. i K + K - 1),
 which then decode as a batch of P K rows. That gives exactly the samples of K separate prefills of the prompt
 (the same rows, the same random numbers), for 1 / K of the prefill compute.
+
+Per-request keys, as serving engines give each request its own generator: row r of a call is request
+``first_request + r``, and its token at position p is drawn with ``fold_in(fold_in(key(seed), request), p)``. A row's
+samples so depend on the seed, its request number and its own tokens, never on the rows that share its batch: the
+same prompts give the same samples in batches of any size (a caller that splits work into batches passes each batch's
+``first_request``). Greedy decoding draws nothing.
 
 The cache is preallocated at the model's GQA shape ``[L, B, S, K, H]`` and donated to every step, so
 XLA updates it in place. The host reads step i's tokens while the device already runs step i + 1.
@@ -74,8 +81,8 @@ class Sampling:
             raise ConfigError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
 
 
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """logits [B, V] float32 -> token ids [B] int32."""
+def sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [B, V] float32 and one PRNG key per row [B] -> token ids [B] int32."""
     if sampling.vocab_size is not None and sampling.vocab_size < logits.shape[-1]:
         known = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) < sampling.vocab_size
         logits = jnp.where(known, logits, -jnp.inf)
@@ -92,7 +99,20 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         # The most likely token always has zero mass before it, so at least one token survives.
         cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def token_keys(request_keys: jax.Array, positions: jax.Array) -> jax.Array:
+    """The key of each row's next token [B]: its request's key [B] folded with the token's position [B]."""
+    return jax.vmap(jax.random.fold_in)(request_keys, positions)
+
+
+def request_keys(seed: int, first_request: int, rows: int) -> jax.Array:
+    """The keys [rows] of requests ``first_request`` .. ``first_request + rows - 1`` of ``seed``."""
+    if not isinstance(first_request, int) or not 0 <= first_request <= 2**32 - rows:
+        raise ConfigError(f"first_request must be an int in [0, 2**32 - rows], got {first_request!r}")
+    requests = np.arange(first_request, first_request + rows, dtype=np.uint32)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), requests)
 
 
 def inference_layout(params, cfg: ModelConfig):
@@ -136,23 +156,23 @@ def broadcast_cache(cache: dict, samples: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len", "samples"))
-def _prefill(params, tokens, lengths, key, *, cfg: ModelConfig, sampling: Sampling, cache_len: int,
+def _prefill(params, tokens, lengths, keys, *, cfg: ModelConfig, sampling: Sampling, cache_len: int,
              samples: int = 1):
     """Creates the cache (laid out by its logical axes when a mesh is active), fills it with the prompts, and
-    broadcasts it and the next-token logits to ``samples`` rows per prompt."""
+    broadcasts it and the next-token logits to ``samples`` rows per prompt; ``keys``: one per row, the requests'."""
     cache = _constrain(model.init_cache(cfg, tokens.shape[0], cache_len))
     logits, cache = prefill_logits(params, cache, tokens, lengths, cfg)
     if samples > 1:
         logits, cache = jnp.repeat(logits, samples, axis=0), _constrain(broadcast_cache(cache, samples))
-    return sample(logits, key, sampling), cache
+    return sample(logits, token_keys(keys, jnp.repeat(lengths, samples)), sampling), cache  # the first new position
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
-def _decode_step(params, cache, tokens, positions, key, *, cfg: ModelConfig, sampling: Sampling):
-    """Returns the next tokens [B], positions + 1, the next PRNG key and the updated cache."""
-    key, step_key = jax.random.split(key)
+def _decode_step(params, cache, tokens, positions, keys, *, cfg: ModelConfig, sampling: Sampling):
+    """Feeds ``tokens`` [B] at ``positions`` [B]; returns the tokens [B] drawn for positions + 1 with the requests'
+    ``keys`` [B], positions + 1 and the updated cache."""
     logits, cache = decode_logits(params, cache, tokens, positions, cfg)
-    return sample(logits, step_key, sampling), positions + 1, key, cache
+    return sample(logits, token_keys(keys, positions + 1), sampling), positions + 1, cache
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -195,6 +215,7 @@ def stream(
     mesh=None,
     vocab_size: int | None = None,
     samples_per_prompt: int = 1,
+    first_request: int = 0,
 ) -> Iterator[list[int | None]]:
     """Yields, step by step, one new token per row (None once that row has stopped).
 
@@ -204,7 +225,8 @@ def stream(
     ``vocab_size``: draw only ids below it (pass the tokenizer's, so every id decodes; the tiny preset's 512 ids
     hold the byte tokenizer's 264, and a random or briefly trained model gives the others mass).
     ``samples_per_prompt`` K: K rows per prompt (rows i K .. i K + K - 1 continue prompt i) from one prefill
-    of each prompt (see the module docstring).
+    of each prompt (see the module docstring). Row r samples as request ``first_request + r`` of ``seed``, whatever
+    rows share its call (see the module docstring).
     """
     check_prompts(prompts, cfg, max_new_tokens)
     sampling = Sampling(temperature, top_k, top_p, vocab_size)
@@ -222,21 +244,21 @@ def stream(
     tokens = np.zeros((batch, prompt_len), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
-    key, prefill_key = jax.random.split(jax.random.key(seed))
     rows = batch * samples_per_prompt
+    keys = request_keys(seed, first_request, rows)
     if mesh is not None:
         params = _shard_for_decode(params, cfg, mesh, rows, cache_len)
     prefill = _on_mesh(mesh, functools.partial(_prefill, cfg=cfg, sampling=sampling, cache_len=cache_len,
                                                samples=samples_per_prompt))
     decode_step = _on_mesh(mesh, functools.partial(_decode_step, cfg=cfg, sampling=sampling))
-    new, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), prefill_key)
+    new, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), keys)
     positions = jnp.asarray(np.repeat(lengths, samples_per_prompt))
     stops = np.asarray(list(stop_ids), np.int64)
     active = np.ones(rows, bool)
     for step in range(max_new_tokens):
         current = new
         if step + 1 < max_new_tokens:  # queue the next step before reading this one back to the host
-            new, positions, key, cache = decode_step(params, cache, current, positions, key)
+            new, positions, cache = decode_step(params, cache, current, positions, keys)
         host = np.asarray(current)
         yield [int(tok) if alive else None for tok, alive in zip(host, active)]
         active &= ~np.isin(host, stops)
@@ -258,18 +280,20 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     vocab_size: int | None = None,
     samples_per_prompt: int = 1,
+    first_request: int = 0,
 ) -> list[list[int]]:
     """Continues each prompt (a list of token ids); returns the new ids per row, prompt excluded (with
     ``samples_per_prompt`` K, K rows per prompt: row i K + j is prompt i's sample j).
 
     Greedy when ``temperature`` is 0, otherwise sampled (optionally restricted by ``top_k`` / ``top_p``)
-    with a PRNG seeded by ``seed``. ``on_token(row, token)`` is called for each token as it is produced.
+    with a PRNG seeded by ``seed``, row r as request ``first_request + r`` (independent of the other rows).
+    ``on_token(row, token)`` is called for each token as it is produced.
     ``vocab_size``: draw only ids below it (the tokenizer's; see ``stream``).
     """
     rows = len(prompts) * samples_per_prompt if not isinstance(prompts, (str, bytes)) else 0
     outputs: list[list[int]] = [[] for _ in range(rows)]
     for new in stream(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, mesh,
-                      vocab_size, samples_per_prompt):
+                      vocab_size, samples_per_prompt, first_request):
         for row, token in enumerate(new):
             if token is not None:
                 outputs[row].append(token)

@@ -1,5 +1,5 @@
 """KV-cache generation against full forwards, transformers' greedy generate, one-by-one runs and the
-sampling formulas."""
+sampling formulas; a sampled row does not depend on the rows batched with it."""
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,7 @@ def test_streaming_reports_tokens_as_they_come(params):
 def distribution(probs, **sampling):
     """Empirical next-token frequencies from 20,000 rows of the same logits."""
     logits = jnp.log(jnp.asarray(np.tile(probs, (20_000, 1)), jnp.float32))
-    draws = np.asarray(gen.sample(logits, jax.random.key(0), gen.Sampling(**sampling)))
+    draws = np.asarray(gen.sample(logits, jax.random.split(jax.random.key(0), len(logits)), gen.Sampling(**sampling)))
     return np.bincount(draws, minlength=len(probs)) / len(draws)
 
 
@@ -134,6 +134,19 @@ def test_sampled_generation_is_seeded(params):
     assert gen.generate(params, CFG, prompts, 16, seed=3, temperature=1.0, top_k=1, stop_ids=()) == greedy
 
 
+def test_a_sampled_row_does_not_depend_on_the_rows_beside_it(params):
+    prompts = [[5, 6, 7], [9, 1], [200, 3, 4, 8]]
+    kwargs = dict(temperature=1.0, top_p=0.95, seed=4, stop_ids=())
+    together = gen.generate(params, CFG, prompts, 12, **kwargs)
+    assert len({tuple(row) for row in together}) == 3
+    alone = [gen.generate(params, CFG, [p], 12, first_request=i, **kwargs)[0] for i, p in enumerate(prompts)]
+    assert alone == together  # row r is request first_request + r, whatever else is in the batch
+    assert gen.generate(params, CFG, prompts[1:], 12, first_request=1, **kwargs) == together[1:]
+    assert gen.generate(params, CFG, prompts, 12, **{**kwargs, "seed": 5}) != together
+    with pytest.raises(ConfigError, match="first_request"):
+        gen.generate(params, CFG, prompts, 4, first_request=-1, **kwargs)
+
+
 @pytest.mark.slow  # 8 s on 2 busy cores
 def test_tensor_parallel_decode_equals_single_device():
     from llama_jax import sharding
@@ -145,6 +158,8 @@ def test_tensor_parallel_decode_equals_single_device():
     mesh = sharding.make_mesh("data=2,tensor=4")
     single = gen.generate(p, cfg, prompts, 12, stop_ids=())
     assert gen.generate(p, cfg, prompts, 12, stop_ids=(), mesh=mesh) == single
+    sampled = dict(temperature=1.0, seed=2, stop_ids=())  # the requests' keys travel with their rows
+    assert gen.generate(p, cfg, prompts, 12, mesh=mesh, **sampled) == gen.generate(p, cfg, prompts, 12, **sampled)
     with pytest.raises(ConfigError, match="not divisible"):  # 2 kv heads cannot split 4 ways
         gen.generate(model.init_params(CFG, jax.random.key(3)), CFG, prompts, 4, mesh=mesh)
 

@@ -1,5 +1,6 @@
 """Retrieval evaluation: prompts (length, depth, determinism), the exact-match metric on stub models, the CLI."""
 
+import itertools
 import json
 import re
 import subprocess
@@ -8,9 +9,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, env
+from conftest import ROOT, env, train_command
 
-from llama_jax import checkpoint, model
+from llama_jax import checkpoint, config, model
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
 from llama_jax.data import JsonlSource, make_batches
@@ -256,6 +257,44 @@ def test_cli_writes_json_and_heatmap_of_greedy_replies(tiny_checkpoint, tmp_path
     expected = [BYTE.decode([t for t in out if t not in BYTE.stop_ids]) for out in outs]
     assert [rec["reply"] for rec in records] == expected
     assert [rec["correct"] for rec in records] == [r.is_correct(e, s, r.Task()) for e, s in zip(expected, grid)]
+
+
+def passkey_grid(checkpoint_path, out, *extra):
+    """The command a user runs on a fresh tiny model: its JSON summary and the --out file (asserts exit 0)."""
+    proc = run_cli("--checkpoint", str(checkpoint_path), "--task", "passkey", "--lengths", "256,512", "--out", str(out),
+                   *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), json.loads(out.read_text())
+
+
+def test_cli_decodes_a_model_whose_vocabulary_is_larger_than_the_tokenizer(tmp_path):
+    # The tiny preset's 512 ids at init, the step-0 state of a fresh `configs/pretrain/tiny.py` run: greedy replies
+    # must come from the byte tokenizer's 264 ids, as `generate` and `chat` draw them.
+    cfg = config.get("tiny", num_layers=1)
+    params = model.init_params(cfg, jax.random.key(3))
+    params["embedding"] = np.random.default_rng(3).standard_normal(params["embedding"].shape).astype(np.float32)
+    checkpoint.save_params(str(tmp_path / "tiny"), params, cfg, tokenizer={"name": BYTE.name, "sha256": BYTE.sha256})
+    summary, full = passkey_grid(tmp_path / "tiny", tmp_path / "grid.json", "--depths", "0,1", "--per-cell", "2")
+    assert summary["lengths"] == [256, 512] and np.array(summary["accuracy"]).shape == (2, 2)
+    assert len(full["records"]) == 2 * 2 * 2
+    # The first length's replies are `generate`'s greedy ones over the tokenizer's ids, cut at the stop token.
+    grid = r.make_grid(BYTE, r.Task("passkey"), [256, 512], [0.0, 1.0], 2)[:4]
+    outs = gen.generate(*gen.inference_layout(params, cfg), [s.tokens for s in grid], r.default_max_new_tokens(
+        BYTE, r.Task("passkey")), stop_ids=BYTE.stop_ids, vocab_size=BYTE.vocab_size)
+    assert [rec["reply"] for rec in full["records"][:4]] == [
+        BYTE.decode(itertools.takewhile(lambda t: t not in BYTE.stop_ids, out)) for out in outs]
+
+
+@pytest.mark.slow  # 42 s on 2 busy cores: a training run and the whole default grid
+def test_passkey_grid_of_a_fresh_tiny_run(corpus, tmp_path):
+    done = subprocess.run([*train_command(corpus, tmp_path / "run"), "--config.train.steps=2"], env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, full = passkey_grid(tmp_path / "run", tmp_path / "grid.json")
+    assert summary["out"] == str(tmp_path / "grid.json") and summary["task"]["kind"] == "passkey"
+    assert np.array(summary["accuracy"]).shape == (2, 5) and 0 <= summary["mean_accuracy"] <= 1
+    assert [(rec["length"], rec["depth"]) for rec in full["records"][::4]] == [
+        (length, depth) for length in (256, 512) for depth in (0.0, 0.25, 0.5, 0.75, 1.0)]
 
 
 def test_cli_bad_arguments_are_errors_without_traceback(tiny_checkpoint, tmp_path, capsys):

@@ -90,12 +90,12 @@ def train_step(cfg, chunk_size):
 def prefill_and_decode(cfg):
     cfg = cfg.replace(scan_layers=False)  # generate.inference_layout's per-layer tree
     params = model.param_shapes(cfg)
-    sampling, tokens, key = generate.Sampling(), _tokens(), jax.random.key(0)
+    sampling, tokens, keys = generate.Sampling(), _tokens(), jax.random.split(jax.random.key(0), 2)  # one per row
     prefill = functools.partial(generate._prefill, cfg=cfg, sampling=sampling, cache_len=16)
-    found = precisions(prefill, params, tokens, jnp.full((2,), 8, jnp.int32), key)
+    found = precisions(prefill, params, tokens, jnp.full((2,), 8, jnp.int32), keys)
     cache = model.init_cache(cfg, 2, 16)
     decode = functools.partial(generate._decode_step, cfg=cfg, sampling=sampling)
-    return found + precisions(decode, params, cache, tokens[:, 0], jnp.full((2,), 8, jnp.int32), key)
+    return found + precisions(decode, params, cache, tokens[:, 0], jnp.full((2,), 8, jnp.int32), keys)
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])

@@ -52,15 +52,30 @@ def test_weighted_mean_of_mixed_formats_equals_numpy(tmp_path):
     assert metadata["stage_config"] == {"sources": result["sources"], "weights": [3.0, 1.0]}
     assert metadata["tokenizer"] == BYTE
     for x, y, z in zip(jax.tree.leaves(got), jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), (3 * y.astype(np.float64) + z) / 4, rtol=1e-6, atol=1e-6)
+        # NumPy's float64 formula rounded once to float32, bit for bit.
+        np.testing.assert_array_equal(np.asarray(x), ((3 * y.astype(np.float64) + z) / 4).astype(np.float32))
 
     shown = _run("llama_jax.generate", "--checkpoint", str(tmp_path / "avg"), "--prompt", "Hi",
                  "--max-new-tokens", "3", "--tokenizer", "byte")
     assert shown.returncode == 0 and json.loads(shown.stdout.splitlines()[-1])["tokens"] == [3], shown.stderr
 
 
+def test_equal_checkpoints_average_to_themselves_exactly(tmp_path):
+    params = random_params(CFG, 4)
+    sources = []
+    for i in range(3):
+        checkpoint.save_params(str(tmp_path / str(i)), params, CFG)
+        sources += ["--checkpoint", str(tmp_path / str(i))]
+    done = _run("llama_jax.posttrain.average", *sources, "--out", str(tmp_path / "avg"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, _, _ = checkpoint.load(str(tmp_path / "avg"))
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(x), np.mean([y, y, y], axis=0, dtype=np.float64).astype(np.float32))
+        np.testing.assert_array_equal(np.asarray(x), y)
+
+
 @pytest.mark.slow  # 14 s on 2 busy cores
-def test_bfloat16_is_accumulated_in_float32_and_cast_back(tmp_path):
+def test_bfloat16_is_accumulated_in_float64_and_rounded_once(tmp_path):
     cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
     sources = [random_params(cfg, seed, ml_dtypes.bfloat16) for seed in range(3)]
     for i, params in enumerate(sources):
@@ -70,6 +85,7 @@ def test_bfloat16_is_accumulated_in_float32_and_cast_back(tmp_path):
         assert x.dtype == ml_dtypes.bfloat16
         exact = np.mean([y.astype(np.float64) for y in ys], axis=0)
         np.testing.assert_allclose(x.astype(np.float64), exact, rtol=2**-8, atol=1e-30)  # bf16 rounding only
+        np.testing.assert_array_equal(x, exact.astype(ml_dtypes.bfloat16))
 
 
 @pytest.mark.slow  # 19 s on 2 busy cores

@@ -119,10 +119,12 @@ def evaluate(generate_fn: GenerateFn, tok: Tokenizer, task: Task, lengths: Seque
 
 
 def model_generate_fn(params, cfg: ModelConfig, tok: Tokenizer, max_new_tokens: int, *, mesh=None) -> GenerateFn:
-    """A ``generate_fn`` decoding greedily with ``llama_jax.generate``; replies end before the stop token."""
+    """A ``generate_fn`` decoding greedily with ``llama_jax.generate`` over the tokenizer's ids (a model's vocabulary
+    may be larger: the tiny preset's 512 hold the byte tokenizer's 264); replies end before the stop token."""
 
     def run(prompts: list[list[int]]) -> list[str]:
-        outs = generate.generate(params, cfg, prompts, max_new_tokens, stop_ids=tok.stop_ids, mesh=mesh)
+        outs = generate.generate(params, cfg, prompts, max_new_tokens, stop_ids=tok.stop_ids, mesh=mesh,
+                                 vocab_size=tok.vocab_size)
         return [tok.decode(itertools.takewhile(lambda t: t not in tok.stop_ids, ids)) for ids in outs]
 
     return run
