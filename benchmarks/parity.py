@@ -4,8 +4,8 @@ precision: the max |logit difference| and the mean KL divergence per token.
     python benchmarks/parity.py                    # CPU or one GPU (torch runs on CUDA when jax and torch see one)
     python benchmarks/parity.py --torch-device cpu # the float32 reference on the CPU instead
 
-The shape is the parity tests' hardest combination (tests/model/test_model_parity.py), made larger: grouped-query attention
-with group 5 (10 query heads, 2 key/value heads), head_dim 64 != dim / heads, Llama 3.1 RoPE scaling with an
+The shape is the parity tests' hardest combination (tests/model/test_model_parity.py), made larger: grouped-query
+attention with group 5 (10 query heads, 2 key/value heads), head_dim 64 != dim / heads, Llama 3.1 RoPE scaling with an
 original context of 64 evaluated at 256 positions, tied embeddings; random weights as the tests make them
 (the model's init with norm scales jittered around 1) but embeddings of std 0.2, so the logits (std ~4) give a
 softmax neither flat nor one-hot and the KL means something. Both libraries get the same weights

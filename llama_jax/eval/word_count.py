@@ -163,14 +163,15 @@ def annotate(records: Iterable[Mapping]) -> list[dict]:
 def replies(checkpoint: str, prompts_path: str, *, samples: int = 1, temperature: float = 0.0, seed: int = 0,
             max_new_tokens: int = 48, batch_size: int = 64) -> tuple[list[list[dict]], list[list[str]]]:
     """(the prompts of a prompt file as messages, ``samples`` replies of the checkpoint to each), in file order;
-    batch b of ``batch_size`` prompts samples with seed ``seed + b``."""
+    sample j of prompt i is request ``i * samples + j`` of ``seed``, whatever ``batch_size``."""
     params, cfg, tok = generate.load_model(checkpoint)
     prompts, _ = read_prompts(prompts_path, tok)
     texts = []
-    for b, start in enumerate(range(0, len(prompts), batch_size)):
+    for start in range(0, len(prompts), batch_size):
         ids = [p.ids for p in prompts[start:start + batch_size]]
-        outputs = generate.generate(params, cfg, ids, max_new_tokens, temperature, seed=seed + b,
-                                    stop_ids=tok.stop_ids, vocab_size=tok.vocab_size, samples_per_prompt=samples)
+        outputs = generate.generate(params, cfg, ids, max_new_tokens, temperature, seed=seed,
+                                    stop_ids=tok.stop_ids, vocab_size=tok.vocab_size, samples_per_prompt=samples,
+                                    first_request=start * samples)
         decoded = [tok.decode([t for t in new if t not in tok.stop_ids]) for new in outputs]
         texts += [decoded[i:i + samples] for i in range(0, len(decoded), samples)]
     return [p.messages for p in prompts], texts
