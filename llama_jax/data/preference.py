@@ -160,7 +160,14 @@ def read_reference(record: Mapping, pair: EncodedPair, reference: Mapping, token
     expected = {"tokenizer": tokenizer.sha256, "seq_len": seq_len, "checkpoint": dict(reference["checkpoint"])}
     for key, value in expected.items():
         if column.get(key) != value:
-            raise DataError(f"{REFERENCE_COLUMN} was computed with {key}={column.get(key)!r}; these rows need "
+            made = column.get(key)
+            steps = (made.get("step"), value.get("step")) if key == "checkpoint" and isinstance(made, dict) else ()
+            if None not in steps and len(set(steps)) == 2:
+                # A run directory as init_from resolves to its newest step: that run saved another since.
+                raise DataError(f"{REFERENCE_COLUMN} was computed with step {made.get('step')} ({made.get('path')}); "
+                                f"init_from now resolves to step {value.get('step')} ({value.get('path')}): set "
+                                f"init_from to step {made.get('step')}'s directory, or compute the column again")
+            raise DataError(f"{REFERENCE_COLUMN} was computed with {key}={made!r}; these rows need "
                             f"{value!r}: compute the column again")
     try:
         return {name: float(column[name][reference["mask"]]) for name in pair.replies}

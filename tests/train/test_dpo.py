@@ -185,6 +185,10 @@ def test_precomputed_reference_gives_the_same_losses(word_pairs, start, tmp_path
         next(data.make_batches(dict(data_cfg, seq_len=128), BYTE, reference=spec))
     with pytest.raises(DataError, match="checkpoint"):  # computed by another model than the one DPO starts from
         next(data.make_batches(dict(data_cfg, seq_len=96), BYTE, reference={**spec, "checkpoint": {"path": "x"}}))
+    moved_on = {**spec["checkpoint"], "step": 99}  # init_from, a run directory, now resolves to a newer step
+    made = spec["checkpoint"]["step"]
+    with pytest.raises(DataError, match=f"computed with step {made} .*resolves to step 99 .*step {made}'s directory"):
+        next(data.make_batches(dict(data_cfg, seq_len=96), BYTE, reference={**spec, "checkpoint": moved_on}))
     with pytest.raises(DataError, match="no \"reference_logps\" column"):
         next(data.make_batches(dict(data_cfg, seq_len=96, sources=[dict(format="preference", path=str(word_pairs))]),
                                BYTE, reference=spec))
