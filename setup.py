@@ -46,6 +46,7 @@ setup(
             "matplotlib>=3.9.0",
             "lm_eval>=0.4.13",
             "accelerate>=1.15.0",  # lm-eval's own hf model: the reference the lm-eval adapter is compared with
+            "peft>=0.22.0",  # the reference our LoRA adapters are compared with (llama_jax.lora)
             "nbclient>=0.11.0",
             "ipykernel>=7.4.0",
         ],

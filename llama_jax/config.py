@@ -33,6 +33,34 @@ class RopeScaling:
     original_max_position: int = 8192  # context length the unscaled RoPE was trained on
 
 
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")  # the projections an adapter may adapt
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRA:
+    """Low-rank adapters (Hu et al. 2021) on the projections ``targets``: each runs as W + scale x B A, with B [r, out]
+    and A [in, r] stacked along the layer axis like W; scale alpha / r, or alpha / sqrt(r) with ``rslora``."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    rslora: bool = False  # rank-stabilised scaling (Kalajdzievski 2023): alpha / sqrt(r)
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ConfigError(f"LoRA.rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA.alpha must be positive, got {self.alpha!r}")
+        unknown = set(self.targets) - set(LORA_TARGETS)
+        if unknown or not self.targets:
+            raise ConfigError(f"LoRA.targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and numerics of one Llama model. Field names follow Meta's params.json where they can."""
@@ -59,6 +87,7 @@ class ModelConfig:
     #                                 | all_gather
     matmul_precision: str = "auto"  # precision of every matmul (see resolved_matmul_precision): auto | highest
     #                                 | high | default
+    lora: LoRA | None = None  # low-rank adapters on the projections (model.py); None: the network alone
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -109,6 +138,8 @@ class ModelConfig:
             raise ConfigError(f"unknown ModelConfig field(s) {sorted(unknown)}")
         if isinstance(changes.get("rope_scaling"), dict):
             changes["rope_scaling"] = RopeScaling(**changes["rope_scaling"])
+        if isinstance(changes.get("lora"), dict):
+            changes["lora"] = LoRA(**changes["lora"])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +162,8 @@ class ModelConfig:
             d["attention"] = "dense"
         if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if isinstance(d.get("lora"), dict):
+            d["lora"] = LoRA(**d["lora"])
         return cls(**d)
 
     def num_params(self) -> int:

@@ -74,6 +74,36 @@ def _fan_in_init(fan_in_axes: tuple[int, ...]):
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=fan_in_axes, out_axis=-1)
 
 
+def _lora_a_init(fan_in: int):
+    # PEFT's kaiming_uniform_(a=sqrt(5)) of the [r, in] matrix: U(-1 / sqrt(in), 1 / sqrt(in)).
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _adapter(module: nn.Module, name: str, x: jax.Array, kernel_shape: tuple[int, ...],
+             kernel_axes: tuple[str, ...], contracted: int) -> jax.Array | None:
+    """The low-rank update scale x A B [.., out dims] of projection ``name`` (its kernel: ``kernel_shape``, the first
+    ``contracted`` dims contracted with x's last ones), or None when ``cfg.lora`` does not adapt it or the tree holds
+    no adapter for it (a reference model's tree runs the network alone). A [in dims, r] starts as PEFT's, B at 0:
+    an adapted network starts equal to its base."""
+    cfg, lora = module.cfg, module.cfg.lora
+    a_name, b_name = f"{name}_lora_a", f"{name}_lora_b"
+    if lora is None or name not in lora.targets or not (module.is_initializing()
+                                                         or module.has_variable("params", a_name)):
+        return None
+    ins, outs = kernel_shape[:contracted], kernel_shape[contracted:]
+    a = _param(module, a_name, (*ins, lora.rank), (*kernel_axes[:contracted], "lora_rank"),
+               _lora_a_init(int(np.prod(ins))))
+    b = _param(module, b_name, (lora.rank, *outs), ("lora_rank", *kernel_axes[contracted:]), nn.initializers.zeros)
+    dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
+    low = jnp.tensordot(x, a.astype(dtype), axes=contracted, precision=precision)  # [B, T, r]
+    return jnp.tensordot(low, (lora.scale * b).astype(dtype), axes=1, precision=precision)
+
+
+def _plus(y: jax.Array, update: jax.Array | None) -> jax.Array:
+    return y if update is None else y + update.astype(y.dtype)
+
+
 # --- Rotary embeddings ----------------------------------------------------------------------------
 
 
@@ -144,9 +174,14 @@ class Attention(nn.Module):
         wo = _param(self, "out", (n, h, d), ("heads", "head_dim", "embed"), out_init)
 
         inv_freq = rope_frequencies(cfg)
-        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype), precision=precision), positions, inv_freq)
-        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype), precision=precision), positions, inv_freq)
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype), precision=precision)
+        adapted = functools.partial(_adapter, self, x=x, contracted=1)
+        q = _plus(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype), precision=precision),
+                  adapted("query", kernel_shape=wq.shape, kernel_axes=("embed", "heads", "head_dim")))
+        k = _plus(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype), precision=precision),
+                  adapted("key", kernel_shape=wk.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
+        v = _plus(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype), precision=precision),
+                  adapted("value", kernel_shape=wv.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
         if kv_cache is not None:  # write this step's keys/values at the cache's write index
@@ -162,7 +197,8 @@ class Attention(nn.Module):
         else:
             out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, precision=precision,
                                           impl=attention_impl(cfg, cached=kv_cache is not None))
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype), precision=precision), kv_cache
+        out_update = _adapter(self, "out", out, wo.shape, ("heads", "head_dim", "embed"), contracted=2)
+        return _plus(jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype), precision=precision), out_update), kv_cache
 
 
 class FeedForward(nn.Module):
@@ -184,9 +220,13 @@ class FeedForward(nn.Module):
             kernel = jnp.stack([gate, up], axis=1).astype(dtype)  # [D, 2, F]
             both = jnp.einsum("BTD,DCF->BTCF", x, kernel, precision=precision)
             gated, ungated = both[:, :, 0], both[:, :, 1]
+        d, f = cfg.dim, cfg.ffn_dim
+        gated = _plus(gated, _adapter(self, "gate", x, (d, f), ("embed", "mlp"), contracted=1))
+        ungated = _plus(ungated, _adapter(self, "up", x, (d, f), ("embed", "mlp"), contracted=1))
         hidden = jax.nn.silu(gated) * ungated  # [B, T, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return quantized.matmul(hidden, down, dtype, precision)
+        return _plus(quantized.matmul(hidden, down, dtype, precision),
+                     _adapter(self, "down", hidden, (f, d), ("mlp", "embed"), contracted=1))
 
 
 class Block(nn.Module):

@@ -53,6 +53,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("lookup_batch", "data"),  # embedding lookup output: rows over data only, embed split like the table's
     ("layers", "pipeline"),  # each pipeline rank holds its own consecutive layers
     ("head_dim", None),
+    ("lora_rank", None),  # an adapter's rank: a few columns, never split
 )
 
 _BATCH_SPEC = PartitionSpec(("data", "fsdp"), "sequence")

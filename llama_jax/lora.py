@@ -1,0 +1,83 @@
+"""Low-rank adapters on the stacked layer tree: made, split from and joined to a base tree, merged into it.
+
+    cfg = cfg.replace(lora=LoRA(rank=16, alpha=32, targets=("query", "value")))
+    adapters = lora.init(cfg, jax.random.key(0))          # {"layers": {"attention": {"query_lora_a": [L, D, r], ...}}}
+    logits = model.Llama(cfg).apply({"params": lora.join(base, adapters)}, tokens)   # == the base's at the start
+    merged = lora.merge(lora.join(base, adapters), cfg)   # W + scale A B folded in: a plain Llama tree
+
+An adapter of projection ``name`` is two leaves beside its kernel: ``<name>_lora_a`` [L, in dims, r] (PEFT's
+``lora_A`` transposed, its init) and ``<name>_lora_b`` [L, r, out dims] (zeros), with the kernel's logical axes and
+``lora_rank`` for r, so they stack, scan, remat and shard as the weights they adapt (``model._adapter`` runs them).
+A tree without them runs the base network: DPO's reference is the base with the adapters off.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from llama_jax import model
+from llama_jax.config import ModelConfig
+
+SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def is_adapter(path: str) -> bool:
+    """Whether the leaf at ``path`` ("layers/attention/query_lora_a") is an adapter's."""
+    return path.endswith(SUFFIXES)
+
+
+def split(params: dict) -> tuple[dict, dict]:
+    """(the tree without adapters, the adapters alone), both nested like ``params``."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    base = {k: v for k, v in flat.items() if not is_adapter(k)}
+    adapters = {k: v for k, v in flat.items() if is_adapter(k)}
+    return traverse_util.unflatten_dict(base, sep="/"), traverse_util.unflatten_dict(adapters, sep="/")
+
+
+def join(base: dict, adapters: dict) -> dict:
+    """One tree holding ``base``'s leaves and ``adapters``'."""
+    flat = traverse_util.flatten_dict(base, sep="/") | traverse_util.flatten_dict(adapters, sep="/")
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def boxed_init(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Fresh adapters of ``cfg.lora`` with their logical axes (``nn.Partitioned`` leaves): A as PEFT draws it, B
+    zero. Only the adapters are computed; the base's leaves are shapes, never allocated."""
+    boxed = jax.eval_shape(lambda: model.boxed_params(cfg, jax.random.key(0)))
+    flat = traverse_util.flatten_dict(boxed, sep="/", is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
+    adapters = {}
+    for i, (path, leaf) in enumerate(sorted((k, v) for k, v in flat.items() if is_adapter(k))):
+        shape, dtype = leaf.value.shape, leaf.value.dtype
+        if path.endswith("_lora_b"):
+            value = jnp.zeros(shape, dtype)
+        else:  # [L, in dims, r]: PEFT's kaiming_uniform_(a=sqrt(5)) bound 1 / sqrt(in) per layer
+            bound = 1.0 / np.sqrt(np.prod(shape[1:-1]))
+            value = jax.random.uniform(jax.random.fold_in(rng, i), shape, dtype, -bound, bound)
+        adapters[path] = leaf.replace_boxed(value)
+    return traverse_util.unflatten_dict(adapters, sep="/")
+
+
+def init(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Fresh adapters of ``cfg.lora`` (plain arrays): see ``boxed_init``."""
+    return nn.meta.unbox(boxed_init(cfg, rng))
+
+
+def merge(params: dict, cfg: ModelConfig) -> dict:
+    """A plain Llama tree: each adapted kernel W + scale A B (summed in float32, stored in W's dtype), the
+    adapters gone."""
+    base, adapters = split(params)
+    flat_base = traverse_util.flatten_dict(base, sep="/")
+    for path, a in traverse_util.flatten_dict(adapters, sep="/").items():
+        if not path.endswith("_lora_a"):
+            continue
+        kernel_path = path.removesuffix("_lora_a")
+        w, b = flat_base[kernel_path], traverse_util.flatten_dict(adapters, sep="/")[f"{kernel_path}_lora_b"]
+        layers, rank = a.shape[0], a.shape[-1]
+        delta = jnp.einsum("lir,lro->lio", a.reshape(layers, -1, rank).astype(jnp.float32),
+                           b.reshape(layers, rank, -1).astype(jnp.float32), precision="highest")
+        flat_base[kernel_path] = (w.astype(jnp.float32) + cfg.lora.scale * delta.reshape(w.shape)).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat_base, sep="/")

@@ -1,0 +1,84 @@
+"""Low-rank adapters: the adapted network starts equal to its base, runs W + scale A B (checked against a NumPy
+projection), merges into a plain tree with the same logits, and shards like the weights it adapts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_params
+from flax import traverse_util
+
+from llama_jax import lora, model, sharding
+from llama_jax.config import LORA_TARGETS, LoRA, ModelConfig
+from llama_jax.errors import ConfigError
+
+CFG = ModelConfig(vocab_size=96, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48, max_seq_len=64)
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 10)), jnp.int32)
+
+
+def _trained(adapters, seed=3, std=0.05):
+    """Adapters as training leaves them: B no longer zero."""
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("targets", [LORA_TARGETS, ("query", "value"), ("out", "down")])
+def test_step_zero_equals_the_base_and_merged_equals_unmerged(targets):
+    base = random_params(CFG)
+    cfg = CFG.replace(lora=LoRA(rank=4, alpha=8.0, targets=targets))
+    adapters = lora.init(cfg, jax.random.key(1))
+    adapted = model.Llama(cfg).apply({"params": lora.join(base, adapters)}, TOKENS)
+    np.testing.assert_array_equal(adapted, model.Llama(CFG).apply({"params": base}, TOKENS))  # B = 0: exactly
+    trained = lora.join(base, _trained(adapters))
+    unmerged = model.Llama(cfg).apply({"params": trained}, TOKENS)
+    merged = model.Llama(CFG).apply({"params": lora.merge(trained, cfg)}, TOKENS)
+    assert float(jnp.abs(unmerged - model.Llama(CFG).apply({"params": base}, TOKENS)).max()) > 1e-2  # it adapts
+    np.testing.assert_allclose(merged, unmerged, atol=1e-5)
+    names = {p.split("/")[-1].removesuffix("_lora_a") for p in traverse_util.flatten_dict(adapters, sep="/")
+             if p.endswith("_lora_a")}
+    assert names == set(targets)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_kernel_is_w_plus_scale_b_a_as_peft_writes_it(rslora):
+    """PEFT's layout: lora_A.weight [r, in], lora_B.weight [out, r], W_eff = W + scale B A (torch's [out, in])."""
+    cfg = CFG.replace(lora=LoRA(rank=4, alpha=6.0, targets=("query",), rslora=rslora))
+    base, adapters = random_params(CFG), _trained(lora.init(cfg, jax.random.key(1)))
+    merged = lora.merge(lora.join(base, adapters), cfg)
+    d, n, h = CFG.dim, CFG.num_heads, CFG.resolved_head_dim
+    scale = 6.0 / (np.sqrt(4) if rslora else 4)
+    for layer in range(CFG.num_layers):
+        w = np.asarray(base["layers"]["attention"]["query"][layer]).reshape(d, n * h).T  # [out, in]
+        lora_a = np.asarray(adapters["layers"]["attention"]["query_lora_a"][layer]).T  # [r, in]
+        lora_b = np.asarray(adapters["layers"]["attention"]["query_lora_b"][layer]).reshape(4, n * h).T  # [out, r]
+        expected = (w.astype(np.float64) + scale * lora_b.astype(np.float64) @ lora_a).T.reshape(d, n, h)
+        np.testing.assert_allclose(merged["layers"]["attention"]["query"][layer], expected, atol=1e-6)
+
+
+def test_a_is_drawn_as_peft_draws_it_and_b_is_zero():
+    cfg = ModelConfig(vocab_size=96, dim=256, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=512,
+                      lora=LoRA(rank=8, targets=("query", "down")))
+    adapters = lora.init(cfg, jax.random.key(0))
+    for path, fan_in in (("attention/query_lora_a", 256), ("feed_forward/down_lora_a", 512)):
+        a = np.asarray(traverse_util.flatten_dict(adapters["layers"], sep="/")[path])
+        bound = 1 / np.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
+        assert bound >= np.abs(a).max() > 0.95 * bound and abs(a.std() - bound / np.sqrt(3)) < 0.05 * bound
+        assert not np.array_equal(a[0], a[1])  # each layer its own draw
+    assert all(not np.any(b) for p, b in traverse_util.flatten_dict(adapters, sep="/").items() if p.endswith("_b"))
+
+
+def test_adapters_shard_as_the_weights_they_adapt():
+    cfg = CFG.replace(lora=LoRA(rank=4))
+    mesh = sharding.make_mesh("fsdp=4,tensor=2")
+    specs = traverse_util.flatten_dict(jax.tree.map(lambda s: s.spec, model.param_shardings(cfg, mesh)), sep="/")
+    assert specs["layers/attention/query_lora_a"] == jax.sharding.PartitionSpec("pipeline", "fsdp", None)
+    assert specs["layers/attention/query_lora_b"] == jax.sharding.PartitionSpec("pipeline", None, "tensor", None)
+    assert specs["layers/feed_forward/down_lora_a"] == jax.sharding.PartitionSpec("pipeline", "tensor", None)
+
+
+def test_bad_adapter_settings_are_config_errors():
+    for bad in (dict(rank=0), dict(alpha=0.0), dict(targets=("q_proj",)), dict(targets=())):
+        with pytest.raises(ConfigError, match="LoRA"):
+            LoRA(**bad)
+    assert ModelConfig.from_dict(CFG.replace(lora=LoRA(rank=2)).to_dict()).lora == LoRA(rank=2)
