@@ -16,10 +16,10 @@ import json
 from typing import Any, ClassVar
 
 from llama_jax import config as model_config
-from llama_jax.config import ModelConfig
+from llama_jax.config import LORA_TARGETS, LoRA, ModelConfig
 from llama_jax.data.config import DataConfig
 from llama_jax.errors import ConfigError
-from llama_jax.sections import BOOLEAN, Section, at_least, number, one_of, option
+from llama_jax.sections import BOOLEAN, Check, Section, at_least, number, one_of, option
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,6 +154,25 @@ class DPO(Section):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Adapters(Section):
+    key: ClassVar[str] = "lora"
+
+    rank: int = option(0, "low-rank adapters' rank r (0: none, every parameter trains); with r > 0 only the "
+                          "adapters and the stage's own leaves train, the base stays frozen", at_least(0))
+    alpha: float = option(16.0, "the update's scale is alpha / r (alpha / sqrt(r) with rslora)",
+                          number(lambda v: v > 0, "> 0"))
+    targets: tuple = option(LORA_TARGETS, "the projections adapted",
+                            Check((tuple, list), lambda v: bool(v) and set(v) <= set(LORA_TARGETS),
+                                  f"a non-empty list of {', '.join(LORA_TARGETS)}"))
+    rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)", BOOLEAN)
+
+    def spec(self) -> LoRA | None:
+        """The model's adapters (``ModelConfig.lora``), or None without them."""
+        return LoRA(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), rslora=self.rslora) if self.rank \
+            else None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Experiment(Section):
     key: ClassVar[str] = ""  # the whole config: its keys are the sections and the top-level keys
 
@@ -174,6 +193,7 @@ class Experiment(Section):
     checkpoint: Checkpoint = option(factory=Checkpoint, doc="saving and retention")
     long_context: LongContext = option(factory=LongContext, doc="the long-context extension")
     logging: Logging = option(factory=Logging, doc="metrics, evaluation, progress")
+    lora: Adapters = option(factory=Adapters, doc="low-rank adapters (llama_jax.lora)")
     reward: Reward | None = option(None, "the reward stage's own section")
     dpo: DPO | None = option(None, "the dpo stage's own section")
 

@@ -38,6 +38,11 @@ def split(params: dict) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(base, sep="/"), traverse_util.unflatten_dict(adapters, sep="/")
 
 
+def check(adapters: dict, cfg: ModelConfig) -> None:
+    """ConfigError listing every leaf that is not one of ``cfg.lora``'s adapters, of its shape."""
+    model.check_tree(adapters, split(model.param_shapes(cfg))[1])
+
+
 def join(base: dict, adapters: dict) -> dict:
     """One tree holding ``base``'s leaves and ``adapters``'."""
     flat = traverse_util.flatten_dict(base, sep="/") | traverse_util.flatten_dict(adapters, sep="/")

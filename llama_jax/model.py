@@ -400,7 +400,13 @@ def logical_axes(cfg: ModelConfig) -> Params:
 
 def check_params(params: Params, cfg: ModelConfig) -> None:
     """Raises ConfigError listing every leaf whose path or shape differs from what ``cfg`` expects."""
-    expected = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(param_shapes(cfg))}
+    check_tree(params, param_shapes(cfg))
+
+
+def check_tree(params: Params, shapes: Params) -> None:
+    """Raises ConfigError listing every leaf whose path or shape differs from ``shapes`` (a tree of
+    ShapeDtypeStructs)."""
+    expected = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(shapes)}
     got = {jax.tree_util.keystr(p): tuple(getattr(v, "shape", np.shape(v)))  # QuantizedArrays count as one leaf
            for p, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=quantized.is_quantized)}
     problems = [f"missing {k} {s}" for k, s in expected.items() if k not in got]

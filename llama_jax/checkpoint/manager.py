@@ -24,7 +24,7 @@ from typing import TypeVar
 import jax
 from jax.experimental import multihost_utils
 
-from llama_jax import model
+from llama_jax import lora, model
 from llama_jax.checkpoint.format import (
     CHECKPOINTS_DIR,
     check_structure,
@@ -188,9 +188,14 @@ class CheckpointManager:
 
 
 def _check_params(params, cfg: ModelConfig, extra_params: Sequence[str]) -> None:
-    """The tree must be what ``cfg`` describes, plus the top-level leaves a stage declares (a reward head)."""
+    """The tree must be what ``cfg`` describes, plus the top-level leaves a stage declares (a reward head); with
+    adapters (``cfg.lora``) the adapters alone: the base stays where the run's init_from pins it."""
     try:
-        model.check_params({k: v for k, v in params.items() if k not in extra_params}, cfg)
+        tree = {k: v for k, v in params.items() if k not in extra_params}
+        if cfg.lora is not None:
+            lora.check(tree, cfg)
+        else:
+            model.check_params(tree, cfg)
     except ConfigError as e:
         raise CheckpointError(f"refusing to save: {e}") from e
 

@@ -26,6 +26,7 @@ from llama_jax.experiment import Experiment
 from llama_jax.parallel import pipeline
 from llama_jax.tokenizer import Tokenizer, get_tokenizer
 from llama_jax.train import dpo, long_context, phases, pretrain, reward, sft
+from llama_jax.train.adapters import with_adapters
 from llama_jax.train.lock import RunLock
 from llama_jax.train.step import Stage, TrainState, abstract_state, create_state, make_eval_step, make_train_step
 
@@ -216,7 +217,9 @@ def build(config) -> Run:
     stage = STAGES[config.stage]
     if stage.configure is not None:
         stage = stage.configure(config)
-    cfg = config.model
+    cfg = config.model.replace(lora=config.lora.spec())
+    if cfg.lora is not None:
+        stage = with_adapters(stage, cfg, config)
     plan, extension = plan_phases(config, cfg)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:

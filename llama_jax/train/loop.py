@@ -196,7 +196,9 @@ def _banner(run: Run, stop_step: int) -> str:
     tokens = int(c.data.batch_size) * int(c.data.seq_len)
     start = (f"resumed from step {run.resumed_from}" if run.resumed_from is not None
              else f"started from {run.init_from['path']}" if run.init_from else "fresh parameters")
-    banner = (f"llama_jax {run.stage.name}: {run.cfg.num_params():,} parameters, {jax.device_count()} "
+    trained = sum(x.size for x in jax.tree.leaves(run.state.params))
+    adapters = f" ({trained:,} trained: low-rank adapters, rank {run.cfg.lora.rank})" if run.cfg.lora else ""
+    banner = (f"llama_jax {run.stage.name}: {run.cfg.num_params():,} parameters{adapters}, {jax.device_count()} "
               f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), mesh "
               f"{dict(run.mesh.shape)}; {tokens:,} tokens per data batch; steps {step} -> {stop_step}; {start}; "
               f"writing to {os.path.abspath(c.run_dir)}; records cut to fit a row or dropped so far: "

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import struct, traverse_util
 
 from llama_jax import model, sharding
 from llama_jax.config import ModelConfig
@@ -43,6 +43,8 @@ class Stage:
     #                                                                        their logical axes (a reward head)
     frozen: Callable[[dict], Any] | None = None  # what the stage reads but never trains, from the starting
     #                                              parameters (DPO's reference: a copy of the policy's)
+    trained: Callable[[dict], dict] | None = None  # the part of the starting parameters that trains (None: all;
+    #                                                with adapters, the adapters and the stage's own leaves)
     configure: Callable[[Any], Stage] | None = None  # the stage as an experiment config sets it up (DPO keeps no
     #                                                  reference copy when its log-probs come precomputed)
     flops_factor: float = 1.0  # a step's FLOPs per token of its batch, in units of the model's forward + backward
@@ -58,16 +60,29 @@ class TrainState:
     frozen: Any = None  # parameters the loss reads but nothing trains, sharded like params, not in opt_state
 
 
-def _boxed_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, stage: Stage | None) -> TrainState:
-    """A fresh state whose parameter leaves (and so the optimizer's moments and the frozen copies of them) carry
-    their logical axes."""
+def _starting_state(cfg: ModelConfig, seed: int, stage: Stage | None) -> TrainState:
+    """A fresh state holding every starting parameter in params (the stage's extra leaves included), boxed with
+    their logical axes; no optimizer state yet (``_partition``)."""
     params_key, extra_key, rng = jax.random.split(jax.random.PRNGKey(seed), 3)
     params = model.boxed_params(cfg, params_key)
     if stage is not None and stage.extra_params is not None:
         params = {**params, **stage.extra_params(cfg, extra_key)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=rng)
+
+
+def _partition(state: TrainState, tx: optax.GradientTransformation, stage: Stage | None) -> TrainState:
+    """``state`` whose params are every starting parameter -> what trains in params (with a fresh optimizer state
+    for it), what the stage reads but never trains in frozen."""
+    params = state.params
     frozen = stage.frozen(params) if stage is not None and stage.frozen is not None else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-                      frozen=frozen)
+    trained = stage.trained(params) if stage is not None and stage.trained is not None else params
+    return state.replace(params=trained, opt_state=tx.init(trained), frozen=frozen)
+
+
+def _boxed_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, stage: Stage | None) -> TrainState:
+    """A fresh state whose parameter leaves (and so the optimizer's moments and the frozen copies of them) carry
+    their logical axes."""
+    return _partition(_starting_state(cfg, seed, stage), tx, stage)
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, stage: Stage | None = None
@@ -95,16 +110,15 @@ def create_state(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed:
     stage's extra leaves are initialised and its frozen tree derived from these starting parameters."""
 
     def build(start):
-        state = nn.meta.unbox(_boxed_state(cfg, tx, seed, stage))
-        if start is None:
-            return state
-        trained = {**state.params, **jax.tree.map(lambda x, like: x.astype(like.dtype), start,
-                                                 {k: state.params[k] for k in start})}
-        frozen = stage.frozen(trained) if stage is not None and stage.frozen is not None else None
-        return state.replace(params=trained, opt_state=tx.init(trained), frozen=frozen)
+        state = nn.meta.unbox(_starting_state(cfg, seed, stage))
+        if start is not None:  # over the fresh leaves, path by path (a run's adapters and extra leaves stay fresh)
+            fresh = traverse_util.flatten_dict(state.params, sep="/")
+            started = {k: v.astype(fresh[k].dtype) for k, v in traverse_util.flatten_dict(start, sep="/").items()}
+            state = state.replace(params=traverse_util.unflatten_dict(fresh | started, sep="/"))
+        return _partition(state, tx, stage)
 
     if params is not None:
-        model.check_params(params, cfg)
+        model.check_params(params, cfg.replace(lora=None))  # a Llama tree: a run's adapters start fresh
     return jax.jit(build, out_shardings=state_shardings(cfg, tx, mesh, stage))(params)
 
 

@@ -16,7 +16,8 @@ from llama_jax.train import defaults
 
 RECIPES = {"pretrain": defaults.pretrain_config, "sft": defaults.sft_config, "reward": defaults.reward_config,
            "dpo": defaults.dpo_config}
-WRONG = {"an integer": "12", "a number": "0.5", "one of": 3, "true or false": "yes"}  # of the wrong type each
+WRONG = {"an integer": "12", "a number": "0.5", "one of": 3, "true or false": "yes",  # of the wrong type each
+         "a non-empty list": "query"}
 
 
 def rows(stage: str):
@@ -32,7 +33,7 @@ def test_every_key_has_a_default_and_a_doc_from_the_sections(stage):
     assert not undocumented  # the model's fields are ModelConfig's, documented there
     sections = {key.split(".")[0] for key in keys if "." in key}
     assert sections == {"model", "data", "pipeline", "optimizer", "loss", "schedule", "train", "checkpoint",
-                        "long_context", "logging"} | ({stage} if stage in experiment.STAGE_SECTIONS else set())
+                        "long_context", "logging", "lora"} | ({stage} if stage in experiment.STAGE_SECTIONS else set())
     values = dict((key, value) for key, value, *_ in listed)
     assert values["stage"] == stage and values["loss.vocab_chunk"] == 8192 and values["long_context.phases"] == []
     checked = [(key, expected) for key, _, _, expected in listed if expected]

@@ -1,0 +1,130 @@
+"""Stages with low-rank adapters (config.lora) through the command users run: only the adapters train and are saved,
+the base stays frozen and is read again on resume (bit-identical), DPO's reference is the base with the adapters off
+(ln 2 and accuracy 0.5 at its first step)."""
+
+import json
+import math
+import runpy
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, env, losses_by_step, read_metrics, wait_for
+from flax import traverse_util
+
+from llama_jax import checkpoint, lora
+from llama_jax.train import loop
+
+PRETRAIN_TINY, SFT_TINY, DPO_TINY = (ROOT / "configs" / stage / "tiny.py" for stage in ("pretrain", "sft", "dpo"))
+WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Say {w}, please. {w.title()}!" for w in WORDS * 20))
+    c = runpy.run_path(str(PRETRAIN_TINY))["get_config"](str(corpus))
+    c.update(run_dir=str(tmp / "run"))
+    c.train.steps = 4
+    c.logging.eval_every = 0
+    loop.run(c)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    rng = np.random.default_rng(0)
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                     {"role": "assistant", "content": f"{w.title()}!"}]}) + "\n"
+                            for w in rng.choice(WORDS, 80)))
+    return path
+
+
+def _train(config, data, run_dir, *overrides, steps=3):
+    return [sys.executable, "-m", "llama_jax.train", f"--config={config}:{data}", f"--config.run_dir={run_dir}",
+            f"--config.train.steps={steps}", "--config.logging.every=1", "--config.logging.eval_every=0",
+            "--config.lora.rank=4", "--config.lora.alpha=8", *overrides]
+
+
+@pytest.mark.slow  # 20 s (the fast set has DPO's command and the in-process checks)
+def test_sft_with_adapters_trains_and_saves_only_them(pretrained, chats, tmp_path):
+    done = subprocess.run(_train(SFT_TINY, chats, tmp_path / "straight", f"--config.init_from={pretrained}", steps=2),
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained: low-rank adapters, rank 4" in done.stderr
+    params, cfg, metadata = checkpoint.load(str(tmp_path / "straight"))
+    saved = traverse_util.flatten_dict(params, sep="/")
+    assert saved and all(lora.is_adapter(path) for path in saved)  # the base is not in the checkpoint
+    lora.check(params, cfg)
+    assert cfg.lora.rank == 4 and cfg.lora.scale == 2.0
+    assert any(np.any(v) for p, v in saved.items() if p.endswith("_lora_b"))  # B moved from zero: it trained
+    assert metadata["init_from"]["checksum"]  # where the base is, pinned
+
+
+def test_gradients_reach_only_the_adapters(pretrained, chats, tmp_path):
+    c = runpy.run_path(str(SFT_TINY))["get_config"](str(chats))
+    c.update(run_dir=str(tmp_path / "run"), init_from=str(pretrained))
+    c.lora.rank = 4
+    run = loop.build(c)
+    try:
+        state = run.enter(run.plan.phases[0], run.state)
+        base_bytes = [np.asarray(x).tobytes() for x in jax.tree.leaves(state.frozen)]
+        before = jax.tree.map(np.asarray, state.params)
+        for _, batch in zip(range(2), run.data):
+            state, metrics = run.train_step(state, batch)
+        assert [np.asarray(x).tobytes() for x in jax.tree.leaves(state.frozen)] == base_bytes
+        moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.params)
+        assert any(jax.tree.leaves(moved))
+        trained = set(traverse_util.flatten_dict(state.params, sep="/"))
+        assert all(lora.is_adapter(p) for p in trained)
+        moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0]
+        assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(state.params))  # Adam: 2
+    finally:
+        run.close()
+
+
+def _preferences(path):
+    rng = np.random.default_rng(1)
+    path.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": f"{w.title()}!", "rejected": w.upper()})
+                            + "\n" for w in rng.choice(WORDS, 64)))
+    return path
+
+
+def test_dpo_with_adapters_starts_at_ln2_against_the_base_with_adapters_off(pretrained, tmp_path):
+    prefs = _preferences(tmp_path / "prefs.jsonl")
+    done = subprocess.run(_train(DPO_TINY, prefs, tmp_path / "dpo", f"--config.init_from={pretrained}",
+                                 "--config.data.seq_len=64", steps=2), env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = [m for m in read_metrics(tmp_path / "dpo") if "loss" in m][0]
+    assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["accuracy"] == 0.5 and first["margin"] == 0.0
+    params, _, _ = checkpoint.load(str(tmp_path / "dpo"))
+    assert all(lora.is_adapter(p) for p in traverse_util.flatten_dict(params, sep="/"))  # no reference copy saved
+
+
+def test_adapters_without_init_from_are_refused_before_anything_is_written(chats, tmp_path):
+    done = subprocess.run(_train(SFT_TINY, chats, tmp_path / "run"), env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "error: config.lora.rank > 0 needs config.init_from" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # 28 s: a run killed mid-way resumes to the same losses as one that ran straight
+def test_sft_with_adapters_resumes_bit_identically_after_sigkill(pretrained, chats, tmp_path):
+    command = _train(SFT_TINY, chats, tmp_path / "killed", f"--config.init_from={pretrained}",
+                     "--config.checkpoint.every=2", steps=8)
+    straight = _train(SFT_TINY, chats, tmp_path / "straight", f"--config.init_from={pretrained}", steps=8)
+    assert subprocess.run(straight, env=env(), capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "4").exists(), proc, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resumed from step" in resumed.stderr, resumed.stderr[-3000:]
+    assert losses_by_step(tmp_path / "killed") == losses_by_step(tmp_path / "straight")
