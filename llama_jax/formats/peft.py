@@ -17,6 +17,7 @@ per-module ranks, adapters on embeddings or the head, some layers only) is a Con
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -114,8 +115,7 @@ def read(directory: str | os.PathLike, cfg: ModelConfig) -> tuple[dict, LoRA]:
     if missing:  # some layers only (PEFT's layers_to_transform / exclude_modules), or a layer beyond the base's
         raise ConfigError(f"{weights_file} lacks {missing[:4]} ({len(missing)} in all): llama_jax adapts a "
                           f"projection in all {cfg.num_layers} layers of the base")
-    lora_cfg = LoRA(rank=lora_cfg.rank, alpha=lora_cfg.alpha, rslora=lora_cfg.rslora,
-                    targets=tuple(t for t in LORA_TARGETS if t in found))
+    lora_cfg = dataclasses.replace(lora_cfg, targets=tuple(t for t in LORA_TARGETS if t in found))
 
     expected = jax.eval_shape(lambda: lora.init(cfg.replace(lora=lora_cfg), jax.random.key(0)))
     adapters: dict = {"layers": {}}
@@ -136,7 +136,8 @@ def read(directory: str | os.PathLike, cfg: ModelConfig) -> tuple[dict, LoRA]:
 
 
 def _lora_config(config_file: str) -> LoRA:
-    """The rank, alpha and rsLoRA flag of a PEFT LoraConfig file; anything we would run differently refused."""
+    """The rank, alpha and rsLoRA flag of a PEFT LoraConfig file (targets: the tensors decide); anything we would
+    run differently refused."""
     try:
         with open(config_file) as f:
             config = json.load(f)
@@ -145,7 +146,7 @@ def _lora_config(config_file: str) -> LoRA:
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"{config_file}: peft_type is {config.get('peft_type')!r}; llama_jax reads LORA adapters")
     for field, plain in _PLAIN.items():
-        if config.get(field, plain) not in (plain, None):  # PEFT writes null or the default for unused fields
+        if config.get(field, plain) not in (plain, None, [], {}):  # PEFT writes null, empty or the default
             raise ConfigError(f"{config_file}: {field}={config[field]!r} is not supported (llama_jax runs plain "
                               f"LoRA: {field}={plain!r})")
     targets = config.get("target_modules")
