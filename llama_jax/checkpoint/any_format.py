@@ -22,7 +22,8 @@ from typing import Any
 
 import jax
 
-from llama_jax import model, sharding
+from llama_jax import lora, model, sharding
+from llama_jax.checkpoint import checksums
 from llama_jax.checkpoint.format import (
     CHECKPOINTS_DIR,
     LAYOUTS,
@@ -77,13 +78,15 @@ def identity(path: str) -> dict:
             "stage": metadata.get("stage"), "saved_at": metadata.get("saved_at")}
 
 
-def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] = iter
+def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] = iter, merge_adapters: bool = True
          ) -> tuple[Any, ModelConfig, dict]:
     """(params, config, metadata) from a llama_jax run or step directory, an HF directory or a Meta directory.
 
     shardings: None (default device), a ``jax.sharding.Mesh`` (parameters laid out by the logical-axis rules) or
     a tree of shardings matching the parameters. The config's ``scan_layers`` matches the tree's layout. For HF /
     Meta directories metadata is {"format", "path", "tokenizer"}. ``progress`` wraps the list of weight files read.
+    A run trained with adapters (``config.lora``) loads as its base with the adapters merged in, unless
+    ``merge_adapters=False`` (then the adapters alone, and the config's ``lora``).
     """
     fmt = detect_format(path)
     if fmt != "llama_jax":
@@ -92,12 +95,33 @@ def load(path: str, *, shardings=None, progress: Callable[[Iterable], Iterable] 
         metadata = {"format": fmt, "path": os.path.abspath(path), "tokenizer": provenance.tokenizer_identity(path, cfg)}
         return jax.device_put(params, placement), cfg, metadata
     if is_checkpoint_dir(path):
-        return _load_step(os.path.abspath(path), shardings)
-    run_checkpoints = os.path.join(os.path.abspath(path), CHECKPOINTS_DIR)
-    step, loaded, skipped = newest_that_verifies(run_checkpoints, lambda step_dir: _load_step(step_dir, shardings))
-    for _, problem in skipped:
-        warn(f"{problem}\n  skipped; loaded step {step}, the newest checkpoint of {path} that verifies")
-    return loaded
+        params, cfg, metadata = _load_step(os.path.abspath(path), shardings)
+    else:
+        run_checkpoints = os.path.join(os.path.abspath(path), CHECKPOINTS_DIR)
+        step, (params, cfg, metadata), skipped = newest_that_verifies(
+            run_checkpoints, lambda step_dir: _load_step(step_dir, shardings))
+        for _, problem in skipped:
+            warn(f"{problem}\n  skipped; loaded step {step}, the newest checkpoint of {path} that verifies")
+    if cfg.lora is not None and merge_adapters:
+        params, cfg = _merged_onto_base(params, cfg, metadata, shardings)
+    return params, cfg, metadata
+
+
+def _merged_onto_base(adapters, cfg: ModelConfig, metadata: dict, shardings) -> tuple[Any, ModelConfig]:
+    """A run with adapters saves them alone: its network is its base (where the run's init_from pins it, verified
+    by checksum) with the adapters merged in, a plain Llama tree."""
+    pinned = metadata.get("init_from") or {}
+    if "source_dir" not in pinned:
+        raise CheckpointError(f"{metadata.get('path', 'this checkpoint')} holds adapters but records no base (its "
+                              "init_from): they cannot be applied")
+    base, base_cfg, _ = load(pinned["source_dir"], shardings=shardings)
+    if not base_cfg.scan_layers:
+        base = model.stack_layers(base, base_cfg.num_layers)
+    base = {k: base[k] for k in model.param_shapes(cfg.replace(lora=None))}
+    if "checksum" in pinned and checksums.tree_digest(base) != pinned["checksum"]:
+        raise CheckpointError(f"the base of these adapters, {pinned['source_dir']} (init_from step "
+                              f"{pinned.get('step')}), no longer holds the parameters they were trained on")
+    return lora.merge(lora.join(base, adapters), cfg), cfg.replace(lora=None)
 
 
 def _load_step(step_dir: str, shardings) -> tuple[Any, ModelConfig, dict]:
@@ -106,6 +130,10 @@ def _load_step(step_dir: str, shardings) -> tuple[Any, ModelConfig, dict]:
     if layout not in LAYOUTS:
         raise CheckpointError(f"{step_dir}: param_layout {layout!r} is not one of {LAYOUTS}")
     cfg = ModelConfig.from_dict(metadata["model_config"]).replace(scan_layers=layout == "stacked")
+    if cfg.lora is not None:  # the adapters alone, a few MB: replicated beside the base they join
+        placement = (jax.sharding.NamedSharding(shardings, jax.sharding.PartitionSpec())
+                     if isinstance(shardings, jax.sharding.Mesh) else None)
+        return jax.device_put(restore_dir(step_dir, params_only=True).params, placement), cfg, metadata
     if shardings is None or metadata.get("quantization"):
         params = restore_dir(step_dir, params_only=True).params
         placement = None if shardings is None else _param_shardings(shardings, params, cfg)

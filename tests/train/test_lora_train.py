@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, env, losses_by_step, read_metrics, wait_for
 from flax import traverse_util
 
-from llama_jax import checkpoint, lora
+from llama_jax import checkpoint, lora, model
 from llama_jax.train import loop
 
 PRETRAIN_TINY, SFT_TINY, DPO_TINY = (ROOT / "configs" / stage / "tiny.py" for stage in ("pretrain", "sft", "dpo"))
@@ -128,3 +128,53 @@ def test_sft_with_adapters_resumes_bit_identically_after_sigkill(pretrained, cha
     resumed = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resumed from step" in resumed.stderr, resumed.stderr[-3000:]
     assert losses_by_step(tmp_path / "killed") == losses_by_step(tmp_path / "straight")
+
+
+@pytest.fixture(scope="module")
+def sft_adapters(pretrained, chats, tmp_path_factory):
+    """A short SFT run with adapters on every projection (in this process: the commands under test read it)."""
+    c = runpy.run_path(str(SFT_TINY))["get_config"](str(chats))
+    c.update(run_dir=str(tmp_path_factory.mktemp("sft") / "run"), init_from=str(pretrained))
+    c.lora.update(rank=4, alpha=8.0)
+    c.train.steps = 3
+    c.schedule.update(warmup_steps=1, peak_lr=1e-2)  # B moves well away from zero in three steps
+    c.logging.eval_every = 0
+    loop.run(c)
+    return c.run_dir
+
+
+def test_merge_folds_the_adapters_into_a_plain_checkpoint_with_the_same_logits(pretrained, sft_adapters, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "llama_jax.lora", "merge", "--checkpoint", sft_adapters, "--out",
+                           str(tmp_path / "merged")], env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged, merged_cfg, _ = checkpoint.load(str(tmp_path / "merged"))
+    adapters, cfg, _ = checkpoint.load(sft_adapters, merge_adapters=False)
+    base, _, _ = checkpoint.load(str(pretrained))
+    assert merged_cfg.lora is None and cfg.lora.rank == 4
+    tokens = np.arange(1, 33)[None]
+    unmerged = model.Llama(cfg).apply({"params": lora.join(base, adapters)}, tokens)
+    np.testing.assert_allclose(model.Llama(merged_cfg).apply({"params": merged}, tokens), unmerged, atol=1e-5)
+    assert np.abs(unmerged - model.Llama(merged_cfg).apply({"params": base}, tokens)).max() > 1e-2  # it trained
+    refused = subprocess.run([sys.executable, "-m", "llama_jax.lora", "merge", "--checkpoint", str(pretrained),
+                              "--out", str(tmp_path / "x")], env=env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "holds no adapters" in refused.stderr
+
+
+@pytest.mark.slow  # 25 s: two commands and transformers + peft
+def test_exported_adapter_loads_in_peft_with_the_same_logits(pretrained, sft_adapters, tmp_path):
+    import peft
+    import torch
+    import transformers
+
+    export = ["llama_jax.lora", "export", "--checkpoint", sft_adapters, "--out", str(tmp_path / "adapter")]
+    convert = ["llama_jax.convert", "--checkpoint", str(pretrained), "--to", "hf", "--out", str(tmp_path / "hf")]
+    for command in (export, convert):
+        done = subprocess.run([sys.executable, "-m", *command], env=env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    theirs_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    tokens = np.arange(1, 33)[None]
+    with torch.no_grad():
+        theirs = theirs_model(torch.from_numpy(tokens)).logits.numpy()
+    params, cfg, _ = checkpoint.load(sft_adapters)  # merged on load
+    np.testing.assert_allclose(np.asarray(model.Llama(cfg).apply({"params": params}, tokens)), theirs, atol=1e-4)
