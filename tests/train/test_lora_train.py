@@ -57,7 +57,7 @@ def test_sft_with_adapters_trains_and_saves_only_them(pretrained, chats, tmp_pat
                           env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained: low-rank adapters, rank 4" in done.stderr
-    params, cfg, metadata = checkpoint.load(str(tmp_path / "straight"))
+    params, cfg, metadata = checkpoint.load(str(tmp_path / "straight"), merge_adapters=False)
     saved = traverse_util.flatten_dict(params, sep="/")
     assert saved and all(lora.is_adapter(path) for path in saved)  # the base is not in the checkpoint
     lora.check(params, cfg)
@@ -104,7 +104,7 @@ def test_dpo_with_adapters_starts_at_ln2_against_the_base_with_adapters_off(pret
     first = [m for m in read_metrics(tmp_path / "dpo") if "loss" in m][0]
     assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["accuracy"] == 0.5 and first["margin"] == 0.0
-    params, _, _ = checkpoint.load(str(tmp_path / "dpo"))
+    params, _, _ = checkpoint.load(str(tmp_path / "dpo"), merge_adapters=False)
     assert all(lora.is_adapter(p) for p in traverse_util.flatten_dict(params, sep="/"))  # no reference copy saved
 
 
@@ -178,3 +178,20 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(pretrained, sft_ada
         theirs = theirs_model(torch.from_numpy(tokens)).logits.numpy()
     params, cfg, _ = checkpoint.load(sft_adapters)  # merged on load
     np.testing.assert_allclose(np.asarray(model.Llama(cfg).apply({"params": params}, tokens)), theirs, atol=1e-4)
+
+
+def test_the_reward_stage_trains_its_head_beside_the_adapters(pretrained, tmp_path):
+    prefs = _preferences(tmp_path / "prefs.jsonl")
+    c = runpy.run_path(str(ROOT / "configs" / "reward" / "tiny.py"))["get_config"](str(prefs))
+    c.update(run_dir=str(tmp_path / "rm"), init_from=str(pretrained))
+    c.data.seq_len = 64
+    c.lora.rank = 2
+    c.train.steps = 2
+    c.logging.eval_every = 0
+    loop.run(c)
+    adapters, cfg, metadata = checkpoint.load(str(tmp_path / "rm"), merge_adapters=False)
+    assert metadata["extra_params"] == ["reward_head"] and cfg.lora.rank == 2
+    assert {p for p in traverse_util.flatten_dict(adapters, sep="/") if not lora.is_adapter(p)} == {
+        p for p in traverse_util.flatten_dict({"reward_head": adapters["reward_head"]}, sep="/")}
+    merged, _, _ = checkpoint.load(str(tmp_path / "rm"))
+    assert "reward_head" in merged and "embedding" in merged  # the base joined, the head kept
