@@ -21,11 +21,13 @@ nearest of the 16 NormalFloat values ``NF4_CODE``, two codes a byte (the first i
 maxima are double-quantized: their mean (the offset) is subtracted and the rest is cut into blocks of 256, each
 stored as 8-bit indices into bitsandbytes' signed dynamic map (``dynamic_code``) times a float32 block maximum.
 About 4.127 bits a weight: 4 + 8 / 64 + 32 / (64 * 256). The matmul dequantizes the kernel to the compute dtype
-inside the jitted step, then multiplies as the plain path does.
+inside the jitted step, then multiplies as the plain path does; its backward pass decodes it again instead of
+keeping the decoded copy.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -190,7 +192,7 @@ def matmul(x: jax.Array, kernel, dtype, precision: str | None = None, contracted
     result, and the default leaves XLA free to pick its fp8 GEMM.
     """
     if isinstance(kernel, NF4Array):  # weight-only: the kernel exists in ``dtype`` only inside this computation
-        return _contract(x, dequantize_nf4(kernel, dtype), contracted, precision)
+        return _nf4_matmul(x, kernel, jnp.dtype(dtype), precision, contracted)
     if not isinstance(kernel, QuantizedArray):
         return _contract(x, kernel.astype(dtype), contracted, precision)
     if kernel.mode == "int8":  # weight-only: dequantize on the fly, multiply in the compute dtype
@@ -200,6 +202,30 @@ def matmul(x: jax.Array, kernel, dtype, precision: str | None = None, contracted
     y = jnp.einsum("...i,io->...o", values, kernel.values.reshape(values.shape[-1], -1),
                    preferred_element_type=jnp.float32)
     return (y * row_scale * kernel.scale.reshape(-1)).astype(dtype).reshape(*lead, *outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _nf4_matmul(x, kernel: NF4Array, dtype, precision, contracted: int) -> jax.Array:
+    return _contract(x, dequantize_nf4(kernel, dtype), contracted, precision)
+
+
+def _nf4_matmul_forward(x, kernel, dtype, precision, contracted):
+    return _nf4_matmul(x, kernel, dtype, precision, contracted), (kernel, jnp.zeros((), x.dtype))
+
+
+def _nf4_matmul_backward(dtype, precision, contracted, residuals, dy):
+    # The frozen base gets no gradient, and its kernel is decoded again here rather than saved by autodiff: between
+    # the passes a layer keeps its 4-bit bytes, not a compute-dtype copy (bitsandbytes' MatMul4Bit does the same).
+    kernel, x_dtype = residuals
+    w = dequantize_nf4(kernel, dtype)
+    outs = list(range(contracted, w.ndim))
+    dx = jnp.tensordot(dy, w, axes=(list(range(dy.ndim - len(outs), dy.ndim)), outs), precision=precision)
+    no_gradient = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if a.dtype == jnp.uint8
+                               else jnp.zeros_like(a), kernel)
+    return dx.astype(x_dtype.dtype), no_gradient
+
+
+_nf4_matmul.defvjp(_nf4_matmul_forward, _nf4_matmul_backward)
 
 
 def _contract(x: jax.Array, kernel: jax.Array, contracted: int, precision: str | None) -> jax.Array:

@@ -3,6 +3,7 @@ against the normal quantiles they are defined as, the bytes against a NumPy impl
 algorithm written here, the round-trip error against int4-absmax, the matmul, a model on an NF4 (and an int8) base,
 and the bytes of the 8B's NF4 tree without allocating it."""
 
+import functools
 import math
 
 import jax
@@ -138,6 +139,26 @@ def test_the_nf4_matmul_is_x_times_the_dequantized_kernel():
             expected = np.tensordot(x_in, kernel, contracted)
             bound = 4 * eps * np.tensordot(np.abs(x_in), np.abs(kernel), contracted)  # float rounding of the sums
             assert np.all(np.abs(np.asarray(got, np.float64) - expected) <= bound + 1e-30), dtype
+
+
+def test_the_backward_pass_decodes_the_kernel_again_instead_of_keeping_it():
+    """Gradients reach x (the adapters' path) as through the decoded kernel; the frozen base gets none; what the
+    backward pass keeps is the 4-bit kernel (its bytes), not a float copy of it."""
+    rng = np.random.default_rng(2)
+    for shape, contracted, x_shape in (((256, 128), 1, (2, 3, 256)), ((4, 16, 64), 2, (2, 3, 4, 16))):
+        w = qops.quantize_kernel(jnp.asarray(rng.standard_normal(shape), jnp.float32), "nf4", contracted)
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+
+        def loss(x, w, c=contracted):
+            return jnp.sum(jnp.sin(qops.matmul(x, w, jnp.float32, "highest", c)))
+
+        decoded = qops.dequantize_nf4(w, jnp.float32)
+        np.testing.assert_allclose(jax.grad(loss)(x, w), jax.grad(loss)(x, decoded), rtol=1e-5, atol=1e-5)
+        grads = jax.tree.leaves(jax.grad(loss, argnums=1, allow_int=True)(x, w))
+        assert not any(np.any(np.asarray(g, np.float32)) for g in grads if g.dtype != jax.dtypes.float0)
+        _, backward = jax.vjp(functools.partial(loss, w=w), x)
+        kept = sum(a.size for a in jax.tree.leaves(backward) if jnp.issubdtype(a.dtype, jnp.floating))
+        assert kept < math.prod(shape) / 4, kept  # x, the output and the scales; no [*in, *out] float kernel
 
 
 def _dequantized(params):
