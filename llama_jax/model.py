@@ -66,6 +66,11 @@ _REMAT_POLICIES = {
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    if module.has_variable("params", name) and quantized.is_quantized(stored := module.get_variable("params", name)):
+        # flax would compare the shapes of a quantized kernel's own arrays (NF4's packed codes) with the kernel's.
+        if stored.shape != shape:
+            raise ConfigError(f"{module.name}/{name}: quantized kernel of shape {stored.shape}, expected {shape}")
+        return stored
     dtype = jnp.dtype(module.cfg.param_dtype)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
@@ -175,12 +180,10 @@ class Attention(nn.Module):
 
         inv_freq = rope_frequencies(cfg)
         adapted = functools.partial(_adapter, self, x=x, contracted=1)
-        q = _plus(jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dtype), precision=precision),
-                  adapted("query", kernel_shape=wq.shape, kernel_axes=("embed", "heads", "head_dim")))
-        k = _plus(jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dtype), precision=precision),
-                  adapted("key", kernel_shape=wk.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
-        v = _plus(jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dtype), precision=precision),
-                  adapted("value", kernel_shape=wv.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
+        project = functools.partial(quantized.matmul, x, dtype=dtype, precision=precision)  # [B, T, heads, H]
+        q = _plus(project(wq), adapted("query", kernel_shape=wq.shape, kernel_axes=("embed", "heads", "head_dim")))
+        k = _plus(project(wk), adapted("key", kernel_shape=wk.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
+        v = _plus(project(wv), adapted("value", kernel_shape=wv.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
@@ -198,7 +201,7 @@ class Attention(nn.Module):
             out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, precision=precision,
                                           impl=attention_impl(cfg, cached=kv_cache is not None))
         out_update = _adapter(self, "out", out, wo.shape, ("heads", "head_dim", "embed"), contracted=2)
-        return _plus(jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dtype), precision=precision), out_update), kv_cache
+        return _plus(quantized.matmul(out, wo, dtype, precision, contracted=2), out_update), kv_cache  # [B, T, D]
 
 
 class FeedForward(nn.Module):
@@ -212,7 +215,7 @@ class FeedForward(nn.Module):
         up = _param(self, "up", (cfg.dim, cfg.ffn_dim), ("embed", "mlp"), in_init)
         down = _param(self, "down", (cfg.ffn_dim, cfg.dim), ("mlp", "embed"), in_init)
         dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
-        if isinstance(gate, quantized.QuantizedArray):  # an inference tree from llama_jax.quantize
+        if quantized.is_quantized(gate):  # an inference tree from llama_jax.quantize, or a QLoRA base
             gated, ungated = (quantized.matmul(x, w, dtype, precision) for w in (gate, up))
         else:
             # One matmul against gate and up stacked on a new axis (the mlp axis keeps its sharding): XLA:CPU ran

@@ -10,11 +10,16 @@ as they are; the first and last transformer layers are not quantized. Int8 (``mo
 layers. A quantized kernel is an ``ops.quantized.QuantizedArray`` leaf, which the model's matmul dispatches on.
 Because layers differ (first/last unquantized), the tree is per layer (``layers_0 .. layers_{L-1}``), and the
 returned config says so (``scan_layers=False``).
+
+``mode="nf4"`` builds QLoRA's frozen base instead (not a stored format): all seven projections of every layer in
+NF4 (``ops.quantized.NF4Array``); embeddings, norms and the LM head stay as they are, as PEFT's QLoRA leaves them.
+No layer differs, so the tree keeps its layout: a stacked tree stays stacked (and scanned).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -27,16 +32,23 @@ from llama_jax.ops import quantized
 from llama_jax.ops.quantized import MODES
 
 _KERNELS = ("gate", "up", "down")
+# Every projection with the number of its leading input axes (query [D, N, H] contracts D, out [N, H, D] N and H).
+_NF4_KERNELS = {"attention": {"query": 1, "key": 1, "value": 1, "out": 2},
+                "feed_forward": {"gate": 1, "up": 1, "down": 1}}
 
 
 def quantize_params(params, cfg: ModelConfig, mode: str = "fp8",
                     keep_layers: Sequence[int] | None = None) -> tuple[dict, ModelConfig]:
     """(the inference tree with FFN kernels quantized, its per-layer config). ``keep_layers`` (default: first and
-    last for fp8, none for int8) stay as they are. ``params`` is in ``cfg``'s layout (stacked or per layer)."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown quantization mode {mode!r}; expected one of {MODES}")
+    last for fp8, none for int8) stay as they are. ``params`` is in ``cfg``'s layout (stacked or per layer).
+    "nf4": (every projection in NF4, ``cfg``), in ``cfg``'s layout; ``keep_layers`` does not apply."""
+    if mode not in (*MODES, "nf4"):
+        raise ConfigError(f"unknown quantization mode {mode!r}; expected one of {(*MODES, 'nf4')}")
     if quantized.mode_of(params) is not None:
         raise ConfigError(f"parameters are already quantized ({quantized.mode_of(params)})")
+    if mode == "nf4":
+        model.check_params(params, cfg)
+        return _nf4_base(params, cfg), cfg
     if keep_layers is None:
         keep_layers = (0, cfg.num_layers - 1) if mode == "fp8" else ()
     model.check_params(params, cfg)
@@ -48,6 +60,22 @@ def quantize_params(params, cfg: ModelConfig, mode: str = "fp8",
         ffn = {name: quantized.quantize_kernel(layer["feed_forward"][name], mode) for name in _KERNELS}
         params[f"layers_{i}"] = {**layer, "feed_forward": ffn}
     return params, cfg.replace(scan_layers=False)
+
+
+def _nf4_base(params, cfg: ModelConfig) -> dict:
+    def block(layer, stacked: bool) -> dict:
+        layer = dict(layer)
+        for group, kernels in _NF4_KERNELS.items():
+            weights = dict(layer[group])  # LoRA adapters beside the kernels stay as they are
+            for name, contracted in kernels.items():
+                quantize = functools.partial(quantized.quantize_nf4, contracted=contracted)
+                weights[name] = (jax.vmap(quantize) if stacked else quantize)(weights[name])
+            layer[group] = weights
+        return layer
+
+    if cfg.scan_layers:
+        return {**params, "layers": block(params["layers"], stacked=True)}
+    return {**params, **{f"layers_{i}": block(params[f"layers_{i}"], stacked=False) for i in range(cfg.num_layers)}}
 
 
 def param_bytes(params, shardings=None) -> int:
