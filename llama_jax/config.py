@@ -34,6 +34,7 @@ class RopeScaling:
 
 
 LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")  # the projections an adapter may adapt
+BASE_FORMATS = ("float", "nf4", "int8")  # how an adapted run keeps its frozen base: as loaded, QLoRA's NF4, int8
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

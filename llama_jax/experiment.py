@@ -16,7 +16,7 @@ import json
 from typing import Any, ClassVar
 
 from llama_jax import config as model_config
-from llama_jax.config import LORA_TARGETS, LoRA, ModelConfig
+from llama_jax.config import BASE_FORMATS, LORA_TARGETS, LoRA, ModelConfig
 from llama_jax.data.config import DataConfig
 from llama_jax.errors import ConfigError
 from llama_jax.sections import BOOLEAN, Check, Section, at_least, number, one_of, option
@@ -165,6 +165,9 @@ class Adapters(Section):
                             Check((tuple, list), lambda v: bool(v) and set(v) <= set(LORA_TARGETS),
                                   f"a non-empty list of {', '.join(LORA_TARGETS)}"))
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)", BOOLEAN)
+    base: str = option("float", "how the frozen base is kept: float (param_dtype) | nf4 (QLoRA: 4-bit NormalFloat, "
+                                "blocks of 64, double-quantized scales) | int8 (per output channel)",
+                       one_of(*BASE_FORMATS))
 
     def spec(self) -> LoRA | None:
         """The model's adapters (``ModelConfig.lora``), or None without them."""

@@ -19,22 +19,18 @@ No layer differs, so the tree keeps its layout: a stacked tree stays stacked (an
 from __future__ import annotations
 
 import argparse
-import functools
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from llama_jax import checkpoint, cli, model
+from llama_jax import checkpoint, cli, lora, model
 from llama_jax.config import ModelConfig
 from llama_jax.errors import CheckpointError, ConfigError
 from llama_jax.ops import quantized
 from llama_jax.ops.quantized import MODES
 
 _KERNELS = ("gate", "up", "down")
-# Every projection with the number of its leading input axes (query [D, N, H] contracts D, out [N, H, D] N and H).
-_NF4_KERNELS = {"attention": {"query": 1, "key": 1, "value": 1, "out": 2},
-                "feed_forward": {"gate": 1, "up": 1, "down": 1}}
 
 
 def quantize_params(params, cfg: ModelConfig, mode: str = "fp8",
@@ -48,7 +44,7 @@ def quantize_params(params, cfg: ModelConfig, mode: str = "fp8",
         raise ConfigError(f"parameters are already quantized ({quantized.mode_of(params)})")
     if mode == "nf4":
         model.check_params(params, cfg)
-        return _nf4_base(params, cfg), cfg
+        return lora.quantize_base(params, cfg, "nf4"), cfg
     if keep_layers is None:
         keep_layers = (0, cfg.num_layers - 1) if mode == "fp8" else ()
     model.check_params(params, cfg)
@@ -60,22 +56,6 @@ def quantize_params(params, cfg: ModelConfig, mode: str = "fp8",
         ffn = {name: quantized.quantize_kernel(layer["feed_forward"][name], mode) for name in _KERNELS}
         params[f"layers_{i}"] = {**layer, "feed_forward": ffn}
     return params, cfg.replace(scan_layers=False)
-
-
-def _nf4_base(params, cfg: ModelConfig) -> dict:
-    def block(layer, stacked: bool) -> dict:
-        layer = dict(layer)
-        for group, kernels in _NF4_KERNELS.items():
-            weights = dict(layer[group])  # LoRA adapters beside the kernels stay as they are
-            for name, contracted in kernels.items():
-                quantize = functools.partial(quantized.quantize_nf4, contracted=contracted)
-                weights[name] = (jax.vmap(quantize) if stacked else quantize)(weights[name])
-            layer[group] = weights
-        return layer
-
-    if cfg.scan_layers:
-        return {**params, "layers": block(params["layers"], stacked=True)}
-    return {**params, **{f"layers_{i}": block(params[f"layers_{i}"], stacked=False) for i in range(cfg.num_layers)}}
 
 
 def param_bytes(params, shardings=None) -> int:

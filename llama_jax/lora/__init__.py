@@ -13,6 +13,8 @@ A tree without them runs the base network: DPO's reference is the base with the 
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,8 +23,12 @@ from flax import traverse_util
 
 from llama_jax import model
 from llama_jax.config import ModelConfig
+from llama_jax.ops import quantized
 
 SUFFIXES = ("_lora_a", "_lora_b")
+# Every projection with the number of its leading input axes (query [D, N, H] contracts D, out [N, H, D] N and H).
+PROJECTIONS = {"attention": {"query": 1, "key": 1, "value": 1, "out": 2},
+               "feed_forward": {"gate": 1, "up": 1, "down": 1}}
 
 
 def is_adapter(path: str) -> bool:
@@ -86,3 +92,23 @@ def merge(params: dict, cfg: ModelConfig) -> dict:
                            b.reshape(layers, rank, -1).astype(jnp.float32), precision="highest")
         flat_base[kernel_path] = (w.astype(jnp.float32) + cfg.lora.scale * delta.reshape(w.shape)).astype(w.dtype)
     return traverse_util.unflatten_dict(flat_base, sep="/")
+
+
+def quantize_base(params: dict, cfg: ModelConfig, mode: str) -> dict:
+    """A frozen base with every projection quantized (``mode`` "nf4": QLoRA's 4-bit NormalFloat, "int8": per output
+    channel), in ``cfg``'s layout; embeddings, norms and the LM head stay as they are, as PEFT's QLoRA leaves them,
+    and so do adapters beside the kernels. The matmuls decode the kernels inside the step (``ops.quantized``)."""
+
+    def block(layer, stacked: bool) -> dict:
+        layer = dict(layer)
+        for group, kernels in PROJECTIONS.items():
+            weights = dict(layer[group])
+            for name, contracted in kernels.items():
+                quantize = functools.partial(quantized.quantize_kernel, mode=mode, contracted=contracted)
+                weights[name] = (jax.vmap(quantize) if stacked else quantize)(weights[name])
+            layer[group] = weights
+        return layer
+
+    if cfg.scan_layers:
+        return {**params, "layers": block(params["layers"], stacked=True)}
+    return {**params, **{f"layers_{i}": block(params[f"layers_{i}"], stacked=False) for i in range(cfg.num_layers)}}

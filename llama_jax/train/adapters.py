@@ -8,12 +8,15 @@ The base lives in ``TrainState.frozen``, rebuilt on resume from the step ``init_
 is), so a checkpoint holds the adapters, the optimizer's moments of them and the data state. The loss sees one
 tree, base and adapters joined; DPO's reference is ``frozen``, the base with the adapters off: no second copy of the
 weights. Gradients reach only the adapters: the base enters the step as an input, not as a differentiated argument.
+With ``config.lora.base="nf4"`` (QLoRA) or "int8" the frozen base's projections are stored quantized
+(``lora.quantize_base``) and decoded inside each matmul; the adapters and activations keep their dtypes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 from flax import traverse_util
 
 from llama_jax import lora, model
@@ -36,6 +39,13 @@ def with_adapters(stage: Stage, cfg: ModelConfig, config) -> Stage:
         flat = traverse_util.flatten_dict(params, sep="/")
         return traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_base(k) == base}, sep="/")
 
+    def frozen(params: dict) -> dict:
+        base = part(params, base=True)
+        if config.lora.base == "float":
+            return base
+        # Inside the jitted state constructor: the kernels quantized on their devices, the full-width copy dropped.
+        return lora.quantize_base(nn.meta.unbox(base), cfg, config.lora.base)
+
     def make_loss_fn(cfg_: ModelConfig, config_, run_layers=None) -> LossFn:
         inner = stage.make_loss_fn(cfg_, config_, run_layers)
 
@@ -47,4 +57,4 @@ def with_adapters(stage: Stage, cfg: ModelConfig, config) -> Stage:
     # Without gradients of the frozen weights the backward pass costs one forward (activations' gradients), not
     # two: a third less than full fine-tuning per model pass.
     return dataclasses.replace(stage, make_loss_fn=make_loss_fn, trained=lambda p: part(p, base=False),
-                               frozen=lambda p: part(p, base=True), flops_factor=stage.flops_factor - 1 / 3)
+                               frozen=frozen, flops_factor=stage.flops_factor - 1 / 3)

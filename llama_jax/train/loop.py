@@ -197,7 +197,8 @@ def _banner(run: Run, stop_step: int) -> str:
     start = (f"resumed from step {run.resumed_from}" if run.resumed_from is not None
              else f"started from {run.init_from['path']}" if run.init_from else "fresh parameters")
     trained = sum(x.size for x in jax.tree.leaves(run.state.params))
-    adapters = f" ({trained:,} trained: low-rank adapters, rank {run.cfg.lora.rank})" if run.cfg.lora else ""
+    base = "" if run.config.lora.base == "float" else f", base in {run.config.lora.base}"
+    adapters = f" ({trained:,} trained: low-rank adapters, rank {run.cfg.lora.rank}{base})" if run.cfg.lora else ""
     banner = (f"llama_jax {run.stage.name}: {run.cfg.num_params():,} parameters{adapters}, {jax.device_count()} "
               f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), mesh "
               f"{dict(run.mesh.shape)}; {tokens:,} tokens per data batch; steps {step} -> {stop_step}; {start}; "
