@@ -99,7 +99,7 @@ def test_unknown_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "neither a llama_jax checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # 12 s: the command and the reference replies (the fast set: the refusal below)
+@pytest.mark.slow  # 10 s: the command and the reference replies (the fast set: the refusal below)
 def test_chat_with_an_adapter_replies_as_its_merged_weights_do(tmp_path):
     params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(2))
     path = save(tmp_path, params)

@@ -270,7 +270,7 @@ def sft_adapters(base, tmp_path_factory):
     return c.run_dir
 
 
-@pytest.mark.slow  # 40 s: the adapters' run and four commands
+@pytest.mark.slow  # 50 s: the adapters' run (20 s) and four commands
 def test_adapters_run_unmerged_over_one_base_as_each_would_alone(base, sft_adapters, peft_adapter):
     both = _result(_generate("--checkpoint", base, "--adapter", f"sft={sft_adapters}", "--adapter",
                              f"theirs={peft_adapter}"))
@@ -283,7 +283,7 @@ def test_adapters_run_unmerged_over_one_base_as_each_would_alone(base, sft_adapt
     assert len({json.dumps(r["completions"]) for r in (plain, *both["adapters"].values())}) == 3
 
 
-@pytest.mark.slow  # 20 s with the adapters' run
+@pytest.mark.slow  # 25 s with the adapters' run
 def test_adapters_over_another_base_are_refused(base, sft_adapters, tmp_path):
     other = str(tmp_path / "other")
     checkpoint.save_params(other, model.init_params(SMALL, jax.random.key(7)), SMALL,
