@@ -1,6 +1,7 @@
 """Chat with a checkpoint in the Llama 3 dialog format, from a terminal or a pipe.
 
     python -m llama_jax.chat --checkpoint PATH [--system "You are a helpful assistant."] [--tokenizer byte] [--mesh ...]
+    python -m llama_jax.chat --checkpoint BASE --adapter runs/sft-lora      # low-rank adapters, unmerged, over BASE
 
 Each input line is a user turn; the reply streams as it is generated. ``/reset`` starts a new dialog
 (keeping the system prompt), ``/exit`` or end of input quits. A reply that starts with <|python_tag|>
@@ -100,6 +101,7 @@ def terminal_tools(names: Sequence[str]) -> dict:
 
 parser = cli.parser("python -m llama_jax.chat", __doc__.split("\n")[0])
 cli.add_checkpoint(parser)
+cli.add_adapter(parser)
 cli.add_tokenizer(parser)
 cli.add_sampling(parser)
 cli.add_max_new_tokens(parser)
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
     tool_names = [name.strip() for name in args.tools.split(",") if name.strip()] if args.tools else []
     system = prompts.system_prompt(tool_names, instruction=args.system) if tool_names else args.system
     tools = terminal_tools(tool_names)
-    params, cfg, tok = gen.load_model(args.checkpoint, args.tokenizer)
+    params, cfg, tok = gen.load_model(args.checkpoint, args.tokenizer, args.adapter)
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     chat = Chat(params, cfg, tok, system=system, max_new_tokens=args.max_new_tokens, mesh=mesh,
                 **cli.sampling_kwargs(args))

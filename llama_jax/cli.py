@@ -158,6 +158,15 @@ def add_checkpoint(p: argparse.ArgumentParser, *, required: bool = True, repeate
                    help="llama_jax run or step directory, Hugging Face directory or Meta directory")
 
 
+def add_adapter(p: argparse.ArgumentParser, *, repeated: bool = False) -> None:
+    """``--adapter``; ``repeated``: a command that runs several over one base (``--adapter A --adapter NAME=B``)."""
+    p.add_argument("--adapter", metavar="[NAME=]PATH" if repeated else "PATH", action="append" if repeated else "store",
+                   default=[] if repeated else None,
+                   help="low-rank adapters run unmerged over --checkpoint: a llama_jax run or step directory trained "
+                        "with config.lora (its base must be --checkpoint) or a PEFT adapter directory; where a "
+                        "command takes several, NAME= names one (default: its path)")
+
+
 def add_reward(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", required=True, metavar="PATH",
                    help="the reward model: a reward-stage run or step directory")

@@ -7,6 +7,9 @@
     for new in stream(params, cfg, prompts, 64): ...      # per step: one token (or None) per prompt
 
 CLI: ``python -m llama_jax.generate --checkpoint PATH --prompt "Once upon a time" [--mesh tensor=8]``.
+Low-rank adapters run unmerged over the checkpoint, several over one base loaded once, each prompt completed under
+each (one result per adapter, under "adapters" in the JSON line):
+``python -m llama_jax.generate --checkpoint BASE --adapter sft=runs/sft-lora --adapter theirs=peft-dir/ --prompt ..``.
 
 How a batch of prompts of different lengths is run: prompts are right-padded to one length T and
 prefilled together; pad slots get segment id 0, so no real token ever attends to them. Each row then
@@ -35,19 +38,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import checkpoint, cli, model, sharding
-from llama_jax.config import ModelConfig
-from llama_jax.errors import ConfigError, DataError
+from llama_jax import checkpoint, cli, lora, model, sharding
+from llama_jax.checkpoint import checksums
+from llama_jax.config import LoRA, ModelConfig
+from llama_jax.errors import CheckpointError, ConfigError, DataError
+from llama_jax.formats import peft
 from llama_jax.ops import quantized
-from llama_jax.tokenizer import LLAMA3_STOP_IDS, get_tokenizer  # stop ids beyond a small vocab never occur
+from llama_jax.tokenizer import LLAMA3_STOP_IDS, Tokenizer, get_tokenizer  # stop ids beyond a small vocab never occur
 
 _PROMPT_BUCKET, _CACHE_BUCKET = 32, 64  # lengths are rounded up to these multiples (fewer recompilations)
 
@@ -335,16 +342,70 @@ def _shard_for_decode(params, cfg: ModelConfig, mesh, batch: int, cache_len: int
 # --- CLI ---------------------------------------------------------------------------------------------
 
 
-def load_model(path: str, tokenizer: str | None = None):
-    """(params in the per-layer inference layout, its cfg, tokenizer) from any checkpoint ``checkpoint.load`` reads."""
+def load_model(path: str, tokenizer: str | None = None, adapter: str | None = None):
+    """(params in the per-layer inference layout, its cfg, tokenizer) from any checkpoint ``checkpoint.load`` reads;
+    with ``adapter`` (see ``read_adapters``), params and cfg run those adapters unmerged over it."""
+    [(params, cfg)], tok = load_variants(path, tokenizer, [adapter] if adapter else [])
+    return params, cfg, tok
+
+
+def load_variants(path: str, tokenizer: str | None, adapters: Sequence[str]) -> tuple[list[tuple[Any, ModelConfig]],
+                                                                                       Tokenizer]:
+    """The model at ``path`` loaded once, and for each of ``adapters`` (paths: see ``read_adapters``) its (params,
+    cfg) with those adapters run unmerged over it; the base alone, [(params, cfg)], without adapters. In the
+    per-layer inference layout; the base's arrays are shared by every variant. And the tokenizer."""
     params, cfg, metadata = checkpoint.load(path)
-    params, cfg = inference_layout(params, cfg)
     name = tokenizer or (metadata.get("tokenizer") or {}).get("name") or "llama3"
     tok = get_tokenizer(name)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the checkpoint's model only "
                           f"{cfg.vocab_size}; pass the tokenizer it was trained with (--tokenizer)")
-    return params, cfg, tok
+    if not adapters:
+        return [inference_layout(params, cfg)], tok
+    if not cfg.scan_layers:
+        params, cfg = model.stack_layers(params, cfg.num_layers), cfg.replace(scan_layers=True)
+    # What a run with adapters pinned as its base (train/build.start_from): the Llama leaves, stacked.
+    digest = checksums.tree_digest({k: params[k] for k in model.param_shapes(cfg)})
+    read = [read_adapters(adapter, cfg, digest, path) for adapter in adapters]
+    base, base_cfg = inference_layout(params, cfg)
+    del params  # the stacked copy: the variants share the per-layer one
+    return [(lora.join(base, model.unstack_layers(tree, cfg.num_layers)), base_cfg.replace(lora=spec))
+            for tree, spec in read], tok
+
+
+def read_adapters(path: str, cfg: ModelConfig, base_digest: str, base_path: str) -> tuple[dict, LoRA]:
+    """(adapters, their LoRA) for the base model of ``cfg`` (stacked), whose ``checksums.tree_digest`` is
+    ``base_digest``. ``path``: a PEFT adapter directory (its shapes checked against the base by ``formats.peft``), or
+    a llama_jax run or step directory trained with config.lora, refused unless its pinned base (init_from) is this
+    one, by checksum."""
+    if os.path.isfile(os.path.join(path, peft.CONFIG_FILE)):
+        return peft.read(path, cfg)
+    if not (checkpoint.is_checkpoint_dir(path) or os.path.isdir(os.path.join(path, checkpoint.CHECKPOINTS_DIR))):
+        raise ConfigError(f"--adapter {path} is neither a PEFT adapter directory ({peft.CONFIG_FILE}) nor a llama_jax "
+                          "run or step directory")
+    adapters, adapter_cfg, metadata = checkpoint.load(path, merge_adapters=False)
+    if adapter_cfg.lora is None:
+        raise ConfigError(f"--adapter {path} holds no adapters (it was not trained with config.lora); a full "
+                          "checkpoint is a --checkpoint")
+    pinned = metadata.get("init_from") or {}
+    if pinned.get("checksum") != base_digest:
+        raise CheckpointError(f"--adapter {path} was trained over {pinned.get('source_dir')} (checksum "
+                              f"{str(pinned.get('checksum'))[:16]}...), not over --checkpoint {base_path} (checksum "
+                              f"{base_digest[:16]}...): run it over the base it was trained on")
+    return adapters, adapter_cfg.lora
+
+
+def named_adapters(specs: Sequence[str]) -> dict[str, str]:
+    """``--adapter`` values, ``[NAME=]PATH``, as {name: path}; a name is its path unless given."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, equals, path = spec.partition("=")
+        name, path = (name, path) if equals and name and "/" not in name else (spec, spec)
+        if name in named:
+            raise ConfigError(f"--adapter {spec}: the name {name!r} is taken by --adapter {named[name]}; name each "
+                              "adapter once (NAME=PATH)")
+        named[name] = path
+    return named
 
 
 def print_stream(tok, token_stream: Iterator[int], out=None) -> list[int]:
@@ -367,6 +428,7 @@ def print_stream(tok, token_stream: Iterator[int], out=None) -> list[int]:
 
 parser = cli.parser("python -m llama_jax.generate", __doc__.split("\n")[0])
 cli.add_checkpoint(parser)
+cli.add_adapter(parser, repeated=True)
 cli.add_tokenizer(parser)
 cli.add_sampling(parser)
 cli.add_max_new_tokens(parser)
@@ -377,18 +439,34 @@ cli.add_no_bos(parser)
 
 
 def run(args: argparse.Namespace) -> dict:
-    params, cfg, tok = load_model(args.checkpoint, args.tokenizer)
+    adapters = named_adapters(args.adapter)
+    variants, tok = load_variants(args.checkpoint, args.tokenizer, list(adapters.values()))
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     texts = [cli.terminal_text(text, f"--prompt {i + 1}") for i, text in enumerate(args.prompt)]
     prompts = [tok.encode(text, bos=not args.no_bos) for text in texts]
     sampling = dict(cli.sampling_kwargs(args), stop_ids=tok.stop_ids, mesh=mesh, vocab_size=tok.vocab_size)
+    if not adapters:
+        [(params, cfg)] = variants
+        return complete(params, cfg, tok, texts, prompts, args.max_new_tokens, sampling)
+    # Every adapter gets the same prompts and the same seed: each result is what that adapter alone would give.
+    results = {}
+    for name, (params, cfg) in zip(adapters, variants):
+        if len(adapters) > 1:
+            print(f"[adapter {name}]")
+        results[name] = complete(params, cfg, tok, texts, prompts, args.max_new_tokens, sampling)
+    return {"adapters": results}
+
+
+def complete(params, cfg: ModelConfig, tok, texts: list[str], prompts: list[list[int]], max_new_tokens: int,
+             sampling: dict) -> dict:
+    """Prints each prompt's text and its continuation (streamed when there is one prompt); the completions."""
     if len(prompts) == 1:  # stream a single prompt as it is generated
         sys.stdout.write(texts[0])
-        steps = stream(params, cfg, prompts, args.max_new_tokens, **sampling)
+        steps = stream(params, cfg, prompts, max_new_tokens, **sampling)
         outputs = [print_stream(tok, (new[0] for new in steps))]
         sys.stdout.write("\n")
     else:
-        outputs = generate(params, cfg, prompts, args.max_new_tokens, **sampling)
+        outputs = generate(params, cfg, prompts, max_new_tokens, **sampling)
         for text, ids in zip(texts, outputs):
             print(text + tok.decode(ids))
     return {"completions": [tok.decode(ids) for ids in outputs], "tokens": [len(ids) for ids in outputs]}

@@ -1,15 +1,20 @@
-"""The chat and generate CLIs end to end on saved tiny checkpoints, read non-interactively from stdin."""
+"""The chat and generate CLIs end to end on saved tiny checkpoints, read non-interactively from stdin; chat with
+low-rank adapters run unmerged over its checkpoint."""
 
 import io
 import json
+import subprocess
+import sys
 
 import jax
+import numpy as np
 import pytest
-from conftest import successor_params
+from conftest import env, successor_params
 
-from llama_jax import chat, checkpoint, model
+from llama_jax import chat, checkpoint, lora, model
 from llama_jax import generate as gen
-from llama_jax.config import ModelConfig
+from llama_jax.config import LoRA, ModelConfig
+from llama_jax.formats import peft
 from llama_jax.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -92,3 +97,32 @@ def test_unknown_checkpoint_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert chat.main(["--checkpoint", str(tmp_path / "empty")]) == 2
     assert "neither a llama_jax checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # 10 s: the command and the reference replies (the fast set: the refusal below)
+def test_chat_with_an_adapter_replies_as_its_merged_weights_do(tmp_path):
+    params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(2))
+    path = save(tmp_path, params)
+    spec = LoRA(rank=2, alpha=4.0, targets=("key", "out", "up"))
+    rng = np.random.default_rng(3)
+    adapters = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype),
+                            lora.split(model.param_shapes(CFG.replace(lora=spec)))[1])
+    peft.write(tmp_path / "adapter", adapters, CFG.replace(lora=spec))
+    done = subprocess.run([sys.executable, "-m", "llama_jax.chat", "--checkpoint", path, "--adapter",
+                           str(tmp_path / "adapter"), "--max-new-tokens", "12"], input="Hello!\n", env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def reply(weights) -> str:
+        return chat.Chat(weights, CFG, TOK, max_new_tokens=12, out=io.StringIO()).say("user", "Hello!")["content"]
+
+    merged = lora.merge(lora.join(params, adapters), CFG.replace(lora=spec))  # W + scale B A: the plain network
+    assert done.stdout.rpartition("\n" + chat.USER)[0] == chat.USER + chat.ASSISTANT + reply(merged)
+    assert reply(merged) != reply(params)  # the adapter changes the reply
+
+
+def test_chat_refuses_an_adapter_that_holds_none(tmp_path, capsys):
+    path = save(tmp_path, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), model.param_shapes(CFG)))
+    assert chat.main(["--checkpoint", path, "--adapter", path]) == 2
+    assert capsys.readouterr().err == (f"error: --adapter {path} holds no adapters (it was not trained with "
+                                       "config.lora); a full checkpoint is a --checkpoint\n")

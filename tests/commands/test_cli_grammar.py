@@ -30,7 +30,8 @@ from llama_jax import checkpoint, cli, config, model
 PACKAGE = ROOT / "llama_jax"
 MULTI_HOST = {"--coordinator", "--num-processes", "--process-id", "-h", "--help"}
 # The flags a path may go through; any other flag whose help or metavar speaks of a file, directory or path is wrong.
-PATH_FLAGS = {"--checkpoint", "--reward", "--baseline", "--data", "--input", "--out", "--config", "--tokenizer"}
+PATH_FLAGS = {"--checkpoint", "--adapter", "--reward", "--baseline", "--data", "--input", "--out", "--config",
+              "--tokenizer"}
 PATH_WORDS = re.compile(r"\b(file|directory|dir|path)\b", re.IGNORECASE)
 # Keys a result must not name its written path with: that is "out".
 PATH_KEYS = {"output", "output_path", "path", "json", "file", "plot"}
@@ -112,9 +113,9 @@ def _meaning(action: argparse.Action) -> tuple:
 def _shared_flags() -> dict[str, argparse.Action]:
     """The flags cli declares once: every ``cli.add_*`` on one parser."""
     p = cli.parser("reference", None, config=True)
-    for add in (cli.add_checkpoint, cli.add_reward, cli.add_input, cli.add_out, cli.add_mesh, cli.add_data,
-                cli.add_tokenizer, cli.add_seed, cli.add_on_error, cli.add_max_new_tokens, cli.add_sampling,
-                cli.add_no_bos):
+    for add in (cli.add_checkpoint, cli.add_adapter, cli.add_reward, cli.add_input, cli.add_out, cli.add_mesh,
+                cli.add_data, cli.add_tokenizer, cli.add_seed, cli.add_on_error, cli.add_max_new_tokens,
+                cli.add_sampling, cli.add_no_bos):
         add(p)
     cli.add_batch_size(p, 8)
     cli.add_samples(p, 4)

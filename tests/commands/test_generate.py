@@ -1,16 +1,26 @@
 """KV-cache generation against full forwards, transformers' greedy generate, one-by-one runs and the
-sampling formulas; a sampled row does not depend on the rows batched with it."""
+sampling formulas; a sampled row does not depend on the rows batched with it. Low-rank adapters through the command:
+unmerged over a base, token for token as the run merged on load, several in one process, a foreign base refused."""
+
+import json
+import runpy
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, env
 
-from llama_jax import config, model
+from llama_jax import checkpoint, config, lora, model
 from llama_jax import generate as gen
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
+from llama_jax.formats import peft as peft_format
 from llama_jax.formats.hf import params_to_hf
+from llama_jax.tokenizer import get_tokenizer
+from llama_jax.train import loop
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -182,3 +192,104 @@ def test_bad_input_raises_clear_errors(params):
     with pytest.raises(ConfigError, match="temperature"):
         gen.generate(params, CFG, [[1]], 4, temperature=-1.0)
     assert gen.generate(params, CFG, [[1], [2]], 0) == [[], []]
+
+
+# --- low-rank adapters through the command: run unmerged over a base, several in one process ------------------------
+
+TOK = get_tokenizer("byte")
+SMALL = config.get("tiny", num_layers=2, dim=64, ffn_dim=128, max_seq_len=256)  # holds the byte tokenizer's ids
+PROMPTS = ["Say fig", "Pl"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("base") / "ckpt")
+    checkpoint.save_params(path, jax.jit(model.init_params, static_argnums=0)(SMALL, jax.random.key(5)), SMALL,
+                           tokenizer={"name": TOK.name, "sha256": TOK.sha256})
+    return path
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory):
+    """A PEFT adapter directory for ``base``: random A and B (B far from zero) on q, v and down."""
+    cfg = SMALL.replace(lora=config.LoRA(rank=2, alpha=4.0, targets=("query", "value", "down")))
+    rng = np.random.default_rng(1)
+    adapters = jax.tree.map(lambda s: rng.normal(0, 0.2, s.shape).astype(s.dtype),
+                            lora.split(model.param_shapes(cfg))[1])
+    path = tmp_path_factory.mktemp("peft") / "adapter"
+    peft_format.write(path, adapters, cfg)
+    return str(path)
+
+
+def _generate(*args: str) -> subprocess.CompletedProcess:
+    prompts = [word for prompt in PROMPTS for word in ("--prompt", prompt)]
+    return subprocess.run([sys.executable, "-m", "llama_jax.generate", *args, *prompts, "--max-new-tokens", "12"],
+                          env=env(), capture_output=True, text=True, timeout=300)
+
+
+def _result(done: subprocess.CompletedProcess) -> dict:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _completions(params, cfg) -> list[str]:
+    prompts = [TOK.encode(p, bos=True) for p in PROMPTS]
+    outputs = gen.generate(params, cfg, prompts, 12, stop_ids=TOK.stop_ids, vocab_size=TOK.vocab_size)
+    return [TOK.decode(ids) for ids in outputs]
+
+
+def test_a_peft_adapter_runs_over_the_base_as_its_merged_weights_do(base, peft_adapter):
+    done = _result(_generate("--checkpoint", base, "--adapter", f"theirs={peft_adapter}"))
+    assert list(done["adapters"]) == ["theirs"]
+    params, cfg, _ = checkpoint.load(base)
+    adapters, spec = peft_format.read(peft_adapter, cfg)
+    merged = lora.merge(lora.join(params, adapters), cfg.replace(lora=spec))  # the plain network, W + scale B A
+    assert done["adapters"]["theirs"]["completions"] == _completions(merged, cfg)
+    assert done["adapters"]["theirs"]["completions"] != _completions(params, cfg)  # the adapter changes the reply
+
+
+@pytest.fixture(scope="module")
+def sft_adapters(base, tmp_path_factory):
+    """A short SFT run with adapters on every projection over ``base``, trained hard enough to change greedy
+    completions (in this process: the commands under test read it)."""
+    tmp = tmp_path_factory.mktemp("sft")
+    chats = tmp / "chats.jsonl"
+    words = np.random.default_rng(0).choice(["apple", "pear", "plum", "fig", "kiwi", "lime"], 40)
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                      {"role": "assistant", "content": f"{w.title()}!"}]}) + "\n"
+                             for w in words))
+    c = runpy.run_path(str(ROOT / "configs" / "sft" / "tiny.py"))["get_config"](str(chats))
+    c.update(run_dir=str(tmp / "run"), init_from=base)
+    c.model.update(num_layers=SMALL.num_layers, dim=SMALL.dim, ffn_dim=SMALL.ffn_dim, max_seq_len=SMALL.max_seq_len)
+    c.data.update(seq_len=64, batch_size=8)
+    c.lora.update(rank=4, alpha=8.0)
+    c.train.steps = 2
+    c.schedule.update(warmup_steps=1, peak_lr=5e-2)
+    c.logging.eval_every = 0
+    loop.run(c)
+    return c.run_dir
+
+
+@pytest.mark.slow  # 50 s: the adapters' run (20 s) and four commands
+def test_adapters_run_unmerged_over_one_base_as_each_would_alone(base, sft_adapters, peft_adapter):
+    both = _result(_generate("--checkpoint", base, "--adapter", f"sft={sft_adapters}", "--adapter",
+                             f"theirs={peft_adapter}"))
+    assert list(both["adapters"]) == ["sft", "theirs"]
+    assert both["adapters"]["sft"] == _result(_generate("--checkpoint", sft_adapters))  # merged on load
+    alone = _result(_generate("--checkpoint", base, "--adapter", peft_adapter))["adapters"][peft_adapter]
+    assert both["adapters"]["theirs"] == alone
+    plain = _result(_generate("--checkpoint", base))
+    # Each adapter changed what the base says, differently: neither result is the base's or the other's.
+    assert len({json.dumps(r["completions"]) for r in (plain, *both["adapters"].values())}) == 3
+
+
+@pytest.mark.slow  # 25 s with the adapters' run
+def test_adapters_over_another_base_are_refused(base, sft_adapters, tmp_path):
+    other = str(tmp_path / "other")
+    checkpoint.save_params(other, model.init_params(SMALL, jax.random.key(7)), SMALL,
+                           tokenizer={"name": TOK.name, "sha256": TOK.sha256})
+    done = _generate("--checkpoint", other, "--adapter", sft_adapters)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: --adapter {sft_adapters} was trained over {base} (checksum ")
+    assert f"not over --checkpoint {other} (checksum " in error  # both bases named
