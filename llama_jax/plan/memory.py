@@ -105,7 +105,7 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 # inputs (model._adapter's ``contracted``); the rest are the output channels.
 PROJECTIONS = {"attention/query": 1, "attention/key": 1, "attention/value": 1, "attention/out": 2,
                "feed_forward/gate": 1, "feed_forward/up": 1, "feed_forward/down": 1}
-STAGES = ("pretrain", "sft", "reward", "dpo")  # reward is priced as the pretraining step
+STAGES = ("pretrain", "sft", "dpo")  # the steps priced (sft is pretraining's step on masked targets)
 
 
 def _itemsize(dtype: str) -> int:
