@@ -181,7 +181,7 @@ def _stage(cfg: ModelConfig, stage: str, reference: bool, loss_chunk: int | None
 
 
 def _batch(stage: str, reference: bool, batch: int, seq: int, mesh) -> dict:
-    """Abstract batch arrays of ``stage`` (DPO: ``batch`` pairs, each reply [batch, seq])."""
+    """Abstract batch arrays of the training stage (DPO: ``batch`` pairs, each reply [batch, seq])."""
     token = jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding.batch_sharding(mesh))
     if stage != "dpo":
         return {k: token for k in BATCH_KEYS}
@@ -194,10 +194,10 @@ def _batch(stage: str, reference: bool, batch: int, seq: int, mesh) -> dict:
 def compile_train_step(cfg: ModelConfig, mesh, seq: int, batch: int, *, grad_accum: int = 1, schedule: str = "none",
                        microbatches: int = 1, circular_repeats: int = 2, loss_chunk: int | None = 8192,
                        stage: str = "pretrain", reference: bool = True) -> Report:
-    """Lowers and compiles ``llama_jax.train``'s step of ``stage`` (AdamW with clipping, the chunked loss, gradient
-    accumulation over ``grad_accum`` passes, the pipeline schedule; with ``cfg.lora`` the adapters' step, the base
-    in ``TrainState.frozen``; DPO on ``batch`` pairs, its reference a model or, without ``reference``, precomputed)
-    for ``mesh``'s devices with abstract inputs; nothing is allocated."""
+    """Lowers and compiles ``llama_jax.train``'s step of the named training stage (AdamW with clipping, the chunked
+    loss, gradient accumulation over ``grad_accum`` passes, the pipeline schedule; with ``cfg.lora`` the adapters'
+    step, the base in ``TrainState.frozen``; DPO on ``batch`` pairs, its reference a model or, without
+    ``reference``, precomputed) for ``mesh``'s devices with abstract inputs; nothing is allocated."""
     tx = optim.adamw(1e-4, clip_norm=1.0)
     run_layers = pipeline.make_run_layers(cfg, mesh, schedule=schedule, microbatches=microbatches,
                                           circular_repeats=circular_repeats)

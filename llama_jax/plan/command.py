@@ -60,7 +60,7 @@ def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backen
                compile_on: tuple[str | None, int] | None = None, stage: str = "pretrain", reference: bool = True,
                base_dtype: str = "param") -> dict:
     """The analytic budget (and with ``compile_on=(topology, slices)`` the compiled step's figures) as one dict
-    of GB and counts. ``stage``, ``reference``, ``base_dtype`` and ``cfg.lora``: ``memory.train_budget``'s."""
+    of GB and counts. The training stage, reference, base_dtype and cfg.lora: as ``memory.train_budget`` takes them."""
     pipeline = pipeline or dict(schedule="none", microbatches=1, circular_repeats=2)
     sizes = sharding.parse_mesh(mesh_spec, memory.mesh_device_count(mesh_spec))
     b = memory.train_budget(cfg, sizes, seq, batch, backend=backend, attention=attention, grad_accum=grad_accum,

@@ -249,7 +249,7 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
     ``grad_accum``: forward/backward passes per step (the batch split into that many); ``schedule``,
     ``microbatches``, ``circular_repeats``: the pipeline over the mesh's ``pipeline`` axis (``parallel.pipeline``);
     ``attention``: "dense" (this model) or "flash" (a fused kernel that keeps no scores, for comparison).
-    ``stage``: "dpo" takes ``batch`` preference pairs (both replies through the model at once) and, with
+    The training stage: "dpo" takes ``batch`` preference pairs (both replies through the model at once) and, with
     ``reference``, keeps a frozen reference model; the other stages are priced as pretraining's step.
     With ``cfg.lora`` only the adapters train (params, their moments and gradients) and the base is ``frozen`` at
     ``base_dtype`` (``BASE_DTYPES``); DPO's reference is then that base with the adapters off: no second copy.
