@@ -320,7 +320,7 @@ def test_adapter_step_within_10_percent_of_xla_cpu():
 
 
 @needs_cuda_plugin
-@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])  # dpo: 12 s on 2 busy cores
+@pytest.mark.parametrize("stage", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])  # dpo: 13 s on 2 busy cores
 def test_adapter_step_compiles_for_one_h100(stage):
     cfg = config.get("tiny", remat="full", lora=config.LoRA(rank=8))
     result = plan.plan_train(cfg, "fsdp=1", 512, 2, backend="gpu", stage=stage, compile_on=("h100:1", 1))
@@ -333,7 +333,7 @@ def test_adapter_step_compiles_for_one_h100(stage):
 
 
 @needs_cuda_plugin
-@pytest.mark.slow  # 12 s on 2 busy cores (the compile: 10 s)
+@pytest.mark.slow  # 11 s on 2 busy cores (the compile: 10 s)
 def test_8b_lora_sft_at_8k_fits_one_h100_compiled():
     cfg = EIGHT_B.replace(lora=config.LoRA(rank=16))
     result = plan.plan_train(cfg, "fsdp=1", 8192, 1, backend="gpu", stage="sft", compile_on=("h100:1", 1))

@@ -65,7 +65,7 @@ def test_train_step_benchmark_runs_each_side_in_its_own_process():
         result["sides"]["ours"]["tokens_per_s"] / result["sides"]["torch"]["tokens_per_s"], rel=1e-2)
 
 
-@pytest.mark.slow  # 60 s on 2 busy cores
+@pytest.mark.slow  # 26 s on 2 busy cores
 def test_lora_benchmark_times_both_sides_and_their_ratio():
     done = subprocess.run([sys.executable, str(BENCHMARKS / "lora.py"), "--preset", "quick", "--batch", "2", "--seq",
                            "32", "--steps", "2", "--alternations", "2"],
