@@ -15,7 +15,8 @@
 #   3. decode, llama3.2-1b bf16, batch 1 / 8 / 32, prompt 128, 64 new tokens  vs transformers generate, static
 #      cache (torch.compile'd by transformers) and dynamic cache
 #   4. parity: logits vs transformers, float32 and bfloat16 (benchmarks/parity.py)
-#   5. benchmarks/attention.py (fused attention kernels vs dense), where the checkout has it
+#   5. LoRA (rank 16, every projection) vs full fine-tuning, llama3.2-1b, 4 x 2048, bf16 (benchmarks/lora.py)
+#   6. benchmarks/attention.py (fused attention kernels vs dense), where the checkout has it
 # A run that fails or times out leaves a line {"benchmark": ..., "error": ...} and the script goes on.
 set -uo pipefail
 
@@ -73,6 +74,8 @@ run train_8b_4_layers 100 $train --preset llama3.1-8b --layers 4 --batch 2 --seq
 run decode_1b 110 "$PYTHON" benchmarks/decode.py --preset llama3.2-1b --dtype bfloat16 --prompt 128 \
     --new-tokens 64 --alternations 1 --repeats 2 --time-limit 100
 run parity 40 "$PYTHON" benchmarks/parity.py
+run lora_1b 45 "$PYTHON" benchmarks/lora.py --preset llama3.2-1b --batch 4 --seq 2048 --dtype bfloat16 --remat full \
+    --alternations 1 --time-limit 40
 left=$((470 - (SECONDS - start)))
 if [[ -f benchmarks/attention.py && $left -gt 10 ]]; then
     run attention $left "$PYTHON" benchmarks/attention.py

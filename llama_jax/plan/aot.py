@@ -34,11 +34,14 @@ import numpy as np
 from jax.experimental import topologies
 
 from llama_jax import optim, sharding
-from llama_jax.config import ModelConfig
+from llama_jax.config import LoRA, ModelConfig
 from llama_jax.data.packing import BATCH_KEYS
 from llama_jax.errors import ConfigError
+from llama_jax.experiment import DPO, Adapters, Experiment, Loss
 from llama_jax.parallel import pipeline
-from llama_jax.train import pretrain, step
+from llama_jax.train import build, dpo, step
+from llama_jax.train.adapters import with_adapters
+from llama_jax.train.step import Stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,23 +165,51 @@ def _pipeline_ticks(hlo: str) -> int | None:
     return max(counts) if counts else None
 
 
+def _stage(cfg: ModelConfig, stage: str, reference: bool, loss_chunk: int | None) -> tuple[Stage, Experiment]:
+    """``llama_jax.train``'s stage as ``build`` sets it up for ``cfg`` (with ``cfg.lora``: wrapped by
+    ``train.adapters.with_adapters``, the base frozen), and the experiment config its loss reads."""
+    adapters = cfg.lora or LoRA()
+    exp = Experiment(stage=stage, model=cfg.replace(lora=None), init_from="(compiled, never read)",
+                     loss=Loss(vocab_chunk=loss_chunk or 0),
+                     lora=Adapters(rank=cfg.lora.rank if cfg.lora else 0, alpha=adapters.alpha,
+                                   targets=adapters.targets, rslora=adapters.rslora),
+                     dpo=DPO(reference="model" if reference else "precomputed") if stage == "dpo" else None)
+    chosen = build.STAGES[stage]
+    if chosen.configure is not None:
+        chosen = chosen.configure(exp)
+    return (chosen if cfg.lora is None else with_adapters(chosen, cfg, exp)), exp
+
+
+def _batch(stage: str, reference: bool, batch: int, seq: int, mesh) -> dict:
+    """Abstract batch arrays of the training stage (DPO: ``batch`` pairs, each reply [batch, seq])."""
+    token = jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding.batch_sharding(mesh))
+    if stage != "dpo":
+        return {k: token for k in BATCH_KEYS}
+    reply = {k: token for k in dpo.ROW_KEYS}
+    if not reference:  # precomputed: the reference's log-probs come with the data
+        reply["reference_logps"] = jax.ShapeDtypeStruct((batch, seq), np.float32, sharding=token.sharding)
+    return {"chosen": reply, "rejected": reply}
+
+
 def compile_train_step(cfg: ModelConfig, mesh, seq: int, batch: int, *, grad_accum: int = 1, schedule: str = "none",
-                       microbatches: int = 1, circular_repeats: int = 2, loss_chunk: int | None = 8192) -> Report:
-    """Lowers and compiles ``llama_jax.train``'s pretraining step (AdamW with clipping, the chunked loss, gradient
-    accumulation over ``grad_accum`` passes, the pipeline schedule) for ``mesh``'s devices with abstract inputs;
-    nothing is allocated."""
+                       microbatches: int = 1, circular_repeats: int = 2, loss_chunk: int | None = 8192,
+                       stage: str = "pretrain", reference: bool = True) -> Report:
+    """Lowers and compiles ``llama_jax.train``'s step of the named training stage (AdamW with clipping, the chunked
+    loss, gradient accumulation over ``grad_accum`` passes, the pipeline schedule; with ``cfg.lora`` the adapters'
+    step, the base in ``TrainState.frozen``; DPO on ``batch`` pairs, its reference a model or, without
+    ``reference``, precomputed) for ``mesh``'s devices with abstract inputs; nothing is allocated."""
     tx = optim.adamw(1e-4, clip_norm=1.0)
     run_layers = pipeline.make_run_layers(cfg, mesh, schedule=schedule, microbatches=microbatches,
                                           circular_repeats=circular_repeats)
-    loss_fn = pretrain.make_loss_fn(cfg, chunk_size=loss_chunk, run_layers=run_layers)
-    state = step.abstract_state(cfg, tx, mesh)
+    the_stage, exp = _stage(cfg, stage, reference, loss_chunk)
+    loss_fn = the_stage.make_loss_fn(cfg, exp, run_layers)
+    state = step.abstract_state(cfg, tx, mesh, the_stage)
     train_step = step.make_train_step(loss_fn, tx, mesh, jax.tree.map(lambda a: a.sharding, state),
                                       microbatch_tokens=batch * seq // grad_accum)
-    token = jax.ShapeDtypeStruct((batch, seq), np.int32, sharding=sharding.batch_sharding(mesh))
     if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) or seq % mesh.shape["sequence"]:
         raise ConfigError(f"batch {batch} / seq {seq} do not divide over data x fsdp = "
                           f"{mesh.shape['data'] * mesh.shape['fsdp']}, sequence = {mesh.shape['sequence']}")
-    batch_arrays = {k: token for k in BATCH_KEYS}
+    batch_arrays = _batch(stage, reference, batch, seq, mesh)
     device = mesh.devices.flat[0]
     common = dict(compile_seconds=0.0, platform=device.platform, device_kind=device.device_kind,
                   devices=math.prod(mesh.devices.shape), capacity_bytes=_capacity(device))

@@ -50,28 +50,35 @@ TABLE4_LAYERS = 128
 FLOPS_CAVEAT = ("cost_analysis counts each loop body once (the scanned layers, the loss's vocabulary chunks, the "
                 "pipeline's ticks), so it is far below the step's work: model FLOPs come from "
                 "ModelConfig.flops_per_token")
+# Why --aot leaves a quantized base's step uncompiled (said in the table and in the JSON result).
+NOT_COMPILED = ("the base stored as {base_dtype} is priced analytically only: llama_jax.ops.quantized has no "
+                "{base_dtype} kernel to compile yet")
 
 
 def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backend: str, attention: str = "dense",
                grad_accum: int = 1, pipeline: dict | None = None, loss_chunk: int | None = 8192,
-               compile_on: tuple[str | None, int] | None = None) -> dict:
+               compile_on: tuple[str | None, int] | None = None, stage: str = "pretrain", reference: bool = True,
+               base_dtype: str = "param") -> dict:
     """The analytic budget (and with ``compile_on=(topology, slices)`` the compiled step's figures) as one dict
-    of GB and counts."""
+    of GB and counts. The training stage, reference, base_dtype and cfg.lora: as ``memory.train_budget`` takes them."""
     pipeline = pipeline or dict(schedule="none", microbatches=1, circular_repeats=2)
     sizes = sharding.parse_mesh(mesh_spec, memory.mesh_device_count(mesh_spec))
     b = memory.train_budget(cfg, sizes, seq, batch, backend=backend, attention=attention, grad_accum=grad_accum,
-                            loss_chunk=loss_chunk, **pipeline)
-    result = {"mesh": sizes, "seq": seq, "batch": batch, "grad_accum": grad_accum, "remat": cfg.remat,
-              "pipeline": pipeline, "backend": backend, "analytic_gb": b.total / GB,
+                            loss_chunk=loss_chunk, stage=stage, reference=reference, base_dtype=base_dtype, **pipeline)
+    lora = cfg.lora and {"rank": cfg.lora.rank, "targets": list(cfg.lora.targets), "base_dtype": base_dtype}
+    result = {"stage": stage, "mesh": sizes, "seq": seq, "batch": batch, "grad_accum": grad_accum, "remat": cfg.remat,
+              "pipeline": pipeline, "lora": lora, "backend": backend, "analytic_gb": b.total / GB,
               "terms_gb": {k: v / GB for k, v in b.terms.items()}, "pipeline_ticks": b.pipeline_ticks,
               "bubble": b.bubble, "model_flops_per_token": b.model_flops_per_token, "step_flops": b.step_flops,
               "step_flops_per_device": b.step_flops_per_device}
-    if compile_on is not None:
+    if compile_on is not None and base_dtype != "param":
+        result["not_compiled"] = NOT_COMPILED.format(base_dtype=base_dtype)
+    elif compile_on is not None:
         topology, slices = compile_on
         mesh = aot.mesh_for(mesh_spec, topology, slices)
         cli.log(f"compiling the train step for {topology or 'the local devices'} ({mesh.devices.size} devices)")
         report = aot.compile_train_step(cfg, mesh, seq, batch, grad_accum=grad_accum, loss_chunk=loss_chunk,
-                                        **pipeline)
+                                        stage=stage, reference=reference, **pipeline)
         capacity = report.capacity_bytes
         result["compiled"] = {
             "device_kind": report.device_kind, "devices": report.devices, "total_gb": report.total_bytes / GB,
@@ -224,19 +231,41 @@ parser.add_argument("--weight-dtype", default="bf16", choices=memory.WEIGHT_DTYP
                     help="inference: bf16, or the paper's fp8 SwiGLU kernels")
 parser.add_argument("--tensor", type=int, default=8, help="inference: devices the weights are split over")
 parser.add_argument("--context", type=int, default=8192, help="inference: KV cache length")
+parser.add_argument("--stage", default="pretrain", choices=memory.STAGES,
+                    help="which stage's step (dpo: --batch counts preference pairs, and a reference model is kept); "
+                         "with --config, the config's (a reward stage is priced as pretrain)")
+parser.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                    help="low-rank adapters of rank R over a frozen base (0: every parameter trains); with --config, "
+                         "--config.lora.rank")
+parser.add_argument("--lora-targets", default=",".join(config.LORA_TARGETS), metavar="NAMES",
+                    help="comma-separated projections the adapters adapt; with --config, --config.lora.targets")
+parser.add_argument("--base-dtype", default="param", choices=memory.BASE_DTYPES,
+                    help="how an adapter run's frozen base is stored: param (its param_dtype), nf4 (QLoRA: 4.127 bits "
+                         "a parameter) or int8 (per output channel); analytic only when quantized")
 parser.add_argument("--json", action="store_true", help="print only the JSON result (no table above it)")
 cli.deprecate(parser, renamed={"--weights": "--weight-dtype"})
 
 
-def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None, int, dict, int | None]:
-    """(model config, mesh spec, seq, rows per step, grad_accum, pipeline, loss chunk) from the flags or the config
-    file."""
+def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | None, int, dict, int | None, str,
+                                                 bool]:
+    """(model config with its adapters, mesh spec, seq, rows per step, grad_accum, pipeline, loss chunk, stage,
+    whether DPO keeps a reference model) from the flags or the config file."""
     if args.config is None:
         cfg, mesh, seq, rows, accum = config.get(args.model), args.mesh or "fsdp=8", args.seq or 8192, args.batch, 1
         pipe, chunk = dict(schedule="none", microbatches=1, circular_repeats=2), 8192
+        stage, reference = args.stage, True
+        if args.lora_rank:
+            cfg = cfg.replace(lora=config.LoRA(rank=args.lora_rank, targets=tuple(args.lora_targets.split(","))))
     else:
-        c = args.config
-        cfg = ModelConfig.from_dict(c.model.to_dict())
+        c, typed = args.config, experiment.from_config(args.config)
+        for flag, default, key in (("lora_rank", 0, "lora.rank"), ("lora_targets", ",".join(config.LORA_TARGETS),
+                                                                    "lora.targets"), ("stage", "pretrain", "stage")):
+            if getattr(args, flag) != default:
+                raise ConfigError(f"--{flag.replace('_', '-')} is the flag without --config; with it, set "
+                                  f"--config.{key}")
+        cfg = typed.model.replace(lora=typed.lora.spec())
+        stage = typed.stage if typed.stage in memory.STAGES else "pretrain"  # reward: priced as pretraining's
+        reference = typed.stage != "dpo" or typed.dpo.reference == "model"
         ramp = phases.parse_ramp(list(c.schedule.ramp), int(c.data.seq_len))
         seq = args.seq or max(point.seq_len for point in ramp)
         rows = args.batch or int(c.data.batch_size) * int(c.data.seq_len) // seq
@@ -247,7 +276,7 @@ def _experiment(args: argparse.Namespace) -> tuple[ModelConfig, str, int, int | 
     for flag, key in (("pipeline", "schedule"), ("microbatches", "microbatches"), ("repeats", "circular_repeats")):
         if getattr(args, flag) is not None:
             pipe[key] = getattr(args, flag)
-    return cfg, mesh, seq, rows, accum, pipe, chunk
+    return cfg, mesh, seq, rows, accum, pipe, chunk, stage, reference
 
 
 def _devices(args: argparse.Namespace, mesh_spec: str) -> int:
@@ -269,7 +298,7 @@ def run(args: argparse.Namespace) -> dict:
         if not args.json:
             _print_long_context(rows)
         return {"long_context_phases": rows}
-    cfg, mesh_spec, seq, batch, accum, pipe, chunk = _experiment(args)
+    cfg, mesh_spec, seq, batch, accum, pipe, chunk, stage, reference = _experiment(args)
     if args.remat:
         cfg = cfg.replace(remat=args.remat)
     if args.inference:
@@ -288,7 +317,8 @@ def run(args: argparse.Namespace) -> dict:
                                    else jax.default_backend() if args.aot else "gpu")
         result = {"model": args.model if args.config is None else cfg.to_dict(),
                   **plan_train(cfg, spec, seq, batch, backend=backend, attention=args.attention, grad_accum=accum,
-                               pipeline=pipe, loss_chunk=chunk,
+                               pipeline=pipe, loss_chunk=chunk, stage=stage, reference=reference,
+                               base_dtype=args.base_dtype,
                                compile_on=(args.topology, args.slices) if args.aot else None)}
         result["fits_80gb"] = result["analytic_gb"] * GB <= H100_BYTES
     if not args.json:
@@ -308,10 +338,16 @@ def _train_lines(r: dict) -> list[str]:
     """The plan as a person reads it: the layout, each term, the totals against the chip, FLOPs with caveats."""
     mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
     pipe = r["pipeline"]
-    lines = [f"train step: seq {r['seq']:,} x {r['batch']:,} rows ({r['grad_accum']} pass(es)), remat "
+    rows = "pairs" if r["stage"] == "dpo" else "rows"
+    lines = [f"train step: seq {r['seq']:,} x {r['batch']:,} {rows} ({r['grad_accum']} pass(es)), remat "
              f"{r['remat']}, mesh {mesh}" + ("" if pipe["schedule"] == "none" else
                                              f", {pipe['schedule']} pipeline x {pipe['microbatches']} microbatches"
-                                             f" (bubble {r['bubble']:.1%})")]
+                                             f" (bubble {r['bubble']:.1%})")
+             + ("" if r["stage"] == "pretrain" else f", {r['stage']} stage")]
+    if r["lora"]:
+        lines.append(f"adapters: rank {r['lora']['rank']} on {', '.join(r['lora']['targets'])}; the base frozen at "
+                     + {"param": "its param_dtype", "nf4": "NF4 (QLoRA)", "int8": "int8"}[r["lora"]["base_dtype"]]
+                     + ("; DPO's reference is that base, the adapters off" if r["stage"] == "dpo" else ""))
     compiled = r.get("compiled")
     lines.append(f"per device, analytic ({r['backend']} profile):")
     lines += [f"  {name:<20} {_gb(gb):>12}" for name, gb in r["terms_gb"].items() if gb > 0]
@@ -320,6 +356,8 @@ def _train_lines(r: dict) -> list[str]:
     lines.append(f"  {'total':<20} {_gb(r['analytic_gb']):>12}  {_fits(r['analytic_gb'], capacity, chip)}")
     if r["remat"] == "none" and r["analytic_gb"] > capacity:
         lines.append("  remat 'none' keeps every layer's activations; the paper's layouts use --remat full")
+    if "not_compiled" in r:
+        lines.append(f"not compiled: {r['not_compiled']}")
     if compiled:
         where = f"{compiled['devices']:,} x {compiled['device_kind']}"
         lines.append(f"compiled for {where} in {compiled['compile_seconds']:.0f} s"

@@ -4,11 +4,14 @@
     b.total, b.terms          # {"params": ..., "opt_state": ..., "grads": ..., "saved_activations": ..., ...}
     memory.inference_budget(config.get("llama3.1-405b"), tensor=8, batch=1, context=8192, weight_dtype="fp8")
 
-It models ``llama_jax.train``'s pretraining step (AdamW, the chunked loss, dense attention, the pipeline
-schedules) on the mesh's shards. Every term is what that step holds at its peak, per device:
-  * ``params``: each leaf's shard under the rules table (``pipeline`` splits the layers; embedding and LM head
-    are on every pipeline rank); ``opt_state``: AdamW's two moments (param dtype); ``grads``: one more copy of the
-    params, and with gradient accumulation their float32 running sum (``grad_accumulator``);
+It models ``llama_jax.train``'s step (AdamW, the chunked loss, dense attention, the pipeline schedules; DPO's pairs
+and reference; low-rank adapters) on the mesh's shards. Every term is what that step holds at its peak, per device:
+  * ``params``: each trained leaf's shard under the rules table (``pipeline`` splits the layers; embedding and LM
+    head are on every pipeline rank); ``opt_state``: AdamW's two moments (param dtype); ``grads``: one more copy of
+    the params, and with gradient accumulation their float32 running sum (``grad_accumulator``);
+  * ``frozen``: what the step reads but never trains (``TrainState.frozen``): DPO's reference copy, or with
+    adapters (``cfg.lora``: then ``params`` are the adapters alone) the base at its storage width (param_dtype,
+    QLoRA's NF4 or int8: ``BASE_DTYPES``), which is also DPO's reference (the adapters off: no second copy);
   * ``saved_activations``: what the backward pass keeps of each layer's forward (all of a block's intermediates
     with remat "none", its input with "full"), for every local layer and every microbatch in flight (a pipeline
     keeps them for all its ticks, bubble included);
@@ -34,7 +37,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from llama_jax import model, sharding
+from llama_jax import lora, model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 from llama_jax.parallel import pipeline
@@ -92,6 +95,17 @@ BACKENDS = {
 }
 
 WEIGHT_DTYPES = ("bf16", "fp8")  # how served weights are stored (inference_budget)
+# How an adapter run's frozen base is stored (train_budget's base_dtype): at the model's param_dtype, or its
+# projections' kernels as QLoRA's NF4 or int8 with a float32 scale per output channel.
+BASE_DTYPES = ("param", "nf4", "int8")
+# NF4 as QLoRA stores it (Dettmers et al. 2023; bitsandbytes): a 4-bit code per weight, an 8-bit scale per block of
+# 64 weights and a float32 scale per 256 of those (double quantization): 4.127 bits a parameter.
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+# The quantizable projections (paths under "layers/") and how many of their kernel's dims after the layer axis are
+# inputs (model._adapter's ``contracted``); the rest are the output channels.
+PROJECTIONS = {"attention/query": 1, "attention/key": 1, "attention/value": 1, "attention/out": 2,
+               "feed_forward/gate": 1, "feed_forward/up": 1, "feed_forward/down": 1}
+STAGES = ("pretrain", "sft", "dpo")  # the steps priced (sft is pretraining's step on masked targets)
 
 
 def _itemsize(dtype: str) -> int:
@@ -107,19 +121,59 @@ def _local_fraction(spec, shape, sizes: dict[str, int]) -> float:
     return local / max(math.prod(shape), 1)
 
 
-def param_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> tuple[float, float]:
-    """(bytes of a device's layer shards, bytes of its other shards: embedding, LM head, final norm)."""
+def _shards(cfg: ModelConfig, sizes: dict[str, int]):
+    """(path "layers/attention/query", shape, dtype, elements of a device's shard / elements) of every leaf."""
     shapes, logical = model.param_shapes(cfg), model.logical_axes(cfg)
-    layers = outer = 0.0
     for (path, shape), names in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(
             logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
         spec = nn.logical_to_mesh_axes(tuple(names), sharding.LOGICAL_RULES)
-        nbytes = math.prod(shape.shape) * shape.dtype.itemsize * _local_fraction(spec, shape.shape, sizes)
-        if jax.tree_util.keystr(path).startswith("['layers']"):
+        name = "/".join(str(key.key) for key in path)
+        yield name, shape.shape, shape.dtype, _local_fraction(spec, shape.shape, sizes)
+
+
+def param_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> tuple[float, float]:
+    """(bytes of a device's layer shards, bytes of its other shards: embedding, LM head, final norm)."""
+    layers = outer = 0.0
+    for path, shape, dtype, local in _shards(cfg, sizes):
+        nbytes = math.prod(shape) * dtype.itemsize * local
+        if path.startswith("layers/"):
             layers += nbytes
         else:
             outer += nbytes
     return layers, outer
+
+
+def stored_bytes(path: str, shape: tuple[int, ...], itemsize: int, base_dtype: str = "param") -> float:
+    """Bytes of a frozen base leaf stored as ``base_dtype`` (``BASE_DTYPES``): the projections' kernels quantized,
+    every other leaf (embedding, LM head, norms) at its own width, as QLoRA keeps them."""
+    kernel = path.removeprefix("layers/")
+    if base_dtype == "param" or kernel not in PROJECTIONS:
+        return math.prod(shape) * itemsize
+    if base_dtype == "nf4":
+        return math.prod(shape) * NF4_BITS / 8
+    outputs = math.prod(shape) / math.prod(shape[1:1 + PROJECTIONS[kernel]])  # layers x output channels
+    return math.prod(shape) + 4 * outputs  # int8, and a float32 scale per output channel
+
+
+def adapter_param_bytes(cfg: ModelConfig, sizes: dict[str, int], base_dtype: str = "param"
+                        ) -> tuple[float, float, float]:
+    """(bytes of a device's trained layer shards, of its trained other shards, of its frozen shards). Without
+    adapters everything trains; with ``cfg.lora`` only the adapters (all in the layers) do, and the base is frozen,
+    stored as ``base_dtype``."""
+    if base_dtype not in BASE_DTYPES:
+        raise ConfigError(f"base_dtype must be one of {BASE_DTYPES}, got {base_dtype!r}")
+    if cfg.lora is None:
+        if base_dtype != "param":
+            raise ConfigError(f"a {base_dtype} base needs adapters (a LoRA rank): only a frozen base is stored "
+                              "quantized")
+        return (*param_bytes(cfg, sizes), 0.0)
+    adapters = frozen = 0.0
+    for path, shape, dtype, local in _shards(cfg, sizes):
+        if lora.is_adapter(path):
+            adapters += math.prod(shape) * dtype.itemsize * local
+        else:
+            frozen += stored_bytes(path, shape, dtype.itemsize, base_dtype) * local
+    return adapters, 0.0, frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,14 +216,20 @@ def _per_token(cfg: ModelConfig, sizes: dict[str, int], keys: int, remat: str, b
         score_saved = n * keys * (backend.ring_score_saved if ring else backend.score_saved)
         score_backward = n * keys * backend.score_backward
     heads = 2 * (n + k) * h * a  # q, k, v and the attention output
-    saved = score_saved + heads + backend.ffn_saved * f * a + backend.embed_saved * d
+    # Adapters: each adapted projection's rank-r x A, and its update x A B (as wide as the projection's output,
+    # added into it: kept only where the policy saves matmul outputs).
+    widths = {"query": n * h, "key": k * h, "value": k * h, "out": d, "gate": f, "up": f, "down": d}
+    targets = cfg.lora.targets if cfg.lora else ()
+    lows = len(targets) * cfg.lora.rank * a if cfg.lora else 0.0
+    updates = sum(widths[t] for t in targets) * a
+    saved = score_saved + heads + backend.ffn_saved * f * a + backend.embed_saved * d + lows
     if remat == "none":
         return saved, max(score_backward - score_saved, 0.0) + backend.ffn_backward * f * a + backend.embed_backward * d
     carry = d * a  # the scanned block's input
-    rematted = score_backward + heads + backend.ffn_rematted * f * a + backend.embed_rematted * d
+    rematted = score_backward + heads + backend.ffn_rematted * f * a + backend.embed_rematted * d + lows
     if remat == "full":
         return carry, rematted
-    dots = heads + (n + k) * h * a + 3 * f * a + 2 * d * a + n * keys * 4  # matmul outputs (dots_saveable)
+    dots = heads + (n + k) * h * a + 3 * f * a + 2 * d * a + n * keys * 4 + lows + updates  # matmul outputs
     return carry + dots, max(rematted - dots, 0.0)
 
 
@@ -182,12 +242,17 @@ def _layer_weight_bytes(cfg: ModelConfig, sizes: dict[str, int]) -> float:
 
 def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: int, *, remat: str | None = None,
                  backend: str = "tpu", attention: str = "dense", grad_accum: int = 1, schedule: str = "none",
-                 microbatches: int = 1, circular_repeats: int = 2, loss_chunk: int | None = 8192) -> TrainBudget:
-    """Per-device bytes of the pretraining step on ``batch`` rows of ``seq`` tokens (see the module docstring).
+                 microbatches: int = 1, circular_repeats: int = 2, loss_chunk: int | None = 8192,
+                 stage: str = "pretrain", reference: bool = True, base_dtype: str = "param") -> TrainBudget:
+    """Per-device bytes of the training step on ``batch`` rows of ``seq`` tokens (see the module docstring).
 
     ``grad_accum``: forward/backward passes per step (the batch split into that many); ``schedule``,
     ``microbatches``, ``circular_repeats``: the pipeline over the mesh's ``pipeline`` axis (``parallel.pipeline``);
     ``attention``: "dense" (this model) or "flash" (a fused kernel that keeps no scores, for comparison).
+    The training stage: "dpo" takes ``batch`` preference pairs (both replies through the model at once) and, with
+    ``reference``, keeps a frozen reference model; the other stages are priced as pretraining's step.
+    With ``cfg.lora`` only the adapters train (params, their moments and gradients) and the base is ``frozen`` at
+    ``base_dtype`` (``BASE_DTYPES``); DPO's reference is then that base with the adapters off: no second copy.
     """
     sizes = mesh if isinstance(mesh, dict) else sharding.parse_mesh(mesh, mesh_device_count(mesh))
     sizes = {axis: sizes.get(axis, 1) for axis in sharding.MESH_AXES}
@@ -196,6 +261,8 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
         raise ConfigError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     if attention not in ("dense", "flash"):
         raise ConfigError(f"attention must be 'dense' or 'flash', got {attention!r}")
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
     prof = BACKENDS[backend]
     dp, ranks = sizes["data"] * sizes["fsdp"], sizes["pipeline"]
     if batch % (dp * grad_accum) or seq % sizes["sequence"]:
@@ -206,9 +273,12 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
         raise ConfigError(f"the mesh has pipeline={ranks}: give a pipeline schedule")
     pipeline.check(cfg, ranks, schedule, microbatches, circular_repeats)  # what the pipeline itself refuses
     a = 4 if prof.float32_activations else _itemsize(cfg.dtype)
-    layer_params, outer_params = param_bytes(cfg, sizes)
+    layer_params, outer_params, frozen = adapter_param_bytes(cfg, sizes, base_dtype)
     params = layer_params + outer_params
-    rows = batch // dp // grad_accum  # rows of one forward/backward pass on this device
+    if stage == "dpo" and reference and cfg.lora is None:
+        frozen = params  # the reference: a copy of the starting weights
+    rows_per_example = 2 if stage == "dpo" else 1  # DPO: a pair's chosen and rejected rows
+    rows = batch // dp // grad_accum * rows_per_example  # rows of one forward/backward pass on this device
     length = seq // sizes["sequence"]
     saved, backward = _per_token(cfg, sizes, seq, remat, prof, attention)
     if schedule == "none":
@@ -226,11 +296,12 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
         pipeline_buffers = 2 * rows * length * cfg.dim * a  # rank 0's slots, and the embedding's output
     vocab_chunk = min(cfg.vocab_size, loss_chunk or cfg.vocab_size) / sizes["tensor"]
     # Logits of one vocabulary chunk and their gradient (float32), the final hidden states (float32), and the
-    # LM head's chunk gathered over fsdp with its gradient.
-    loss = loss_tokens * (2 * vocab_chunk * 4 + 2 * cfg.dim * 4) + 2 * cfg.dim * vocab_chunk * a
-    gathered = 2 * _layer_weight_bytes(cfg, sizes) if sizes["fsdp"] > 1 else 0.0
+    # LM head's chunk gathered over fsdp with its gradient (none with adapters: the head is frozen).
+    trains_weights = 1 if cfg.lora is None else 0
+    loss = loss_tokens * (2 * vocab_chunk * 4 + 2 * cfg.dim * 4) + (1 + trains_weights) * cfg.dim * vocab_chunk * a
+    gathered = (1 + trains_weights) * _layer_weight_bytes(cfg, sizes) if sizes["fsdp"] > 1 else 0.0
     terms = {
-        "params": params, "opt_state": 2 * params, "grads": params,
+        "params": params, "frozen": frozen, "opt_state": 2 * params, "grads": params,
         "saved_activations": layers_saved * tokens * saved,
         "layer_backward": tokens * backward, "loss_backward": loss,
         "gathered_weights": gathered, "pipeline_buffers": pipeline_buffers,
@@ -246,9 +317,12 @@ def train_budget(cfg: ModelConfig, mesh: str | dict[str, int], seq: int, batch: 
     devices = math.prod(sizes.values())
     per_token = cfg.flops_per_token(seq)
     recompute = {"none": 0.0, "full": 1 / 3, "dots": 0.0, "dots_no_batch": 0.0}[remat]  # one more forward
-    step_flops = per_token * batch * seq
-    return TrainBudget(terms=terms, model_flops_per_token=per_token, step_flops=step_flops,
-                       step_flops_per_device=step_flops * (1 + recompute) / devices,
+    # In forward + backward passes (as Stage.flops_factor): no weight gradients of a frozen base (a third less), a
+    # DPO reference's forward pass (a third more).
+    factor = 1 - (1 / 3 if cfg.lora else 0) + (1 / 3 if stage == "dpo" and reference else 0)
+    tokens_per_step = batch * rows_per_example * seq
+    return TrainBudget(terms=terms, model_flops_per_token=per_token, step_flops=factor * per_token * tokens_per_step,
+                       step_flops_per_device=(factor + recompute) * per_token * tokens_per_step / devices,
                        pipeline_ticks=ticks, bubble=bubble)
 
 

@@ -63,3 +63,21 @@ def test_train_step_benchmark_runs_each_side_in_its_own_process():
         assert result["sides"][side]["tokens_per_s"] > 0
     assert result["ratio"] == pytest.approx(
         result["sides"]["ours"]["tokens_per_s"] / result["sides"]["torch"]["tokens_per_s"], rel=1e-2)
+
+
+@pytest.mark.slow  # 26 s on 2 busy cores
+def test_lora_benchmark_times_both_sides_and_their_ratio():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "lora.py"), "--preset", "quick", "--batch", "2", "--seq",
+                           "32", "--steps", "2", "--alternations", "2"],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    lora, full = result["sides"]["lora"], result["sides"]["full"]
+    assert len(lora["process_best_step_s"]) == len(full["process_best_step_s"]) == 2  # two processes per side
+    assert lora["step_s"]["n"] == full["step_s"]["n"] == 4 and lora["step_s"]["best"] <= lora["step_s"]["worst"]
+    # The adapters train: rank 16, 2 layers, r x (in + out) for q, k and v (dim 128 -> 4 x 32, 2 x 32, 2 x 32), o,
+    # and gate, up, down (128 <-> 256); the full side trains every parameter.
+    assert lora["trained_params"] == 2 * 16 * ((128 + 128) + 2 * (128 + 64) + (128 + 128) + 3 * (128 + 256))
+    assert full["trained_params"] == result["config"]["params"]
+    assert result["ratio"] == pytest.approx(lora["tokens_per_s"] / full["tokens_per_s"], rel=1e-2)
+    assert f"lora / full: {result['ratio']} (best steps)" in done.stdout
