@@ -165,14 +165,17 @@ def _pipeline_ticks(hlo: str) -> int | None:
     return max(counts) if counts else None
 
 
-def _stage(cfg: ModelConfig, stage: str, reference: bool, loss_chunk: int | None) -> tuple[Stage, Experiment]:
+def _stage(cfg: ModelConfig, stage: str, reference: bool, loss_chunk: int | None, base_dtype: str
+           ) -> tuple[Stage, Experiment]:
     """``llama_jax.train``'s stage as ``build`` sets it up for ``cfg`` (with ``cfg.lora``: wrapped by
-    ``train.adapters.with_adapters``, the base frozen), and the experiment config its loss reads."""
+    ``train.adapters.with_adapters``, the base frozen and stored as ``base_dtype``), and the experiment config its
+    loss reads."""
     adapters = cfg.lora or LoRA()
     exp = Experiment(stage=stage, model=cfg.replace(lora=None), init_from="(compiled, never read)",
                      loss=Loss(vocab_chunk=loss_chunk or 0),
                      lora=Adapters(rank=cfg.lora.rank if cfg.lora else 0, alpha=adapters.alpha,
-                                   targets=adapters.targets, rslora=adapters.rslora),
+                                   targets=adapters.targets, rslora=adapters.rslora,
+                                   base="float" if base_dtype == "param" else base_dtype),
                      dpo=DPO(reference="model" if reference else "precomputed") if stage == "dpo" else None)
     chosen = build.STAGES[stage]
     if chosen.configure is not None:
@@ -193,15 +196,16 @@ def _batch(stage: str, reference: bool, batch: int, seq: int, mesh) -> dict:
 
 def compile_train_step(cfg: ModelConfig, mesh, seq: int, batch: int, *, grad_accum: int = 1, schedule: str = "none",
                        microbatches: int = 1, circular_repeats: int = 2, loss_chunk: int | None = 8192,
-                       stage: str = "pretrain", reference: bool = True) -> Report:
+                       stage: str = "pretrain", reference: bool = True, base_dtype: str = "param") -> Report:
     """Lowers and compiles ``llama_jax.train``'s step of the named training stage (AdamW with clipping, the chunked
     loss, gradient accumulation over ``grad_accum`` passes, the pipeline schedule; with ``cfg.lora`` the adapters'
     step, the base in ``TrainState.frozen``; DPO on ``batch`` pairs, its reference a model or, without
-    ``reference``, precomputed) for ``mesh``'s devices with abstract inputs; nothing is allocated."""
+    ``reference``, precomputed; ``base_dtype``: how an adapter run's base is stored) for ``mesh``'s devices with
+    abstract inputs; nothing is allocated."""
     tx = optim.adamw(1e-4, clip_norm=1.0)
     run_layers = pipeline.make_run_layers(cfg, mesh, schedule=schedule, microbatches=microbatches,
                                           circular_repeats=circular_repeats)
-    the_stage, exp = _stage(cfg, stage, reference, loss_chunk)
+    the_stage, exp = _stage(cfg, stage, reference, loss_chunk, base_dtype)
     loss_fn = the_stage.make_loss_fn(cfg, exp, run_layers)
     state = step.abstract_state(cfg, tx, mesh, the_stage)
     train_step = step.make_train_step(loss_fn, tx, mesh, jax.tree.map(lambda a: a.sharding, state),

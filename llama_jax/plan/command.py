@@ -50,9 +50,6 @@ TABLE4_LAYERS = 128
 FLOPS_CAVEAT = ("cost_analysis counts each loop body once (the scanned layers, the loss's vocabulary chunks, the "
                 "pipeline's ticks), so it is far below the step's work: model FLOPs come from "
                 "ModelConfig.flops_per_token")
-# Why --aot leaves a quantized base's step uncompiled (said in the table and in the JSON result).
-NOT_COMPILED = ("the base stored as {base_dtype} is priced analytically only: llama_jax.ops.quantized has no "
-                "{base_dtype} kernel to compile yet")
 
 
 def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backend: str, attention: str = "dense",
@@ -71,14 +68,12 @@ def plan_train(cfg: ModelConfig, mesh_spec: str, seq: int, batch: int, *, backen
               "terms_gb": {k: v / GB for k, v in b.terms.items()}, "pipeline_ticks": b.pipeline_ticks,
               "bubble": b.bubble, "model_flops_per_token": b.model_flops_per_token, "step_flops": b.step_flops,
               "step_flops_per_device": b.step_flops_per_device}
-    if compile_on is not None and base_dtype != "param":
-        result["not_compiled"] = NOT_COMPILED.format(base_dtype=base_dtype)
-    elif compile_on is not None:
+    if compile_on is not None:
         topology, slices = compile_on
         mesh = aot.mesh_for(mesh_spec, topology, slices)
         cli.log(f"compiling the train step for {topology or 'the local devices'} ({mesh.devices.size} devices)")
         report = aot.compile_train_step(cfg, mesh, seq, batch, grad_accum=grad_accum, loss_chunk=loss_chunk,
-                                        stage=stage, reference=reference, **pipeline)
+                                        stage=stage, reference=reference, base_dtype=base_dtype, **pipeline)
         capacity = report.capacity_bytes
         result["compiled"] = {
             "device_kind": report.device_kind, "devices": report.devices, "total_gb": report.total_bytes / GB,
@@ -356,8 +351,6 @@ def _train_lines(r: dict) -> list[str]:
     lines.append(f"  {'total':<20} {_gb(r['analytic_gb']):>12}  {_fits(r['analytic_gb'], capacity, chip)}")
     if r["remat"] == "none" and r["analytic_gb"] > capacity:
         lines.append("  remat 'none' keeps every layer's activations; the paper's layouts use --remat full")
-    if "not_compiled" in r:
-        lines.append(f"not compiled: {r['not_compiled']}")
     if compiled:
         where = f"{compiled['devices']:,} x {compiled['device_kind']}"
         lines.append(f"compiled for {where} in {compiled['compile_seconds']:.0f} s"
