@@ -130,3 +130,18 @@ def test_dropout_acts_only_with_a_dropout_key():
     fresh = lora.join(base, lora.init(plain_cfg, jax.random.key(1)))  # B = 0: dropping x before A changes nothing
     np.testing.assert_array_equal(dropping.apply({"params": fresh}, TOKENS, rngs=key),
                                   model.Llama(CFG).apply({"params": base}, TOKENS))
+
+
+def test_each_scanned_layer_draws_its_own_dropout_mask(monkeypatch):
+    masks, draw = [], jax.random.bernoulli
+
+    def recorded(key, p, shape):
+        mask = draw(key, p, shape)
+        jax.debug.callback(lambda m: masks.append(np.asarray(m)), mask)
+        return mask
+
+    monkeypatch.setattr(jax.random, "bernoulli", recorded)
+    cfg = CFG.replace(lora=LoRA(rank=4, targets=("query",), dropout=0.5))
+    params = lora.join(random_params(CFG), lora.init(cfg, jax.random.key(1)))
+    model.Llama(cfg).apply({"params": params}, TOKENS, rngs={"dropout": jax.random.key(0)})
+    assert len(masks) == CFG.num_layers and not np.array_equal(masks[0], masks[1])
