@@ -46,12 +46,15 @@ class LoRA:
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS
     rslora: bool = False  # rank-stabilised scaling (Kalajdzievski 2023): alpha / sqrt(r)
+    dropout: float = 0.0  # PEFT's lora_dropout: drops the adapter path's input x (before A) while training
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ConfigError(f"LoRA.rank must be a positive int, got {self.rank!r}")
         if not self.alpha > 0:
             raise ConfigError(f"LoRA.alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA.dropout must be in [0, 1), got {self.dropout!r}")
         unknown = set(self.targets) - set(LORA_TARGETS)
         if unknown or not self.targets:
             raise ConfigError(f"LoRA.targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets!r}")

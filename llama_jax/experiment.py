@@ -165,14 +165,17 @@ class Adapters(Section):
                             Check((tuple, list), lambda v: bool(v) and set(v) <= set(LORA_TARGETS),
                                   f"a non-empty list of {', '.join(LORA_TARGETS)}"))
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(r)", BOOLEAN)
+    dropout: float = option(0.0, "PEFT's lora_dropout: the probability of dropping each input of an adapter (before "
+                                 "A) in training steps; evaluation and generation never drop",
+                            number(lambda v: 0 <= v < 1, "in [0, 1)"))
     base: str = option("float", "how the frozen base is kept: float (param_dtype) | nf4 (QLoRA: 4-bit NormalFloat, "
                                 "blocks of 64, double-quantized scales) | int8 (per output channel)",
                        one_of(*BASE_FORMATS))
 
     def spec(self) -> LoRA | None:
         """The model's adapters (``ModelConfig.lora``), or None without them."""
-        return LoRA(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), rslora=self.rslora) if self.rank \
-            else None
+        return LoRA(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), rslora=self.rslora,
+                    dropout=self.dropout) if self.rank else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -90,7 +90,9 @@ def _adapter(module: nn.Module, name: str, x: jax.Array, kernel_shape: tuple[int
     """The low-rank update scale x A B [.., out dims] of projection ``name`` (its kernel: ``kernel_shape``, the first
     ``contracted`` dims contracted with x's last ones), or None when ``cfg.lora`` does not adapt it or the tree holds
     no adapter for it (a reference model's tree runs the network alone). A [in dims, r] starts as PEFT's, B at 0:
-    an adapted network starts equal to its base."""
+    an adapted network starts equal to its base. With ``cfg.lora.dropout`` p and a "dropout" rng (training steps
+    only; evaluation, generation and DPO's reference apply the model without one) x is dropped before A as PEFT's
+    lora_dropout does: x * mask / (1 - p), each projection its own mask."""
     cfg, lora = module.cfg, module.cfg.lora
     a_name, b_name = f"{name}_lora_a", f"{name}_lora_b"
     if lora is None or name not in lora.targets or not (module.is_initializing()
@@ -101,8 +103,16 @@ def _adapter(module: nn.Module, name: str, x: jax.Array, kernel_shape: tuple[int
                _lora_a_init(int(np.prod(ins))))
     b = _param(module, b_name, (lora.rank, *outs), ("lora_rank", *kernel_axes[contracted:]), nn.initializers.zeros)
     dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
+    if lora.dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
     low = jnp.tensordot(x, a.astype(dtype), axes=contracted, precision=precision)  # [B, T, r]
     return jnp.tensordot(low, (lora.scale * b).astype(dtype), axes=1, precision=precision)
+
+
+def dropout_rngs(rng: jax.Array | None) -> dict:
+    """``Llama.apply``'s rngs for a training step's key (adapter dropout, ``cfg.lora.dropout``); none for None."""
+    return {} if rng is None else {"dropout": rng}
 
 
 def _plus(y: jax.Array, update: jax.Array | None) -> jax.Array:
@@ -257,7 +267,9 @@ def _block_class(cfg: ModelConfig):
 
 def _block_stack(cfg: ModelConfig, length: int):
     """The block scanned over ``length`` stacked layers: the module class of the ``layers`` subtree."""
-    return nn.scan(_block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
+    # Each layer draws its own adapter dropout masks (a broadcast key would repeat one layer's masks in every layer).
+    return nn.scan(_block_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   length=length,
                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                    metadata_params={nn.PARTITION_NAME: "layers"})
 

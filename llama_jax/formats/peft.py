@@ -1,6 +1,6 @@
 """PEFT LoRA adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors`` <-> our adapter leaves.
 
-    write("my-adapter/", adapters, cfg)                # cfg.lora: rank, alpha, targets, rslora
+    write("my-adapter/", adapters, cfg)                # cfg.lora: rank, alpha, targets, rslora, dropout
     adapters, lora_cfg = read("their-adapter/", cfg)   # cfg: the base model's (it holds the head split)
     params = lora.join(base, adapters); model.Llama(cfg.replace(lora=lora_cfg)).apply({"params": params}, tokens)
 
@@ -78,7 +78,7 @@ def write(directory: str | os.PathLike, adapters: dict, cfg: ModelConfig, *,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "use_rslora": cfg.lora.rslora,
         "target_modules": [_MODULES[t][1].rsplit(".", 1)[1] for t in cfg.lora.targets],
-        "lora_dropout": 0.0, "inference_mode": True, "init_lora_weights": True, **_PLAIN,
+        "lora_dropout": cfg.lora.dropout, "inference_mode": True, "init_lora_weights": True, **_PLAIN,
     }
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -136,8 +136,8 @@ def read(directory: str | os.PathLike, cfg: ModelConfig) -> tuple[dict, LoRA]:
 
 
 def _lora_config(config_file: str) -> LoRA:
-    """The rank, alpha and rsLoRA flag of a PEFT LoraConfig file (targets: the tensors decide); anything we would
-    run differently refused."""
+    """The rank, alpha, rsLoRA flag and dropout of a PEFT LoraConfig file (targets: the tensors decide); anything we
+    would run differently refused."""
     try:
         with open(config_file) as f:
             config = json.load(f)
@@ -158,8 +158,9 @@ def _lora_config(config_file: str) -> LoRA:
     if unknown:
         raise ConfigError(f"{config_file}: target_modules {unknown} are not modules llama_jax adapts "
                           f"({', '.join(sorted(ours))})")
-    # lora_dropout acts only while PEFT trains; the adapter's function does not depend on it.
+    # lora_dropout acts only in training (the adapter's function does not depend on it); kept for training on.
     try:
-        return LoRA(rank=config.get("r"), alpha=config.get("lora_alpha"), rslora=bool(config.get("use_rslora")))
+        return LoRA(rank=config.get("r"), alpha=config.get("lora_alpha"), rslora=bool(config.get("use_rslora")),
+                    dropout=config.get("lora_dropout") or 0.0)
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{config_file}: {e}") from e

@@ -8,6 +8,8 @@ The base lives in ``TrainState.frozen``, rebuilt on resume from the step ``init_
 is), so a checkpoint holds the adapters, the optimizer's moments of them and the data state. The loss sees one
 tree, base and adapters joined; DPO's reference is ``frozen``, the base with the adapters off: no second copy of the
 weights. Gradients reach only the adapters: the base enters the step as an input, not as a differentiated argument.
+With ``config.lora.dropout`` p each adapter's input is dropped (PEFT's lora_dropout) in training steps, its masks drawn
+from the step's key; evaluation passes no key and drops nothing.
 With ``config.lora.base="nf4"`` (QLoRA) or "int8" the frozen base's projections are stored quantized
 (``lora.quantize_base``) and decoded inside each matmul; the adapters and activations keep their dtypes.
 """
@@ -30,6 +32,10 @@ def with_adapters(stage: Stage, cfg: ModelConfig, config) -> Stage:
     if not config.init_from:
         raise ConfigError("config.lora.rank > 0 needs config.init_from: adapters fine-tune the weights a run starts "
                           "from, which stay frozen (and are read again on resume)")
+    if config.lora.dropout and config.pipeline.schedule != "none":
+        # A pipeline schedule runs the blocks through apply_layers, which has no dropout key to draw masks from.
+        raise ConfigError("config.lora.dropout > 0 does not run with a pipeline schedule (config.pipeline.schedule="
+                          f"{config.pipeline.schedule!r}): set config.lora.dropout=0 or config.pipeline.schedule=none")
     base_keys = set(model.param_shapes(cfg.replace(lora=None)))
 
     def is_base(path: str) -> bool:
@@ -49,7 +55,7 @@ def with_adapters(stage: Stage, cfg: ModelConfig, config) -> Stage:
     def make_loss_fn(cfg_: ModelConfig, config_, run_layers=None) -> LossFn:
         inner = stage.make_loss_fn(cfg_, config_, run_layers)
 
-        def loss_fn(params, batch, rng, frozen):
+        def loss_fn(params, batch, rng, frozen):  # rng: the step's key, from which the adapters' dropout draws
             return inner(lora.join(frozen, params), batch, rng, frozen)
 
         return loss_fn

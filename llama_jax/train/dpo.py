@@ -49,12 +49,12 @@ ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask", "dpo_m
 _PAPER = DPO()  # the section's defaults: the paper's beta and NLL coefficient
 
 
-def reply_logps(params, cfg: ModelConfig, rows: dict, *, chunk_size: int | None = 8192
+def reply_logps(params, cfg: ModelConfig, rows: dict, *, chunk_size: int | None = 8192, rng: jax.Array | None = None
                 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Preference rows ([R, T] arrays) -> ({"dpo_mask": [R], "loss_mask": [R]}, the sums of log p(target) over
-    each mask; the number of loss_mask targets [R])."""
+    each mask; the number of loss_mask targets [R]). ``rng``: a training step's key (adapter dropout)."""
     hidden = model.Llama(cfg).apply({"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"],
-                                    output="hidden")  # [R, T, D]
+                                    output="hidden", rngs=model.dropout_rngs(rng))  # [R, T, D]
     head = model.lm_head_kernel(params, cfg).astype(hidden.dtype)
     nll, _ = _cross_entropy(hidden, head, rows["targets"], chunk_size)  # [R, T]
     return {mask: -(nll * rows[mask]).sum(-1) for mask in REFERENCE_MASKS}, rows["loss_mask"].sum(-1)
@@ -79,10 +79,9 @@ def make_loss_fn(cfg: ModelConfig, *, beta: float = _PAPER.beta, nll_coef: float
     mask = "dpo_mask" if mask_formatting else "loss_mask"
 
     def loss_fn(params, batch, rng, frozen=None):
-        del rng
         chosen, rejected = batch["chosen"], batch["rejected"]
         pairs = {k: jnp.concatenate([chosen[k], rejected[k]]) for k in ROW_KEYS}  # [2B, T]: one forward pass
-        logps, lengths = reply_logps(params, cfg, pairs, chunk_size=chunk_size)
+        logps, lengths = reply_logps(params, cfg, pairs, chunk_size=chunk_size, rng=rng)
         policy_chosen, policy_rejected = jnp.split(logps[mask], 2)
         if precomputed:
             reference_chosen = chosen["reference_logps"].sum(-1)

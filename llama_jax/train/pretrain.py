@@ -23,9 +23,9 @@ def make_loss_fn(cfg: ModelConfig, *, chunk_size: int | None = 8192, z_loss: flo
     network = model.Llama(cfg)
 
     def loss_fn(params, batch, rng, frozen=None):
-        del rng, frozen  # no dropout, nothing frozen
+        del frozen  # nothing frozen
         hidden = network.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-                               output="hidden", run_layers=run_layers)  # [B, T, D]
+                               output="hidden", run_layers=run_layers, rngs=model.dropout_rngs(rng))  # [B, T, D]
         head = model.lm_head_kernel(params, cfg).astype(jnp.dtype(cfg.dtype))  # [D, V]
         return next_token_loss(hidden, head, batch["targets"], batch["loss_mask"], chunk_size=chunk_size,
                                z_loss=z_loss, precision=cfg.resolved_matmul_precision)

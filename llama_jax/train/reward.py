@@ -51,24 +51,27 @@ def init_head(cfg: ModelConfig, rng: jax.Array) -> dict:
     return {HEAD: nn.Partitioned(jnp.zeros((cfg.dim,), jnp.dtype(cfg.param_dtype)), names=("embed",))}
 
 
-def token_scores(params, cfg: ModelConfig, tokens, positions, segment_ids) -> jax.Array:
-    """[B, T] float32: the head applied to every position's final hidden state."""
+def token_scores(params, cfg: ModelConfig, tokens, positions, segment_ids, rng: jax.Array | None = None
+                 ) -> jax.Array:
+    """[B, T] float32: the head applied to every position's final hidden state. ``rng``: a training step's key
+    (adapter dropout)."""
     llama = {k: v for k, v in params.items() if k != HEAD}
-    hidden = model.Llama(cfg).apply({"params": llama}, tokens, positions, segment_ids, output="hidden")  # [B, T, D]
+    hidden = model.Llama(cfg).apply({"params": llama}, tokens, positions, segment_ids, output="hidden",
+                                    rngs=model.dropout_rngs(rng))  # [B, T, D]
     return jnp.einsum("BTD,D->BT", hidden, params[HEAD].astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def reply_scores(params, cfg: ModelConfig, batch: dict, *, names: Sequence[str], packed: bool = False
-                 ) -> dict[str, jax.Array]:
+def reply_scores(params, cfg: ModelConfig, batch: dict, *, names: Sequence[str], packed: bool = False,
+                 rng: jax.Array | None = None) -> dict[str, jax.Array]:
     """Each named reply's score [B] (0 where the row holds no such reply). Separate rows of every reply go through
     the network as one [len(names) * B, T] batch; packed rows (``pack_replies``) as they are."""
     if packed:
         rows = batch["packed"]
-        scores = token_scores(params, cfg, rows["tokens"], rows["positions"], rows["segment_ids"])
+        scores = token_scores(params, cfg, rows["tokens"], rows["positions"], rows["segment_ids"], rng)
         return {n: (scores * batch[n]["score_mask"]).sum(-1) for n in names}
     rows = {k: jnp.concatenate([batch[n][k] for n in names]) for k in ("tokens", "positions", "segment_ids",
                                                                         "score_mask")}
-    scores = token_scores(params, cfg, rows["tokens"], rows["positions"], rows["segment_ids"])
+    scores = token_scores(params, cfg, rows["tokens"], rows["positions"], rows["segment_ids"], rng)
     return dict(zip(names, jnp.split((scores * rows["score_mask"]).sum(-1), len(names))))
 
 
@@ -78,8 +81,8 @@ def make_loss_fn(cfg: ModelConfig, *, packed: bool = False, edited: bool = True)
     names = data.REPLIES if edited else data.REPLIES[:2]
 
     def loss_fn(params, batch, rng, frozen=None):
-        del rng, frozen
-        scores = reply_scores(params, cfg, batch, names=names, packed=packed)
+        del frozen
+        scores = reply_scores(params, cfg, batch, names=names, packed=packed, rng=rng)
         present = {n: batch[n]["score_mask"].sum(-1) > 0 for n in names}  # [B]: padding rows hold no reply
         loss = correct = pairs = 0.0
         for better, worse in PAIRS:

@@ -27,7 +27,8 @@ from llama_jax import model, sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError
 
-LossFn = Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]  # (params, batch, rng, frozen)
+# (params, batch, rng, frozen); rng: the step's key (dropout), None in evaluation
+LossFn = Callable[[Any, dict, jax.Array | None, Any], tuple[jax.Array, dict]]
 LOSS_WEIGHT = "loss_weight"  # optional loss_fn metric: how many items its mean loss averages (see _accumulate)
 
 
@@ -224,7 +225,7 @@ def make_eval_step(loss_fn: LossFn, mesh, state_sharding: TrainState) -> Callabl
     """``eval_step(state, batch) -> metrics`` (the loss and the loss_fn's metrics), jitted on ``mesh``."""
 
     def eval_fn(params, frozen, batch):
-        loss, aux = loss_fn(params, batch, jax.random.PRNGKey(0), frozen)
+        loss, aux = loss_fn(params, batch, None, frozen)  # no key: evaluation drops nothing
         return {"loss": loss, **aux}
 
     jitted = jax.jit(eval_fn, in_shardings=(state_sharding.params, state_sharding.frozen,

@@ -52,7 +52,7 @@ def _ours(base, adapters, lora_cfg) -> np.ndarray:
 
 @pytest.mark.parametrize("lora_cfg", [
     LoRA(rank=4, alpha=8.0, targets=LORA_TARGETS),
-    LoRA(rank=4, alpha=6.0, targets=("query", "out", "down"), rslora=True),
+    LoRA(rank=4, alpha=6.0, targets=("query", "out", "down"), rslora=True, dropout=0.05),
 ])
 def test_an_adapter_written_here_runs_in_peft_with_our_logits(tmp_path, lora_cfg):
     base = random_params(CFG)
@@ -60,6 +60,7 @@ def test_an_adapter_written_here_runs_in_peft_with_our_logits(tmp_path, lora_cfg
     peft.write(tmp_path / "adapter", adapters, CFG.replace(lora=lora_cfg))
     peft_model = peft_lib.PeftModel.from_pretrained(_transformers_llama(base, tmp_path / "base"),
                                                     str(tmp_path / "adapter")).eval()
+    assert peft_model.peft_config["default"].lora_dropout == lora_cfg.dropout
     theirs, ours = _logits(peft_model), _ours(base, adapters, lora_cfg)
     assert np.abs(ours - _ours(base, {}, None)).max() > 0.1  # the adapter moves the logits
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
@@ -84,7 +85,7 @@ def test_an_adapter_peft_saved_runs_here_with_its_logits(tmp_path, targets, rslo
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     adapters, lora_cfg = peft.read(tmp_path / "adapter", CFG)
     expected_targets = ("key", "out", "up") if isinstance(targets, list) else LORA_TARGETS
-    assert lora_cfg == LoRA(rank=3, alpha=5, targets=expected_targets, rslora=rslora)
+    assert lora_cfg == LoRA(rank=3, alpha=5, targets=expected_targets, rslora=rslora, dropout=0.1)
     theirs = _logits(peft_model)
     assert np.abs(theirs - _ours(base, {}, None)).max() > 0.1
     np.testing.assert_allclose(_ours(base, adapters, lora_cfg), theirs, atol=1e-4, rtol=0)

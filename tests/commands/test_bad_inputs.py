@@ -139,7 +139,7 @@ BAD_VALUES = {  # one out-of-range value per checked key
     "logging.eval_batches": 0, "logging.peak_tflops": -1.0, "long_context.start_step": -1,
     "long_context.gate.max_loss_increase": -0.1, "long_context.gate.min_retrieval": 1.5,
     "long_context.gate.samples": 0, "dpo.beta": 0.0, "dpo.nll_coef": -0.2, "pipeline.microbatches": 0,
-    "pipeline.circular_repeats": 0, "lora.rank": -1, "lora.alpha": 0.0,
+    "pipeline.circular_repeats": 0, "lora.rank": -1, "lora.alpha": 0.0, "lora.dropout": 1.0,
 }
 
 

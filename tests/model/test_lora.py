@@ -1,6 +1,7 @@
 """Low-rank adapters: the adapted network starts equal to its base, runs W + scale A B (checked against a NumPy
 projection), merges into a plain tree with the same logits, and shards like the weights it adapts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,7 +79,69 @@ def test_adapters_shard_as_the_weights_they_adapt():
 
 
 def test_bad_adapter_settings_are_config_errors():
-    for bad in (dict(rank=0), dict(alpha=0.0), dict(targets=("q_proj",)), dict(targets=())):
+    for bad in (dict(rank=0), dict(alpha=0.0), dict(targets=("q_proj",)), dict(targets=()), dict(dropout=1.0),
+                dict(dropout=-0.1)):
         with pytest.raises(ConfigError, match="LoRA"):
             LoRA(**bad)
     assert ModelConfig.from_dict(CFG.replace(lora=LoRA(rank=2)).to_dict()).lora == LoRA(rank=2)
+
+
+class _Down(nn.Module):
+    """The down projection's adapter path alone: [B, T, F] -> [B, T, D]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return model._adapter(self, "down", x, (self.cfg.ffn_dim, self.cfg.dim), ("mlp", "embed"), contracted=1)
+
+
+def test_dropout_drops_the_adapter_input_as_peft_does():
+    """PEFT's lora_dropout: lora_B(lora_A(dropout(x))) * scale, dropout(x) = x * mask / (1 - p) in training."""
+    p, f, r = 0.5, 16, 16
+    cfg = CFG.replace(ffn_dim=f, dim=16, lora=LoRA(rank=r, alpha=float(r), targets=("down",), dropout=p))  # scale 1
+    key = {"dropout": jax.random.key(7)}
+    identity = {"params": {"down_lora_a": jnp.eye(f), "down_lora_b": jnp.eye(r)}}
+    # x = 1 through A = B = I reads the mask back: every entry 0 or 1 / (1 - p)
+    revealed = np.asarray(_Down(cfg).apply(identity, jnp.ones((2, 8, f)), rngs=key))
+    assert set(np.unique(revealed)) == {0.0, 1 / (1 - p)} and abs((revealed == 0).mean() - p) < 0.15
+    mask = revealed != 0
+    rng = np.random.default_rng(1)
+    x, a, b = rng.normal(size=(2, 8, f)), rng.normal(size=(f, r)), rng.normal(size=(r, 16))
+    params = {"params": {"down_lora_a": jnp.asarray(a, jnp.float32), "down_lora_b": jnp.asarray(b, jnp.float32)}}
+    got = _Down(cfg).apply(params, jnp.asarray(x, jnp.float32), rngs=key)
+    np.testing.assert_allclose(got, (x * mask / (1 - p)) @ a @ b * cfg.lora.scale, rtol=1e-5, atol=1e-5)
+    # no key (evaluation, generation, DPO's reference): nothing dropped
+    np.testing.assert_allclose(_Down(cfg).apply(params, jnp.asarray(x, jnp.float32)), x @ a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_acts_only_with_a_dropout_key():
+    base = random_params(CFG)
+    plain_cfg = CFG.replace(lora=LoRA(rank=4, alpha=8.0))
+    trained = lora.join(base, _trained(lora.init(plain_cfg, jax.random.key(1))))
+    key = {"dropout": jax.random.key(5)}
+    plain = model.Llama(plain_cfg).apply({"params": trained}, TOKENS)
+    np.testing.assert_array_equal(model.Llama(plain_cfg).apply({"params": trained}, TOKENS, rngs=key), plain)  # p = 0
+    dropping = model.Llama(CFG.replace(lora=LoRA(rank=4, alpha=8.0, dropout=0.3)))
+    np.testing.assert_array_equal(dropping.apply({"params": trained}, TOKENS), plain)  # no key: eval and generation
+    dropped = dropping.apply({"params": trained}, TOKENS, rngs=key)
+    assert float(jnp.abs(dropped - plain).max()) > 1e-3
+    np.testing.assert_array_equal(dropping.apply({"params": trained}, TOKENS, rngs=key), dropped)  # the key decides
+    fresh = lora.join(base, lora.init(plain_cfg, jax.random.key(1)))  # B = 0: dropping x before A changes nothing
+    np.testing.assert_array_equal(dropping.apply({"params": fresh}, TOKENS, rngs=key),
+                                  model.Llama(CFG).apply({"params": base}, TOKENS))
+
+
+def test_each_scanned_layer_draws_its_own_dropout_mask(monkeypatch):
+    masks, draw = [], jax.random.bernoulli
+
+    def recorded(key, p, shape):
+        mask = draw(key, p, shape)
+        jax.debug.callback(lambda m: masks.append(np.asarray(m)), mask)
+        return mask
+
+    monkeypatch.setattr(jax.random, "bernoulli", recorded)
+    cfg = CFG.replace(lora=LoRA(rank=4, targets=("query",), dropout=0.5))
+    params = lora.join(random_params(CFG), lora.init(cfg, jax.random.key(1)))
+    model.Llama(cfg).apply({"params": params}, TOKENS, rngs={"dropout": jax.random.key(0)})
+    assert len(masks) == CFG.num_layers and not np.array_equal(masks[0], masks[1])

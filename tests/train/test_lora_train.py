@@ -16,6 +16,7 @@ from conftest import ROOT, env, losses_by_step, read_metrics, wait_for
 from flax import traverse_util
 
 from llama_jax import checkpoint, lora, model
+from llama_jax.errors import ConfigError
 from llama_jax.train import loop
 
 PRETRAIN_TINY, SFT_TINY, DPO_TINY = (ROOT / "configs" / stage / "tiny.py" for stage in ("pretrain", "sft", "dpo"))
@@ -239,3 +240,34 @@ def test_qlora_lowers_the_held_out_loss_as_lora_on_the_float_base_does(pretraine
         finals[base] = [m["eval_loss"] for m in read_metrics(tmp_path / base) if "eval_loss" in m][-1]
     float_gain, nf4_gain = finals["start"] - finals["float"], finals["start"] - finals["nf4"]
     assert float_gain > 0.5 and nf4_gain > 0.9 * float_gain, finals
+
+
+def _dropout_sft(chats, pretrained, run_dir, dropout, steps):
+    c = runpy.run_path(str(SFT_TINY))["get_config"](str(chats))
+    c.update(run_dir=str(run_dir), init_from=str(pretrained))
+    c.lora.update(rank=4, alpha=8.0, dropout=dropout)
+    c.train.steps = steps
+    c.schedule.update(warmup_steps=1, peak_lr=1e-2)
+    c.logging.update(every=1, eval_every=0)
+    c.checkpoint.every = 2
+    return c
+
+
+def test_adapter_dropout_trains_and_resumes_bit_identically(pretrained, chats, tmp_path):
+    """The masks come from the step's key (fold_in(state.rng, step)): a resumed run draws the same ones."""
+    loop.run(_dropout_sft(chats, pretrained, tmp_path / "straight", 0.1, 4))
+    loop.run(_dropout_sft(chats, pretrained, tmp_path / "resumed", 0.1, 2))
+    loop.run(_dropout_sft(chats, pretrained, tmp_path / "resumed", 0.1, 4))
+    loop.run(_dropout_sft(chats, pretrained, tmp_path / "plain", 0.0, 4))
+    straight, plain = losses_by_step(tmp_path / "straight"), losses_by_step(tmp_path / "plain")
+    assert losses_by_step(tmp_path / "resumed") == straight and len(straight) == 4
+    assert straight[1] == plain[1] and straight[4] != plain[4]  # B = 0 at step 1; then the dropped inputs tell
+    _, cfg, _ = checkpoint.load(str(tmp_path / "straight"), merge_adapters=False)
+    assert cfg.lora.dropout == 0.1
+
+
+def test_adapter_dropout_with_a_pipeline_schedule_is_refused(pretrained, chats, tmp_path):
+    c = _dropout_sft(chats, pretrained, tmp_path / "run", 0.1, 1)
+    c.pipeline.schedule = "gpipe"
+    with pytest.raises(ConfigError, match="config.lora.dropout > 0 does not run with a pipeline schedule"):
+        loop.build(c)
