@@ -144,6 +144,7 @@ def sft_adapters(pretrained, chats, tmp_path_factory):
     return c.run_dir
 
 
+@pytest.mark.slow  # 17 s with its fixture's run (tests/model/test_lora.py checks lora.merge)
 def test_merge_folds_the_adapters_into_a_plain_checkpoint_with_the_same_logits(pretrained, sft_adapters, tmp_path):
     done = subprocess.run([sys.executable, "-m", "llama_jax.lora", "merge", "--checkpoint", sft_adapters, "--out",
                            str(tmp_path / "merged")], env=env(), capture_output=True, text=True, timeout=300)
@@ -181,6 +182,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(pretrained, sft_ada
     np.testing.assert_allclose(np.asarray(model.Llama(cfg).apply({"params": params}, tokens)), theirs, atol=1e-4)
 
 
+@pytest.mark.slow  # 12 s on 2 busy cores
 def test_the_reward_stage_trains_its_head_beside_the_adapters(pretrained, tmp_path):
     prefs = _preferences(tmp_path / "prefs.jsonl")
     c = runpy.run_path(str(ROOT / "configs" / "reward" / "tiny.py"))["get_config"](str(prefs))
@@ -253,6 +255,7 @@ def _dropout_sft(chats, pretrained, run_dir, dropout, steps):
     return c
 
 
+@pytest.mark.slow  # 16 s on 2 busy cores (tests/model/test_lora.py checks the masks)
 def test_adapter_dropout_trains_and_resumes_bit_identically(pretrained, chats, tmp_path):
     """The masks come from the step's key (fold_in(state.rng, step)): a resumed run draws the same ones."""
     loop.run(_dropout_sft(chats, pretrained, tmp_path / "straight", 0.1, 4))
