@@ -11,7 +11,9 @@ its own registry, which this module fills when imported; from Python, ``import l
 Model arguments: ``checkpoint`` (required), ``tokenizer`` (default: the checkpoint's), ``mesh`` (e.g. ``fsdp=8``;
 default every device on fsdp), ``max_length`` (default: the model's max_seq_len), ``max_gen_toks`` (256),
 ``add_bos`` (true: requests start with <|begin_of_text|>, as Llama 3 was trained; false for models trained
-without it). One process (lm-eval's own data parallelism across processes is not used).
+without it), ``adapter`` (low-rank adapters run unmerged over the checkpoint: a llama_jax run trained with
+``config.lora`` or a PEFT adapter directory, as ``generate --adapter`` takes them). One process (lm-eval's own
+data parallelism across processes is not used).
 
 The three requests of lm-eval's ``LM`` interface:
 - ``loglikelihood(context, continuation)``: split into ids by lm-eval's own code, as its ``hf`` model does
@@ -57,12 +59,12 @@ class LlamaJaxLM(TemplateLM):
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, mesh: str = "", batch_size: int | str = 8,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos: bool | str = True,
-                 **harness_options):
+                 adapter: str | None = None, **harness_options):
         del harness_options  # lm-eval's device / max_batch_size: the mesh places the work here
         super().__init__()
         if str(batch_size).startswith("auto"):
             raise ConfigError("batch_size 'auto' is not supported by the llama_jax model; give a number")
-        self.params, self.cfg, self.tokenizer = generate.load_model(checkpoint, tokenizer)
+        self.params, self.cfg, self.tokenizer = generate.load_model(checkpoint, tokenizer, adapter)
         self.mesh = sharding.make_mesh(mesh or None)
         self.params = jax.device_put(self.params, generate.param_shardings(self.params, self.cfg, self.mesh))
         self.batch_size = int(batch_size)

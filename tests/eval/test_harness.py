@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import env, run_module
 
-from llama_jax import checkpoint, model
+from llama_jax import checkpoint, lora, model
 from llama_jax import config as config_lib
+from llama_jax.formats import peft
 from llama_jax.tokenizer import ByteTokenizer
 
 pytest.importorskip("lm_eval", reason="the adapter's tests need lm-eval: pip install 'llama_jax[eval]'")
@@ -114,6 +115,22 @@ class _LmEvalEncoding(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, **kwargs):
         return [(context, continuation) for _, context, continuation in requests]
+
+
+def test_an_adapter_is_scored_as_its_merged_weights(tiny, tmp_path):
+    path, params, cfg = tiny
+    spec = config_lib.LoRA(rank=4, alpha=8.0, targets=("query", "down"))
+    adapters = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(x.dtype),
+                            lora.init(cfg.replace(lora=spec), jax.random.key(1)))
+    peft.write(tmp_path / "adapter", adapters, cfg.replace(lora=spec))
+    adapted = harness.LlamaJaxLM(checkpoint=path, adapter=str(tmp_path / "adapter"), batch_size=2,
+                                 max_length=MAX_LENGTH)
+    merged = lora.merge(lora.join(params, adapters), cfg.replace(lora=spec))
+    pairs = [(q, c) for q, choices, _ in QUESTIONS[:2] for c in choices]
+    got = adapted.loglikelihood(_requests("loglikelihood", pairs))
+    want, base = _direct_loglikelihoods(merged, cfg, pairs), _direct_loglikelihoods(params, cfg, pairs)
+    for (log_prob, _), (expected, _), (plain, _) in zip(got, want, base):
+        assert log_prob == pytest.approx(expected, rel=1e-5, abs=1e-4) and abs(log_prob - plain) > 1e-3
 
 
 # Contexts ending in each kind of whitespace (lm-eval moves all of it into the continuation), and an empty one.
