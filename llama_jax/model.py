@@ -54,7 +54,7 @@ from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.errors import ConfigError, DataError
 from llama_jax.ops import attention as attention_ops
-from llama_jax.ops import context_parallel, quantized
+from llama_jax.ops import context_parallel, low_rank, quantized
 
 Params = dict[str, Any]
 
@@ -79,44 +79,29 @@ def _fan_in_init(fan_in_axes: tuple[int, ...]):
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=fan_in_axes, out_axis=-1)
 
 
-def _lora_a_init(fan_in: int):
-    # PEFT's kaiming_uniform_(a=sqrt(5)) of the [r, in] matrix: U(-1 / sqrt(in), 1 / sqrt(in)).
-    bound = 1.0 / np.sqrt(fan_in)
-    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _adapter(module: nn.Module, name: str, x: jax.Array, kernel_shape: tuple[int, ...],
-             kernel_axes: tuple[str, ...], contracted: int) -> jax.Array | None:
-    """The low-rank update scale x A B [.., out dims] of projection ``name`` (its kernel: ``kernel_shape``, the first
-    ``contracted`` dims contracted with x's last ones), or None when ``cfg.lora`` does not adapt it or the tree holds
-    no adapter for it (a reference model's tree runs the network alone). A [in dims, r] starts as PEFT's, B at 0:
-    an adapted network starts equal to its base. With ``cfg.lora.dropout`` p and a "dropout" rng (training steps
-    only; evaluation, generation and DPO's reference apply the model without one) x is dropped before A as PEFT's
-    lora_dropout does: x * mask / (1 - p), each projection its own mask."""
-    cfg, lora = module.cfg, module.cfg.lora
-    a_name, b_name = f"{name}_lora_a", f"{name}_lora_b"
+def _adapted(module: nn.Module, name: str, y: jax.Array, x: jax.Array, kernel_shape: tuple[int, ...],
+             kernel_axes: tuple[str, ...], contracted: int) -> jax.Array:
+    """``y`` (x projected by kernel ``name``) plus its adapter's low-rank update (``ops.low_rank``): A [in dims, r]
+    and B [r, out dims] beside the kernel, when ``cfg.lora`` adapts it and the tree holds them (a reference model's
+    tree without adapters runs the network alone). A "dropout" rng (training steps) enables adapter dropout."""
+    lora = module.cfg.lora
     if lora is None or name not in lora.targets or not (module.is_initializing()
-                                                         or module.has_variable("params", a_name)):
-        return None
+                                                         or module.has_variable("params", f"{name}_lora_a")):
+        return y
     ins, outs = kernel_shape[:contracted], kernel_shape[contracted:]
-    a = _param(module, a_name, (*ins, lora.rank), (*kernel_axes[:contracted], "lora_rank"),
-               _lora_a_init(int(np.prod(ins))))
-    b = _param(module, b_name, (lora.rank, *outs), ("lora_rank", *kernel_axes[contracted:]), nn.initializers.zeros)
-    dtype, precision = jnp.dtype(cfg.dtype), cfg.resolved_matmul_precision
-    if lora.dropout > 0 and module.has_rng("dropout"):
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
-    low = jnp.tensordot(x, a.astype(dtype), axes=contracted, precision=precision)  # [B, T, r]
-    return jnp.tensordot(low, (lora.scale * b).astype(dtype), axes=1, precision=precision)
+    a = _param(module, f"{name}_lora_a", (*ins, lora.rank), (*kernel_axes[:contracted], "lora_rank"),
+               low_rank.a_init(int(np.prod(ins))))
+    b = _param(module, f"{name}_lora_b", (lora.rank, *outs), ("lora_rank", *kernel_axes[contracted:]),
+               nn.initializers.zeros)
+    key = module.make_rng("dropout") if lora.dropout > 0 and module.has_rng("dropout") else None
+    update = low_rank.update(x, a, b, lora, contracted, jnp.dtype(module.cfg.dtype),
+                             module.cfg.resolved_matmul_precision, key)
+    return y + update.astype(y.dtype)
 
 
 def dropout_rngs(rng: jax.Array | None) -> dict:
     """``Llama.apply``'s rngs for a training step's key (adapter dropout, ``cfg.lora.dropout``); none for None."""
     return {} if rng is None else {"dropout": rng}
-
-
-def _plus(y: jax.Array, update: jax.Array | None) -> jax.Array:
-    return y if update is None else y + update.astype(y.dtype)
 
 
 # --- Rotary embeddings ----------------------------------------------------------------------------
@@ -189,11 +174,12 @@ class Attention(nn.Module):
         wo = _param(self, "out", (n, h, d), ("heads", "head_dim", "embed"), out_init)
 
         inv_freq = rope_frequencies(cfg)
-        adapted = functools.partial(_adapter, self, x=x, contracted=1)
-        project = functools.partial(quantized.matmul, x, dtype=dtype, precision=precision)  # [B, T, heads, H]
-        q = _plus(project(wq), adapted("query", kernel_shape=wq.shape, kernel_axes=("embed", "heads", "head_dim")))
-        k = _plus(project(wk), adapted("key", kernel_shape=wk.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
-        v = _plus(project(wv), adapted("value", kernel_shape=wv.shape, kernel_axes=("embed", "kv_heads", "head_dim")))
+        def project(name, w, axes):  # [B, T, heads, H]
+            return _adapted(self, name, quantized.matmul(x, w, dtype, precision), x, w.shape, axes, contracted=1)
+
+        q = project("query", wq, ("embed", "heads", "head_dim"))
+        k = project("key", wk, ("embed", "kv_heads", "head_dim"))
+        v = project("value", wv, ("embed", "kv_heads", "head_dim"))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
@@ -210,8 +196,8 @@ class Attention(nn.Module):
         else:
             out = attention_ops.attention(q, k, v, positions, segment_ids, *keys, precision=precision,
                                           impl=attention_impl(cfg, cached=kv_cache is not None))
-        out_update = _adapter(self, "out", out, wo.shape, ("heads", "head_dim", "embed"), contracted=2)
-        return _plus(quantized.matmul(out, wo, dtype, precision, contracted=2), out_update), kv_cache  # [B, T, D]
+        y = quantized.matmul(out, wo, dtype, precision, contracted=2)  # [B, T, D]
+        return _adapted(self, "out", y, out, wo.shape, ("heads", "head_dim", "embed"), contracted=2), kv_cache
 
 
 class FeedForward(nn.Module):
@@ -234,12 +220,12 @@ class FeedForward(nn.Module):
             both = jnp.einsum("BTD,DCF->BTCF", x, kernel, precision=precision)
             gated, ungated = both[:, :, 0], both[:, :, 1]
         d, f = cfg.dim, cfg.ffn_dim
-        gated = _plus(gated, _adapter(self, "gate", x, (d, f), ("embed", "mlp"), contracted=1))
-        ungated = _plus(ungated, _adapter(self, "up", x, (d, f), ("embed", "mlp"), contracted=1))
+        gated = _adapted(self, "gate", gated, x, (d, f), ("embed", "mlp"), contracted=1)
+        ungated = _adapted(self, "up", ungated, x, (d, f), ("embed", "mlp"), contracted=1)
         hidden = jax.nn.silu(gated) * ungated  # [B, T, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return _plus(quantized.matmul(hidden, down, dtype, precision),
-                     _adapter(self, "down", hidden, (f, d), ("mlp", "embed"), contracted=1))
+        return _adapted(self, "down", quantized.matmul(hidden, down, dtype, precision), hidden, (f, d),
+                        ("mlp", "embed"), contracted=1)
 
 
 class Block(nn.Module):

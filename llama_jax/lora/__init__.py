@@ -7,7 +7,7 @@
 
 An adapter of projection ``name`` is two leaves beside its kernel: ``<name>_lora_a`` [L, in dims, r] (PEFT's
 ``lora_A`` transposed, its init) and ``<name>_lora_b`` [L, r, out dims] (zeros), with the kernel's logical axes and
-``lora_rank`` for r, so they stack, scan, remat and shard as the weights they adapt (``model._adapter`` runs them).
+``lora_rank`` for r, so they stack, scan, remat and shard as the weights they adapt (``model._adapted`` runs them).
 A tree without them runs the base network: DPO's reference is the base with the adapters off.
 """
 
@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from llama_jax import model
 from llama_jax.config import ModelConfig
-from llama_jax.ops import quantized
+from llama_jax.ops import low_rank, quantized
 
 SUFFIXES = ("_lora_a", "_lora_b")
 # Every projection with the number of its leading input axes (query [D, N, H] contracts D, out [N, H, D] N and H).
@@ -65,9 +65,8 @@ def boxed_init(cfg: ModelConfig, rng: jax.Array) -> dict:
         shape, dtype = leaf.value.shape, leaf.value.dtype
         if path.endswith("_lora_b"):
             value = jnp.zeros(shape, dtype)
-        else:  # [L, in dims, r]: PEFT's kaiming_uniform_(a=sqrt(5)) bound 1 / sqrt(in) per layer
-            bound = 1.0 / np.sqrt(np.prod(shape[1:-1]))
-            value = jax.random.uniform(jax.random.fold_in(rng, i), shape, dtype, -bound, bound)
+        else:  # [L, in dims, r]: drawn as PEFT draws A, every layer its own values
+            value = low_rank.a_init(int(np.prod(shape[1:-1])))(jax.random.fold_in(rng, i), shape, dtype)
         adapters[path] = leaf.replace_boxed(value)
     return traverse_util.unflatten_dict(adapters, sep="/")
 

@@ -102,7 +102,7 @@ BASE_DTYPES = ("param", "nf4", "int8")
 # 64 weights and a float32 scale per 256 of those (double quantization): 4.127 bits a parameter.
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 # The quantizable projections (paths under "layers/") and how many of their kernel's dims after the layer axis are
-# inputs (model._adapter's ``contracted``); the rest are the output channels.
+# inputs (model._adapted's ``contracted``); the rest are the output channels.
 PROJECTIONS = {"attention/query": 1, "attention/key": 1, "attention/value": 1, "attention/out": 2,
                "feed_forward/gate": 1, "feed_forward/up": 1, "feed_forward/down": 1}
 STAGES = ("pretrain", "sft", "dpo")  # the steps priced (sft is pretraining's step on masked targets)

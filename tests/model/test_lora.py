@@ -93,7 +93,8 @@ class _Down(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return model._adapter(self, "down", x, (self.cfg.ffn_dim, self.cfg.dim), ("mlp", "embed"), contracted=1)
+        zero = jnp.zeros((*x.shape[:-1], self.cfg.dim), x.dtype)  # the projection's own output: the update alone
+        return model._adapted(self, "down", zero, x, (self.cfg.ffn_dim, self.cfg.dim), ("mlp", "embed"), contracted=1)
 
 
 def test_dropout_drops_the_adapter_input_as_peft_does():
